@@ -1,0 +1,33 @@
+# Two commands: `make quickstart` and `make test`. Both create (or reuse) .venv and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install quickstart test schema mlflow-ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24" "setuptools>=68" wheel
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/squeeze run configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+schema: install
+	$(BIN)/squeeze schema
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf artifacts/runs artifacts/mlflow.db artifacts/mlartifacts

@@ -1,0 +1,1 @@
+"""Prefect flows and the entry points (CLI, config schema) of squeezeflow."""

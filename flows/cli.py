@@ -1,0 +1,123 @@
+"""`squeeze`: run a recipe, validate it, or print the config schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from squeezeflow.tasks.base import SqueezeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress transformer classifiers for CPU serving.")
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: key.sub=value (repeatable).")]
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failing task's traceback; for a user mistake the one-line message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SqueezeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def preflight(cfg) -> None:
+    """Checks what a user can get wrong before any run is opened: data files, model source, artifacts dir."""
+    from squeezeflow.tasks.data import load_splits
+    from squeezeflow.tasks.teacher import resolve_source
+
+    load_splits(cfg.data, cfg.model.num_labels)
+    resolve_source(cfg.model.source)
+    try:
+        cfg.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        probe = cfg.artifacts_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SqueezeError(f"artifacts_dir: {cfg.artifacts_dir} is not writable ({e.strerror})") from None
+
+
+def variants_table(result: dict) -> Table:
+    table = Table(title=f"variants (champion: {result['champion']})")
+    for column in ("id", "lineage", "accuracy", "p50 ms", "size MB", "speedup"):
+        table.add_column(column, justify="left" if column in ("id", "lineage") else "right", no_wrap=True)
+    for v in result["variants"]:
+        m = v["metrics"]
+        star = "★ " if v["id"] == result["champion"] else ""
+        table.add_row(
+            star + v["id"], v["lineage"], f"{m['accuracy']:.4f}", f"{m['latency_p50_ms']:.2f}",
+            f"{m['size_mb']:.1f}", f"{m['speedup']:.2f}×",
+        )
+    return table
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
+    """Run the compress flow on a recipe and print the variants and the champion."""
+    from squeezeflow.flows.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        preflight(cfg)
+    except SqueezeError as e:
+        _fail(str(e))
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_UserErrorsWithoutTraceback())
+    from squeezeflow.flows.compress import compress
+
+    started = time.perf_counter()
+    try:
+        result = compress(cfg)
+    except SqueezeError as e:
+        _fail(str(e))
+    out.print(variants_table(result))
+    out.print(f"champion: [bold]{result['champion']}[/] — {result['selection']}")
+    out.print(f"registered: models:/{result['registered_model']}@champion (version {result['model_version']})")
+    out.print(f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in {result['run_dir']}")
+    out.print(f"wall time: {time.perf_counter() - started:.0f}s")
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
+    """Check a recipe and its data without running anything; print the resolved config."""
+    from squeezeflow.flows.config import dump_config, load_config
+
+    try:
+        cfg = load_config(config, set_)
+        preflight(cfg)
+    except SqueezeError as e:
+        _fail(str(e))
+    out.print(dump_config(cfg), highlight=False, markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of a recipe."""
+    from squeezeflow.flows.config import SqueezeConfig
+
+    sys.stdout.write(json.dumps(SqueezeConfig.model_json_schema(), indent=2) + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The `compress` flow: teacher → chain of stages → benchmark every variant → MLflow → champion → report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+
+from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
+from squeezeflow.tasks.data import check_data_task
+from squeezeflow.tasks.evaluate import benchmark_task
+from squeezeflow.tasks.export import export_task
+from squeezeflow.tasks.quantize import quantize_task
+from squeezeflow.tasks.report import write_report
+from squeezeflow.tasks.select import select_task
+from squeezeflow.tasks.teacher import teacher_task
+from squeezeflow.tasks.tracking import log_variant, register_champion, tracking_uri, use_experiment
+from squeezeflow.tasks.variant import Variant
+
+# kind -> submits the stage's tasks for one parent; a stage that does not apply to a parent's format submits none.
+STAGES: dict[str, Callable[[Variant, StageConfig, Path], list[PrefectFuture]]] = {
+    "export": lambda parent, cfg, out: [export_task.submit(parent, cfg, out)] if parent.format == "hf" else [],
+    "quantize": lambda parent, cfg, out: (
+        [quantize_task.submit(parent, mode, cfg, out) for mode in cfg.modes] if parent.format == "onnx" else []
+    ),
+}
+
+
+def grow(teacher: Variant, stages: list[StageConfig], out: Path) -> list[Variant]:
+    """Applies each stage to every variant the previous stage produced; siblings run concurrently."""
+    variants, frontier = [teacher], [teacher]
+    for stage in stages:
+        futures = [f for parent in frontier for f in STAGES[stage.kind](parent, stage, out)]
+        frontier = [f.result() for f in futures]
+        variants += frontier
+    return variants
+
+
+@flow(name="compress")
+def compress(config: SqueezeConfig) -> dict:
+    logger = get_run_logger()
+    cfg = config
+    run_dir = cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+    experiment_id = use_experiment(tracking_uri(cfg.tracking, cfg.artifacts_dir), cfg.experiment, cfg.artifacts_dir)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags={"squeeze.role": "pipeline"}) as run:
+        mlflow.log_text(dump_config(cfg), "config.yaml")
+        counts = check_data_task(cfg.data, cfg.model.num_labels)
+        mlflow.log_params({"name": cfg.name, "seed": cfg.seed, "model.source": cfg.model.source, **counts})
+
+        teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, run_dir / "variants", cfg.seed)
+        variants = grow(teacher, cfg.stages, run_dir / "variants")
+        measured = benchmark_task(variants, cfg.data, cfg.model.num_labels, cfg.benchmark)
+
+        client = MlflowClient()
+        run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
+        selection = select_task(measured, cfg.selection)
+        champion = selection.champion
+        version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads)
+        mlflow.set_tags({
+            "squeeze.champion": champion.id,
+            "squeeze.champion_lineage": champion.lineage,
+            "squeeze.champion_run_id": run_ids[champion.id],
+            "squeeze.selection": selection.reason,
+        })
+        for path in write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}"):
+            mlflow.log_artifact(str(path))
+        logger.info("champion %s (%s), registered as %s version %s", champion.id, champion.lineage, cfg.registered_model, version)
+    return {
+        "pipeline_run_id": run.info.run_id,
+        "experiment_id": experiment_id,
+        "run_dir": str(run_dir),
+        "champion": champion.id,
+        "champion_feasible": selection.feasible,
+        "selection": selection.reason,
+        "registered_model": cfg.registered_model,
+        "model_version": version,
+        "variants": [v.model_dump(mode="json") for v in measured],
+    }

@@ -1,0 +1,149 @@
+"""The recipe schema: one strict, frozen Pydantic model; YAML is only its serialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from squeezeflow.tasks.base import ConfigError, StrictModel
+from squeezeflow.tasks.data import DataConfig
+from squeezeflow.tasks.evaluate import BenchmarkConfig
+from squeezeflow.tasks.export import ExportConfig
+from squeezeflow.tasks.quantize import QuantizeConfig
+from squeezeflow.tasks.select import SelectionConfig
+from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
+from squeezeflow.tasks.tracking import TrackingConfig
+
+StageConfig = Annotated[ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+
+
+class SqueezeConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Recipe name; the MLflow experiment by default.")
+    seed: int = Field(13, ge=0, description="Seed for sampling, initialisation and training.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [ExportConfig(), QuantizeConfig()],
+        description="The chain of stages; each applies to every variant the previous stage produced.",
+    )
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    artifacts_dir: Path = Field(Path("artifacts"), description="Where runs, variants and the default MLflow store go.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SqueezeConfig:
+        names = self.data.label_names
+        if names is not None and len(names) != self.model.num_labels:
+            raise ValueError(f"data.label_names has {len(names)} names but model.num_labels is {self.model.num_labels}")
+        kinds = [s.kind for s in self.stages]
+        for i, kind in enumerate(kinds):
+            if kind == "quantize" and "export" not in kinds[:i]:
+                raise ValueError(f"stages.{i}: quantize works on ONNX variants, so an export stage must come before it")
+            if kind == "export" and "export" in kinds[:i]:
+                raise ValueError(f"stages.{i}: a second export stage has nothing left to export")
+        return self
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or f"squeezeflow-{self.name}"
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.data.label_names or [f"LABEL_{i}" for i in range(self.model.num_labels)]
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    """Applies one `--set key.sub=value` override; list items are addressed by index (stages.0.opset=17)."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node[int(key)] if isinstance(node, list) and key.isdigit() and int(key) < len(node) else (
+            node.get(key) if isinstance(node, dict) else None
+        )
+        if child is None:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[: depth + 1])} does not exist")
+            child = node[key] = {}
+        node = child
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        if not keys[-1].isdigit() or int(keys[-1]) >= len(node):
+            raise ConfigError(f"--set {dotted}: {keys[-1]} is not an index of that list (0..{len(node) - 1})")
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: export, quantize"
+        elif "input" in e and not isinstance(e["input"], dict | list) and e["type"] != "missing":
+            message += f" (got {e['input']!r})"
+        parts.append(f"{where}: {message}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _absolute(cfg: SqueezeConfig) -> SqueezeConfig:
+    """Relative paths resolve against the working directory, once, so a flow run elsewhere sees the same files."""
+    data = cfg.data
+    base = data.dir.resolve() if data.dir else None
+    data = data.model_copy(update={
+        "dir": base,
+        "train": data.path_of("train").resolve() if base is None else data.train,
+        "eval": data.path_of("eval").resolve() if base is None else data.eval,
+    })
+    model = cfg.model
+    if not model.source.startswith("packaged:") and Path(model.source).expanduser().exists():
+        model = model.model_copy(update={"source": str(Path(model.source).expanduser().resolve())})
+    return cfg.model_copy(update={"data": data, "model": model, "artifacts_dir": cfg.artifacts_dir.resolve()})
+
+
+def parse_config(tree: Any, source: str = "config", overrides: list[str] | None = None) -> SqueezeConfig:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(tree).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            _set(tree, key.strip(), raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    try:
+        return _absolute(SqueezeConfig.model_validate(tree))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SqueezeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(tree if tree is not None else {}, str(path), overrides)
+
+
+def dump_config(cfg: SqueezeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

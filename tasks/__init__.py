@@ -1,0 +1,14 @@
+"""The compression stages: one module per stage, each a plain function plus a thin Prefect task."""
+
+import logging
+import os
+
+# Stage modules log to "squeezeflow.*"; Prefect forwards those records to the run's logs (CLI and UI) only if
+# told before it configures logging, which happens when prefect is first imported.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "squeezeflow")
+# This tool runs offline: no telemetry attempts, no progress bars in logs, no hub look-ups.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("squeezeflow").setLevel(logging.INFO)

@@ -1,0 +1,134 @@
+"""Measuring every variant the same way: accuracy, batch-1 latency on real eval texts, batch throughput,
+size, parameters and peak memory; rounds are interleaved across variants so machine drift hits all alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from pydantic import Field
+
+from .base import StrictModel
+from .data import DataConfig, load_splits
+from .runtime import load_predictor
+from .variant import Variant, size_on_disk_mb, weight_files
+
+log = logging.getLogger("squeezeflow.evaluate")
+
+
+class BenchmarkConfig(StrictModel):
+    threads: int = Field(2, ge=1, le=256, description="Threads for every engine (torch.set_num_threads, ORT intra_op_num_threads).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Batch size for accuracy and the throughput measurement.")
+    warmup: int = Field(10, ge=0, description="Untimed batch-1 calls per variant before the timed rounds.")
+    rounds: int = Field(3, ge=1, le=100, description="Timed rounds; each round runs every variant over the latency texts.")
+    latency_texts: int | None = Field(200, ge=1, description="Eval texts timed at batch 1 per round (None: all of them).")
+    measure_rss: bool = Field(True, description="Measure peak resident memory of each variant in a fresh process.")
+
+
+def count_params(variant: Variant) -> int:
+    if variant.format == "hf":
+        from safetensors import safe_open
+
+        total = 0
+        for file in weight_files(variant.path):
+            with safe_open(str(file), framework="np") as f:
+                total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        return total
+    import onnx
+
+    model = onnx.load(str(Path(variant.path) / "model.onnx"))
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def peak_rss_mb(variant: Variant, texts: list[str], threads: int) -> float:
+    request = {"path": variant.path, "format": variant.format, "threads": threads, "texts": texts}
+    done = subprocess.run(
+        [sys.executable, "-m", "squeezeflow.tasks.runtime"],
+        input=json.dumps(request), capture_output=True, text=True, timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-RSS probe failed for {variant.id}: {done.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples), q))
+
+
+def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
+    """Returns the variants with their metrics. The first variant whose stage is `teacher` (PyTorch fp32) is the
+    reference for `accuracy_drop` and `speedup`; a variant whose parent is measured also gets parity metrics."""
+    _, eval_split = load_splits(data_cfg, num_labels)
+    texts, labels = eval_split.texts, np.asarray(eval_split.labels)
+    timed_texts = texts[: cfg.latency_texts] if cfg.latency_texts else texts
+    predictors = {v.id: load_predictor(v.path, v.format, cfg.threads) for v in variants}
+
+    logits: dict[str, np.ndarray] = {}
+    batch_seconds: dict[str, list[float]] = {v.id: [] for v in variants}
+    latencies: dict[str, list[list[float]]] = {v.id: [] for v in variants}
+    for v in variants:
+        predictor = predictors[v.id]
+        for text in timed_texts[: cfg.warmup]:
+            predictor.logits([text])
+    for round_no in range(cfg.rounds):
+        # rotate the order each round so no variant always runs first (or right after the heaviest one)
+        order = variants[round_no % len(variants):] + variants[: round_no % len(variants)]
+        for v in order:
+            predictor = predictors[v.id]
+            started = time.perf_counter()
+            outputs = [predictor.logits(texts[i : i + cfg.batch_size]) for i in range(0, len(texts), cfg.batch_size)]
+            batch_seconds[v.id].append(time.perf_counter() - started)
+            logits.setdefault(v.id, np.concatenate(outputs))
+            samples = []
+            for text in timed_texts:
+                started = time.perf_counter()
+                predictor.logits([text])
+                samples.append((time.perf_counter() - started) * 1000)
+            latencies[v.id].append(samples)
+        log.info("benchmark round %d/%d done", round_no + 1, cfg.rounds)
+
+    reference = next(v for v in variants if v.stage == "teacher")
+    measured = {}
+    for v in variants:
+        flat = [ms for r in latencies[v.id] for ms in r]
+        round_medians = [float(np.median(r)) for r in latencies[v.id]]
+        preds = logits[v.id].argmax(-1)
+        metrics = {
+            "accuracy": float((preds == labels).mean()),
+            "latency_p50_ms": percentile(flat, 50),
+            "latency_p90_ms": percentile(flat, 90),
+            "latency_p99_ms": percentile(flat, 99),
+            "latency_round_min_ms": min(round_medians),
+            "latency_round_median_ms": float(np.median(round_medians)),
+            "latency_round_max_ms": max(round_medians),
+            "throughput_qps": len(texts) / float(np.median(batch_seconds[v.id])),
+            "size_mb": size_on_disk_mb(v.path),
+            "params_m": count_params(v) / 1e6,
+        }
+        if v.parent_id in logits:
+            parent_logits = logits[v.parent_id]
+            metrics["parity_max_abs"] = float(np.abs(logits[v.id] - parent_logits).max())
+            metrics["parity_agreement"] = float((preds == parent_logits.argmax(-1)).mean())
+        if cfg.measure_rss:
+            metrics["peak_rss_mb"] = peak_rss_mb(v, timed_texts[:32], cfg.threads)
+        measured[v.id] = metrics
+    ref = measured[reference.id]
+    return [
+        v.with_metrics(
+            **measured[v.id],
+            accuracy_drop=ref["accuracy"] - measured[v.id]["accuracy"],
+            speedup=ref["latency_p50_ms"] / measured[v.id]["latency_p50_ms"],
+        )
+        for v in variants
+    ]
+
+
+@task(name="benchmark")
+def benchmark_task(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
+    return benchmark(variants, data_cfg, num_labels, cfg)

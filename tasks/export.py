@@ -1,0 +1,65 @@
+"""ONNX export with optimum, then ONNX Runtime's transformer graph fusion (attention, LayerNorm, GELU)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+from pydantic import Field
+
+from .base import ModelError, StrictModel
+from .variant import Variant, derive, staged_dir
+
+log = logging.getLogger("squeezeflow.export")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
+
+
+class ExportConfig(StrictModel):
+    kind: Literal["export"] = "export"
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset of the exported graph.")
+    optimize: Literal["none", "fusion"] = Field(
+        "fusion", description="fusion: ORT transformer fusions (Attention, SkipLayerNorm, FastGelu); none: the plain export."
+    )
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
+def fuse(onnx_path: Path, num_heads: int, hidden_size: int) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    optimized.save_model_to_file(str(onnx_path))
+
+
+def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
+    """Exports an `hf` variant to `model.onnx` (dynamic batch and sequence axes) beside its tokenizer."""
+    if parent.format != "hf":
+        raise ModelError(f"export: variant {parent.id} is already ONNX")
+    from optimum.exporters.onnx import main_export
+    from transformers import AutoConfig
+
+    child = derive(parent, stage="export", token="onnx", params=cfg.model_dump(exclude={"kind"}), format="onnx", out_root=out_root)
+    with staged_dir(Path(child.path)) as scratch:
+        main_export(
+            parent.path, scratch, task="text-classification", opset=cfg.opset,
+            local_files_only=True, do_validation=False, library_name="transformers",
+        )
+        if cfg.optimize == "fusion":
+            config = AutoConfig.from_pretrained(parent.path)
+            fuse(scratch / "model.onnx", config.num_attention_heads, config.hidden_size)
+        copy_tokenizer(parent.path, scratch)
+    log.info("exported %s -> %s", parent.id, child.id)
+    return child
+
+
+@task(name="export")
+def export_task(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
+    return export(parent, cfg, out_root)

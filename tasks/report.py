@@ -1,0 +1,82 @@
+"""The pipeline's report: a variants table (Markdown and CSV) and a latency-vs-accuracy Pareto plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .select import Selection
+from .variant import Variant
+
+COLUMNS = [
+    ("variant_id", lambda v: v.id),
+    ("lineage", lambda v: v.lineage),
+    ("accuracy", lambda v: f"{v.metrics['accuracy']:.4f}"),
+    ("accuracy_drop", lambda v: f"{v.metrics['accuracy_drop']:+.4f}"),
+    ("latency_p50_ms", lambda v: f"{v.metrics['latency_p50_ms']:.2f}"),
+    ("latency_p99_ms", lambda v: f"{v.metrics['latency_p99_ms']:.2f}"),
+    ("throughput_qps", lambda v: f"{v.metrics['throughput_qps']:.1f}"),
+    ("size_mb", lambda v: f"{v.metrics['size_mb']:.1f}"),
+    ("params_m", lambda v: f"{v.metrics['params_m']:.2f}"),
+    ("peak_rss_mb", lambda v: f"{v.metrics['peak_rss_mb']:.0f}" if "peak_rss_mb" in v.metrics else ""),
+    ("speedup", lambda v: f"{v.metrics['speedup']:.2f}"),
+]
+
+
+def table_rows(variants: list[Variant]) -> list[list[str]]:
+    return [[fmt(v) for _, fmt in COLUMNS] for v in variants]
+
+
+def markdown(variants: list[Variant], selection: Selection, title: str) -> str:
+    header = [name for name, _ in COLUMNS]
+    lines = [f"# {title}", "", f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v, row in zip(variants, table_rows(variants)):
+        marks = ("★ " if v.id == selection.champion.id else "") + ("◆ " if v.id in selection.pareto_ids else "")
+        lines.append("| " + " | ".join([marks + row[0], *row[1:]]) + " |")
+    lines += ["", "★ champion, ◆ on the Pareto front (accuracy, p50 latency, size). Latency: batch 1 on the eval texts."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(variants: list[Variant], path: Path) -> None:
+    keys = sorted({k for v in variants for k in v.metrics})
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant_id", "parent_id", "stage", "lineage", "format", *keys])
+        for v in variants:
+            writer.writerow([v.id, v.parent_id or "", v.stage, v.lineage, v.format, *(v.metrics.get(k, "") for k in keys)])
+
+
+def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for v in variants:
+        on_front = v.id in selection.pareto_ids
+        ax.scatter(
+            v.metrics["latency_p50_ms"], v.metrics["accuracy"], s=20 + 4 * v.metrics["size_mb"],
+            c="tab:orange" if on_front else "tab:blue", alpha=0.7, edgecolors="black" if on_front else "none",
+        )
+        label = v.lineage.replace("teacher>", "") if v.id != selection.champion.id else f"★ champion: {v.lineage}"
+        ax.annotate(label, (v.metrics["latency_p50_ms"], v.metrics["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = sorted((v for v in variants if v.id in selection.pareto_ids), key=lambda v: v.metrics["latency_p50_ms"])
+    ax.plot([v.metrics["latency_p50_ms"] for v in front], [v.metrics["accuracy"] for v in front], "--", c="tab:orange", lw=1)
+    ax.set_xlabel("p50 latency, batch 1 (ms)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Variants (marker area ~ size on disk; orange = Pareto front)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(variants: list[Variant], selection: Selection, out_dir: Path, title: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "report.md", out_dir / "variants.csv", out_dir / "pareto.png"]
+    paths[0].write_text(markdown(variants, selection, title))
+    write_csv(variants, paths[1])
+    pareto_plot(variants, selection, paths[2])
+    return paths

@@ -1,0 +1,81 @@
+"""Choosing the champion: the Pareto front over (accuracy, p50 latency, size), constraints, then an objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from prefect import task
+from pydantic import Field
+
+from .base import StrictModel
+from .variant import Variant
+
+# Each objective is a sort key: the smallest key wins.
+OBJECTIVES: dict[str, Callable[[Variant], tuple]] = {
+    "latency": lambda v: (v.metrics["latency_p50_ms"], -v.metrics["accuracy"], v.metrics["size_mb"]),
+    "size": lambda v: (v.metrics["size_mb"], v.metrics["latency_p50_ms"], -v.metrics["accuracy"]),
+    "accuracy": lambda v: (-v.metrics["accuracy"], v.metrics["latency_p50_ms"], v.metrics["size_mb"]),
+    "throughput": lambda v: (-v.metrics["throughput_qps"], -v.metrics["accuracy"], v.metrics["size_mb"]),
+}
+
+
+class SelectionConfig(StrictModel):
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest accepted accuracy drop vs the teacher (0.01 = 1 point).")
+    max_latency_ms: float | None = Field(None, gt=0, description="Optional ceiling on batch-1 p50 latency (ms).")
+    max_size_mb: float | None = Field(None, gt=0, description="Optional ceiling on the weights' size on disk (MB).")
+    objective: Literal["latency", "size", "accuracy", "throughput"] = Field(
+        "latency", description="What to optimise among the variants that meet the constraints."
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    champion: Variant
+    feasible: bool
+    reason: str
+    pareto_ids: list[str]
+
+
+def dominates(a: Variant, b: Variant) -> bool:
+    """a is no worse than b on accuracy, latency and size, and strictly better on one."""
+    pa = (-a.metrics["accuracy"], a.metrics["latency_p50_ms"], a.metrics["size_mb"])
+    pb = (-b.metrics["accuracy"], b.metrics["latency_p50_ms"], b.metrics["size_mb"])
+    return all(x <= y for x, y in zip(pa, pb)) and pa != pb
+
+
+def pareto_front(variants: list[Variant]) -> list[Variant]:
+    return [v for v in variants if not any(dominates(o, v) for o in variants if o is not v)]
+
+
+def violations(v: Variant, cfg: SelectionConfig) -> list[str]:
+    out = []
+    if v.metrics["accuracy_drop"] > cfg.max_accuracy_drop + 1e-12:
+        out.append(f"accuracy_drop {v.metrics['accuracy_drop']:.4f} > {cfg.max_accuracy_drop}")
+    if cfg.max_latency_ms is not None and v.metrics["latency_p50_ms"] > cfg.max_latency_ms:
+        out.append(f"latency_p50_ms {v.metrics['latency_p50_ms']:.2f} > {cfg.max_latency_ms}")
+    if cfg.max_size_mb is not None and v.metrics["size_mb"] > cfg.max_size_mb:
+        out.append(f"size_mb {v.metrics['size_mb']:.2f} > {cfg.max_size_mb}")
+    return out
+
+
+def select(variants: list[Variant], cfg: SelectionConfig) -> Selection:
+    """The best feasible variant by the objective; if none is feasible, the one that breaks the constraints
+    least (fewest violations, then the objective) is kept, with the reason, so there is always a champion."""
+    if not variants:
+        raise ValueError("select: no measured variants")
+    front = pareto_front(variants)
+    key = OBJECTIVES[cfg.objective]
+    feasible = [v for v in variants if not violations(v, cfg)]
+    if feasible:
+        best = min(feasible, key=key)
+        return Selection(best, True, f"best {cfg.objective} of {len(feasible)} feasible variants", [v.id for v in front])
+    best = min(variants, key=lambda v: (len(violations(v, cfg)), key(v)))
+    reason = f"no variant meets the constraints; best-so-far {best.id} violates: {'; '.join(violations(best, cfg))}"
+    return Selection(best, False, reason, [v.id for v in front])
+
+
+@task(name="select")
+def select_task(variants: list[Variant], cfg: SelectionConfig) -> Selection:
+    return select(variants, cfg)

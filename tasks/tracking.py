@@ -1,0 +1,119 @@
+"""Every MLflow write of a pipeline: the experiment, one child run per variant, the champion in the registry.
+These functions are called from the flow's own thread only (sqlite allows one writer at a time)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from pydantic import Field
+
+from .base import StrictModel
+from .variant import Variant
+
+log = logging.getLogger("squeezeflow.tracking")
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<artifacts_dir>/mlflow.db.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the config's name.")
+    registered_model: str | None = Field(None, description="Registry name for the champion; default: squeezeflow-<name>.")
+
+
+def tracking_uri(cfg: TrackingConfig, artifacts_dir: Path) -> str:
+    return cfg.uri or f"sqlite:///{Path(artifacts_dir).resolve() / 'mlflow.db'}"
+
+
+def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
+    """Points MLflow at `uri` and returns the experiment id, creating it with artifacts beside the store."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = (Path(artifacts_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _flat_params(params: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out |= _flat_params(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return out
+
+
+def variant_tags(v: Variant) -> dict[str, str]:
+    return {
+        "squeeze.role": "variant",
+        "squeeze.variant_id": v.id,
+        "squeeze.parent_id": v.parent_id or "",
+        "squeeze.stage": v.stage,
+        "squeeze.lineage": v.lineage,
+        "squeeze.format": v.format,
+    }
+
+
+def log_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, v: Variant) -> str:
+    """One finished child run for a measured variant; returns its run id."""
+    run = client.create_run(
+        experiment_id, run_name=v.id, tags={"mlflow.parentRunId": pipeline_run_id, **variant_tags(v)}
+    )
+    try:
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, float(val), 0, 0) for k, val in sorted(v.metrics.items())],
+            params=[Param(k, val[:6000]) for k, val in _flat_params(v.params).items()],
+            tags=[RunTag("squeeze.path", v.path)],
+        )
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def register_champion(v: Variant, registered_model: str, label_names: list[str], threads: int) -> str:
+    """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it and points the
+    `champion` alias at the new version; returns the version."""
+    import onnxruntime
+    import tokenizers
+
+    requirements = [f"mlflow=={mlflow.__version__}", f"tokenizers=={tokenizers.__version__}", "pandas", "numpy"]
+    if v.format == "onnx":
+        requirements.append(f"onnxruntime=={onnxruntime.__version__}")
+    else:
+        import torch
+        import transformers
+
+        requirements += [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+    with warnings.catch_warnings():
+        # MLflow nags about type hints and input examples; the signature below is explicit
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name="champion",
+            python_model=str(SERVING_CODE),
+            artifacts={"model": v.path},
+            model_config={"format": v.format, "label_names": label_names, "threads": threads, "variant_id": v.id},
+            signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
+            pip_requirements=requirements,
+            registered_model_name=registered_model,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    client.set_registered_model_alias(registered_model, "champion", version)
+    client.set_model_version_tag(registered_model, version, "squeeze.variant_id", v.id)
+    client.set_model_version_tag(registered_model, version, "squeeze.lineage", v.lineage)
+    return version

@@ -1,0 +1,104 @@
+"""The one supervised training loop every stage uses (teacher fine-tuning now; distillation and recovery reuse it)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from .base import StrictModel
+
+log = logging.getLogger("squeezeflow.training")
+
+# loss_fn(model_outputs, batch) -> scalar loss; the default is cross-entropy on the batch labels.
+LossFn = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class TrainConfig(StrictModel):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Examples per optimisation step.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples (seeded sample).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps with linear learning-rate warm-up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def subsample(texts: list[str], labels: list[int], limit: int | None, seed: int) -> tuple[list[str], list[int]]:
+    if limit is None or limit >= len(texts):
+        return texts, labels
+    keep = sorted(random.Random(seed).sample(range(len(texts)), limit))
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def cross_entropy(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    labels: list[int],
+    cfg: TrainConfig,
+    *,
+    max_length: int,
+    seed: int,
+    loss_fn: LossFn = cross_entropy,
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, float]:
+    """Fine-tunes `model` in place; returns a few training figures (final loss, steps, seconds)."""
+    seed_everything(seed)
+    texts, labels = subsample(texts, labels, cfg.max_examples, seed)
+    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup = int(total_steps * cfg.warmup_ratio)
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    started, step, running = time.perf_counter(), 0, 0.0
+    while step < total_steps:
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            if step >= total_steps:
+                break
+            idx = order[start : start + cfg.batch_size]
+            batch = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            batch["labels"] = torch.tensor([labels[i] for i in idx])
+            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+            loss = loss_fn(outputs, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
+            if step % max(1, total_steps // 10) == 0 or step == total_steps:
+                progress(f"step {step}/{total_steps} loss {running:.4f} ({time.perf_counter() - started:.0f}s)")
+    model.eval()
+    return {"train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started}

@@ -1,0 +1,102 @@
+"""The small record that flows between stages: what a model variant is, where it lives, how it was made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Stage = Literal["teacher", "distill", "prune", "early_exit", "export", "quantize"]
+Format = Literal["hf", "onnx"]
+
+# Files that hold a variant's weights; tokenizer and config files are the same for every variant.
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".onnx.data")
+
+
+class Variant(BaseModel):
+    """One node of the variant tree. Tasks take and return these, never live models or sessions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    parent_id: str | None = None
+    stage: Stage
+    lineage: str = Field(description="Lineage tokens joined by '>', e.g. teacher>onnx>int8-dynamic.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    format: Format
+    path: str = Field(description="Directory with the model (save_pretrained or model.onnx) and its tokenizer.")
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def token(self) -> str:
+        return self.lineage.rsplit(">", 1)[-1]
+
+    def with_metrics(self, **metrics: float) -> Variant:
+        return self.model_copy(update={"metrics": {**self.metrics, **metrics}})
+
+
+def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None) -> str:
+    """A readable, stable id: the last lineage token plus a short hash of the parent, lineage and knobs."""
+    digest = hashlib.sha256(json.dumps([parent_id, lineage, params], sort_keys=True, default=str).encode()).hexdigest()
+    slug = lineage.rsplit(">", 1)[-1].replace("[", "-").replace("]", "").replace(".", "")
+    return f"{slug}-{digest[:6]}"
+
+
+def derive(parent: Variant, *, stage: Stage, token: str, params: dict[str, Any], format: Format, out_root: Path) -> Variant:
+    """The child record of `parent` made by `stage`, to be written to `out_root/<id>`; `token` is its lineage
+    token (e.g. `int8-dynamic`)."""
+    lineage = f"{parent.lineage}>{token}"
+    vid = variant_id(lineage, params, parent.id)
+    return Variant(
+        id=vid,
+        parent_id=parent.id,
+        stage=stage,
+        lineage=lineage,
+        params=params,
+        format=format,
+        path=str(Path(out_root) / vid),
+    )
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def size_on_disk_mb(path: str | Path) -> float:
+    """Bytes of the weight files / 1e6 (the MLflow `size_mb` metric)."""
+    return sum(p.stat().st_size for p in weight_files(path)) / 1e6
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 over the variant's files (names and bytes), for cache keys and provenance."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yields a scratch directory that becomes `final` only if the block succeeds: no half-written variants."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    scratch.rename(final)
