@@ -7,7 +7,6 @@ from pathlib import Path
 
 from prefect import task
 from pydantic import Field, field_validator
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from .base import ModelError, StrictModel
 from .data import DataConfig, load_splits
@@ -58,6 +57,8 @@ def resolve_source(source: str) -> str:
 
 def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_names: list[str] | None = None):
     """(model, tokenizer) for a sequence classifier; `new_head` allows a fresh head of `num_labels` outputs."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
     where = resolve_source(source)
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)

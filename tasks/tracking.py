@@ -8,15 +8,15 @@ import logging
 import warnings
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.models.signature import ModelSignature
-from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from .base import StrictModel
 from .variant import Variant
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("squeezeflow.tracking")
 
@@ -35,6 +35,9 @@ def tracking_uri(cfg: TrackingConfig, artifacts_dir: Path) -> str:
 
 def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
     """Points MLflow at `uri` and returns the experiment id, creating it with artifacts beside the store."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri)
@@ -68,6 +71,8 @@ def variant_tags(v: Variant) -> dict[str, str]:
 
 def log_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, v: Variant) -> str:
     """One finished child run for a measured variant; returns its run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
     run = client.create_run(
         experiment_id, run_name=v.id, tags={"mlflow.parentRunId": pipeline_run_id, **variant_tags(v)}
     )
@@ -88,6 +93,10 @@ def log_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, 
 def register_champion(v: Variant, registered_model: str, label_names: list[str], threads: int) -> str:
     """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it and points the
     `champion` alias at the new version; returns the version."""
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.tracking import MlflowClient
+    from mlflow.types import ColSpec, Schema
     import onnxruntime
     import tokenizers
 

@@ -8,16 +8,19 @@ import random
 import time
 from collections.abc import Callable
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from .base import StrictModel
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("squeezeflow.training")
 
 # loss_fn(model_outputs, batch) -> scalar loss; the default is cross-entropy on the batch labels.
-LossFn = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
+LossFn = Callable[[object, dict[str, "torch.Tensor"]], "torch.Tensor"]
 
 
 class TrainConfig(StrictModel):
@@ -31,6 +34,9 @@ class TrainConfig(StrictModel):
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -44,6 +50,8 @@ def subsample(texts: list[str], labels: list[int], limit: int | None, seed: int)
 
 
 def cross_entropy(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    import torch
+
     return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])
 
 
@@ -60,6 +68,8 @@ def train(
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, float]:
     """Fine-tunes `model` in place; returns a few training figures (final loss, steps, seconds)."""
+    import torch
+
     seed_everything(seed)
     texts, labels = subsample(texts, labels, cfg.max_examples, seed)
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)

@@ -1,0 +1,97 @@
+"""The `squeeze` console script, run as a user runs it: user mistakes give one line and a non-zero exit."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import make_tiny_config
+
+SQUEEZE = str(Path(sys.executable).with_name("squeeze"))
+
+
+def squeeze(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([SQUEEZE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def recipe(tmp_path, tree) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def assert_one_line_error(done, *fragments):
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def run_statuses(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("select status from runs")]
+
+
+def test_unknown_key(tmp_path, tiny_config):
+    tiny_config["benchmark"]["thread"] = 4
+    done = squeeze("run", recipe(tmp_path, tiny_config))
+    assert_one_line_error(done, "benchmark.thread: unknown key")
+    assert done.stderr.count("\n") == 1
+    assert run_statuses(tmp_path / "mlflow.db") == []
+
+
+def test_dataset_without_label_column(tmp_path, tiny_config):
+    (tmp_path / "nolabel.tsv").write_text("text\tsentiment\ngood film\t1\n")
+    tiny_config["data"]["train"] = str(tmp_path / "nolabel.tsv")
+    done = squeeze("run", recipe(tmp_path, tiny_config))
+    assert_one_line_error(done, "nolabel.tsv: missing column 'label'")
+
+
+def test_nonexistent_model_path(tmp_path, tiny_config):
+    tiny_config["model"]["source"] = str(tmp_path / "no-such-model")
+    done = squeeze("run", recipe(tmp_path, tiny_config))
+    assert_one_line_error(done, "model.source:", "no-such-model")
+
+
+def test_bad_override_and_missing_config(tmp_path, tiny_config):
+    assert_one_line_error(squeeze("run", recipe(tmp_path, tiny_config), "--set", "teacher.epochs=-1"), "teacher.epochs")
+    assert_one_line_error(squeeze("run", str(tmp_path / "nope.yaml")), "config file not found")
+
+
+def test_model_that_fails_inside_the_flow_leaves_no_running_run(tmp_path, tiny_config, tiny_model_dir):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # config, but no weights
+    tiny_config["model"]["source"] = str(broken)
+    done = squeeze("run", recipe(tmp_path, tiny_config))
+    assert_one_line_error(done, "model.source:", "broken-model")
+    statuses = run_statuses(tmp_path / "mlflow.db")
+    assert statuses == ["FAILED"]
+    variants = list((tmp_path / "artifacts").glob("runs/*/variants/*"))
+    assert variants == []  # nothing half-written
+
+
+def test_run_prints_variants_and_champion(tmp_path, tiny_model_dir):
+    done = squeeze("run", recipe(tmp_path, make_tiny_config(tmp_path, tiny_model_dir)), "--set", "benchmark.rounds=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "teacher>onnx>int8-dynamic" in done.stdout
+    assert "champion:" in done.stdout and "models:/tiny-classifier@champion" in done.stdout
+    assert run_statuses(tmp_path / "mlflow.db").count("FINISHED") == 4
+
+
+def test_schema_and_validate(tmp_path, tiny_config):
+    done = squeeze("schema")
+    assert done.returncode == 0
+    assert "stages" in json.loads(done.stdout)["properties"]
+    done = squeeze("validate", recipe(tmp_path, tiny_config))
+    assert done.returncode == 0 and "name: tiny" in done.stdout

@@ -1,0 +1,85 @@
+"""End to end on the tiny model: a real Prefect flow run (ephemeral harness) and a real sqlite MLflow store."""
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from squeezeflow.flows.compress import compress
+from squeezeflow.flows.config import parse_config
+
+from .conftest import make_tiny_config
+
+METRICS = {
+    "accuracy", "accuracy_drop", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_qps",
+    "size_mb", "params_m", "peak_rss_mb", "speedup",
+}
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_harness, tmp_path_factory, tiny_model_dir):
+    cfg = parse_config(make_tiny_config(tmp_path_factory.mktemp("flow"), tiny_model_dir))
+    return cfg, compress(cfg)
+
+
+def test_flow_logs_pipeline_and_variant_runs(finished):
+    cfg, result = finished
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    pipelines = [r for r in runs if r.data.tags.get("squeeze.role") == "pipeline"]
+    variants = [r for r in runs if r.data.tags.get("squeeze.role") == "variant"]
+    assert len(pipelines) == 1 and pipelines[0].info.status == "FINISHED"
+    assert pipelines[0].info.run_id == result["pipeline_run_id"]
+    assert sorted(r.data.tags["squeeze.lineage"] for r in variants) == ["teacher", "teacher>onnx", "teacher>onnx>int8-dynamic"]
+    by_id = {r.data.tags["squeeze.variant_id"]: r for r in variants}
+    for run in variants:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == result["pipeline_run_id"]
+        assert tags["squeeze.stage"] in {"teacher", "export", "quantize"}
+        assert METRICS <= set(run.data.metrics), METRICS - set(run.data.metrics)
+        assert 0.0 <= run.data.metrics["accuracy"] <= 1.0
+        if tags["squeeze.stage"] != "teacher":
+            assert tags["squeeze.parent_id"] in by_id
+            assert {"parity_max_abs", "parity_agreement"} <= set(run.data.metrics)
+    teacher = next(r for r in variants if r.data.tags["squeeze.stage"] == "teacher")
+    assert teacher.data.metrics["accuracy"] >= 0.9  # the known-answer task is learnt
+    assert teacher.data.metrics["speedup"] == pytest.approx(1.0)
+    assert teacher.data.params["finetune"] == "True"
+    int8 = next(r for r in variants if r.data.tags["squeeze.stage"] == "quantize")
+    assert int8.data.metrics["size_mb"] < teacher.data.metrics["size_mb"]
+    artifacts = {a.path for a in client.list_artifacts(result["pipeline_run_id"])}
+    assert {"config.yaml", "report.md", "variants.csv", "pareto.png"} <= artifacts
+
+
+def test_champion_is_registered_and_predicts_raw_text(finished):
+    cfg, result = finished
+    client = MlflowClient(cfg.tracking.uri)
+    version = client.get_model_version_by_alias("tiny-classifier", "champion")
+    assert str(version.version) == result["model_version"]
+    assert version.tags["squeeze.variant_id"] == result["champion"]
+    champion = next(v for v in result["variants"] if v["id"] == result["champion"])
+    assert champion["metrics"]["accuracy_drop"] <= cfg.selection.max_accuracy_drop
+    fastest_ok = min(
+        (v for v in result["variants"] if v["metrics"]["accuracy_drop"] <= cfg.selection.max_accuracy_drop),
+        key=lambda v: v["metrics"]["latency_p50_ms"],
+    )
+    assert champion["id"] == fastest_ok["id"]
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
+    out = model.predict(pd.DataFrame({"text": ["the film was really excellent", "the plot was awful and boring"]}))
+    assert list(out["label"]) == ["pos", "neg"]
+    assert out["probabilities"].map(len).tolist() == [2, 2]
+    assert ((out["score"] > 0.5) & (out["score"] <= 1.0)).all()
+
+
+def test_variant_files_are_safe_formats(finished):
+    _, result = finished
+    for v in result["variants"]:
+        files = {p.suffix for p in Path(v["path"]).iterdir()}
+        assert not files & {".bin", ".pt", ".pth", ".pkl"}
+        assert (".safetensors" in files) if v["format"] == "hf" else (".onnx" in files)

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+
+from squeezeflow.tasks.base import DataError
+from squeezeflow.tasks.data import DataConfig, load_splits, read_split
+
+from .conftest import write_tsv
+
+
+def config(tmp_path, train="train.tsv", eval_="eval.tsv", **extra) -> DataConfig:
+    return DataConfig(dir=tmp_path, train=train, eval=eval_, **extra)
+
+
+def test_reads_tsv_and_maps_label_names(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("good one", "pos"), ("bad one", 0)])
+    write_tsv(tmp_path / "eval.tsv", [("fine", 1), ("meh", "neg")])
+    train, eval_ = load_splits(config(tmp_path, label_names=["neg", "pos"]), num_labels=2)
+    assert train.texts == ["good one", "bad one"] and train.labels == [1, 0]
+    assert eval_.labels == [1, 0]
+
+
+def test_reads_csv_with_quotes_and_jsonl(tmp_path):
+    (tmp_path / "train.csv").write_text('sentence,y\n"hello, world",1\nbye,0\n')
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"sentence": "hi", "y": 1}) + "\n\n" + json.dumps({"sentence": "no", "y": 0}) + "\n")
+    cfg = config(tmp_path, "train.csv", "eval.jsonl", text_column="sentence", label_column="y")
+    train, eval_ = load_splits(cfg, num_labels=2)
+    assert train.texts[0] == "hello, world"
+    assert eval_.texts == ["hi", "no"] and eval_.labels == [1, 0]
+
+
+def test_missing_file_names_the_split_and_path(tmp_path):
+    with pytest.raises(DataError, match=r"data.train: file not found: .*nope.tsv"):
+        read_split(config(tmp_path, train="nope.tsv"), "train", 2)
+
+
+def test_missing_column_lists_the_columns_found(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 1)], header=("text", "sentiment"))
+    with pytest.raises(DataError, match=r"train.tsv: missing column 'label' \(found: text, sentiment\)"):
+        read_split(config(tmp_path), "train", 2)
+
+
+def test_empty_split(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\n")
+    with pytest.raises(DataError, match=r"data.train: .*train.tsv holds no examples"):
+        read_split(config(tmp_path), "train", 2)
+
+
+def test_non_integer_label_names_row_and_column(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 1), ("b", "positive")])
+    with pytest.raises(DataError, match=r"train.tsv, row 3, column 'label': expected an integer in 0..1, got 'positive'"):
+        read_split(config(tmp_path), "train", 2)
+
+
+def test_label_out_of_range(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 1), ("b", 5)])
+    with pytest.raises(DataError, match=r"row 3, column 'label': label 5 is out of range, expected 0..2"):
+        read_split(config(tmp_path), "train", 3)
+
+
+def test_ragged_row(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\na\t1\nb\t0\textra\n")
+    with pytest.raises(DataError, match=r"train.tsv, row 3: expected 2 TSV columns \(text, label\), found 3"):
+        read_split(config(tmp_path), "train", 2)
+
+
+def test_empty_text(tmp_path):
+    (tmp_path / "train.tsv").write_text("text\tlabel\n  \t1\n")
+    with pytest.raises(DataError, match=r"row 2, column 'text': expected non-empty text"):
+        read_split(config(tmp_path), "train", 2)
+
+
+def test_different_label_sets_between_splits(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1), ("c", 2)])
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
+    with pytest.raises(DataError, match=r"different label sets \(only in train: \[2\]\)"):
+        load_splits(config(tmp_path), 3)
+
+
+def test_bad_json_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 1}\n{"text": \n')
+    with pytest.raises(DataError, match=r"train.jsonl, line 2: not valid JSON"):
+        read_split(config(tmp_path, train="train.jsonl"), "train", 2)
+
+
+def test_unknown_extension_asks_for_format(tmp_path):
+    (tmp_path / "train.txt").write_text("text\tlabel\na\t1\n")
+    with pytest.raises(DataError, match="set data.format"):
+        read_split(config(tmp_path, train="train.txt"), "train", 2)
+    split = read_split(config(tmp_path, train="train.txt", format="tsv"), "train", 2)
+    assert split.labels == [1]
