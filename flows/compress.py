@@ -15,30 +15,46 @@ from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.export import export_task
+from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import write_report
 from squeezeflow.tasks.select import select_task
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import log_variant, register_champion, tracking_uri, use_experiment
-from squeezeflow.tasks.variant import Variant
+from squeezeflow.tasks.variant import StageContext, Variant
+
+def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
+    return [export_task.submit(parent, cfg, out)] if parent.format == "hf" else []
+
+
+def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
+    """ORT modes quantize the ONNX parent (static and QAT rebuild it from its PyTorch source); torch-dynamic
+    quantizes that PyTorch source itself."""
+    source = by_id.get(parent.parent_id) if parent.format == "onnx" else parent
+    futures = []
+    for mode in cfg.modes:
+        _, _, wants, _ = QUANTIZE_MODES[mode]
+        target = parent if wants == parent.format else source if source is not None and wants == source.format else None
+        if target is not None:
+            futures.append(quantize_task.submit(target, mode, cfg, ctx, out, source if target is parent else None))
+    return futures
+
 
 # kind -> submits the stage's tasks for one parent; a stage that does not apply to a parent's format submits none.
-STAGES: dict[str, Callable[[Variant, StageConfig, Path], list[PrefectFuture]]] = {
-    "export": lambda parent, cfg, out: [export_task.submit(parent, cfg, out)] if parent.format == "hf" else [],
-    "quantize": lambda parent, cfg, out: (
-        [quantize_task.submit(parent, mode, cfg, out) for mode in cfg.modes] if parent.format == "onnx" else []
-    ),
+STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], list[PrefectFuture]]] = {
+    "export": submit_export,
+    "quantize": submit_quantize,
 }
 
 
-def grow(teacher: Variant, stages: list[StageConfig], out: Path) -> list[Variant]:
+def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> list[Variant]:
     """Applies each stage to every variant the previous stage produced; siblings run concurrently."""
-    variants, frontier = [teacher], [teacher]
+    by_id, frontier = {teacher.id: teacher}, [teacher]
     for stage in stages:
-        futures = [f for parent in frontier for f in STAGES[stage.kind](parent, stage, out)]
+        futures = [f for parent in frontier for f in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
         frontier = [f.result() for f in futures]
-        variants += frontier
-    return variants
+        by_id |= {v.id: v for v in frontier}
+    return list(by_id.values())
 
 
 @flow(name="compress")
@@ -53,7 +69,8 @@ def compress(config: SqueezeConfig) -> dict:
         mlflow.log_params({"name": cfg.name, "seed": cfg.seed, "model.source": cfg.model.source, **counts})
 
         teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, run_dir / "variants", cfg.seed)
-        variants = grow(teacher, cfg.stages, run_dir / "variants")
+        ctx = StageContext(data=cfg.data, num_labels=cfg.model.num_labels, max_length=cfg.model.max_length, seed=cfg.seed, teacher=teacher)
+        variants = grow(teacher, cfg.stages, ctx, run_dir / "variants")
         measured = benchmark_task(variants, cfg.data, cfg.model.num_labels, cfg.benchmark)
 
         client = MlflowClient()

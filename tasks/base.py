@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 from pydantic import BaseModel, ConfigDict
+
+# transformers loads weights under a process-global "meta device" context and torch.onnx export swaps global
+# state too, so two threads doing either at once corrupt each other. Sibling variants still run concurrently
+# (ONNX Runtime work, file I/O, calibration); the PyTorch-heavy sections take turns under this lock.
+TORCH_LOCK = threading.RLock()
 
 
 class StrictModel(BaseModel):

@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import ModelError, StrictModel
+from .base import TORCH_LOCK, ModelError, StrictModel
 from .variant import Variant, derive, staged_dir
 
 log = logging.getLogger("squeezeflow.export")
@@ -39,23 +39,29 @@ def fuse(onnx_path: Path, num_heads: int, hidden_size: int) -> None:
     optimized.save_model_to_file(str(onnx_path))
 
 
-def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
-    """Exports an `hf` variant to `model.onnx` (dynamic batch and sequence axes) beside its tokenizer."""
-    if parent.format != "hf":
-        raise ModelError(f"export: variant {parent.id} is already ONNX")
+def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None:
+    """Writes `out_dir/model.onnx` (dynamic batch and sequence axes) and the tokenizer for a saved HF model."""
     from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
 
-    child = derive(parent, stage="export", token="onnx", params=cfg.model_dump(exclude={"kind"}), format="onnx", out_root=out_root)
-    with staged_dir(Path(child.path)) as scratch:
+    with TORCH_LOCK:
         main_export(
-            parent.path, scratch, task="text-classification", opset=cfg.opset,
+            str(model_dir), out_dir, task="text-classification", opset=cfg.opset,
             local_files_only=True, do_validation=False, library_name="transformers",
         )
-        if cfg.optimize == "fusion":
-            config = AutoConfig.from_pretrained(parent.path)
-            fuse(scratch / "model.onnx", config.num_attention_heads, config.hidden_size)
-        copy_tokenizer(parent.path, scratch)
+        config = AutoConfig.from_pretrained(model_dir)
+    if cfg.optimize == "fusion":
+        fuse(out_dir / "model.onnx", config.num_attention_heads, config.hidden_size)
+    copy_tokenizer(model_dir, out_dir)
+
+
+def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
+    """Exports an `hf` variant to an `onnx` variant."""
+    if parent.format != "hf":
+        raise ModelError(f"export: variant {parent.id} is already ONNX")
+    child = derive(parent, stage="export", token="onnx", params=cfg.model_dump(exclude={"kind"}), format="onnx", out_root=out_root)
+    with staged_dir(Path(child.path)) as scratch:
+        export_onnx(parent.path, scratch, cfg)
     log.info("exported %s -> %s", parent.id, child.id)
     return child
 

@@ -1,33 +1,76 @@
-"""INT8 quantization of ONNX variants. Each mode is a small strategy chosen by name from the config."""
+"""INT8 quantization. Each mode is a small strategy chosen by name from the config:
+
+- `dynamic`: ONNX Runtime dynamic quantization of the (fused) ONNX parent: MatMul and Attention → integer kernels.
+- `static`: calibrated ONNX Runtime static quantization (QOperator, uint8 activations, int8 weights) of the
+  parent's PyTorch source re-exported unfused, with an accuracy-aware fallback that keeps the most
+  quantization-sensitive MatMuls in float until the drop versus the fp32 parent is within tolerance.
+- `qat`: fake-quant fine-tuning of the PyTorch source with distillation from the teacher, then exported and
+  dynamically quantized the same way it was simulated.
+- `torch-dynamic`: PyTorch `quantize_dynamic` of the source's Linear layers (the optimisation guide's method).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import random
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from prefect import task
 from pydantic import Field
 
-from .base import StrictModel
-from .export import copy_tokenizer
-from .variant import Variant, derive, staged_dir
+from .base import TORCH_LOCK, DataError, ModelError, StrictModel
+from .data import load_splits
+from .export import ExportConfig, copy_tokenizer, export_onnx
+from .runtime import TORCH_DYNAMIC_MARKER
+from .variant import StageContext, Variant, derive, staged_dir
 
 log = logging.getLogger("squeezeflow.quantize")
 
-Mode = Literal["dynamic"]
+Mode = Literal["dynamic", "static", "qat", "torch-dynamic"]
+
+
+class QATConfig(StrictModel):
+    epochs: float = Field(1.0, gt=0, description="Fake-quant fine-tuning passes over the (sampled) training data.")
+    learning_rate: float = Field(2e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    batch_size: int = Field(16, ge=1, description="Examples per step.")
+    max_examples: int | None = Field(2000, ge=1, description="Training examples used (seeded sample); None = all.")
+    temperature: float = Field(2.0, gt=0, description="Distillation temperature.")
+    soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the teacher's soft targets vs the labels.")
 
 
 class QuantizeConfig(StrictModel):
     kind: Literal["quantize"] = "quantize"
     modes: list[Mode] = Field(["dynamic"], min_length=1, description="INT8 modes; each becomes a variant.")
-    per_channel: bool = Field(False, description="Per-output-channel weight scales (more accurate, slightly slower).")
+    per_channel: bool = Field(False, description="Per-output-channel weight scales.")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where 8-bit can saturate.")
-    quantize_embeddings: bool = Field(False, description="Also store the word-embedding Gather in INT8 (smaller file).")
+    quantize_embeddings: bool = Field(False, description="dynamic: also store the word-embedding Gather in INT8 (smaller file).")
+    calibration_examples: int = Field(128, ge=1, description="static: training examples used for calibration.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="static: how activation ranges are chosen.")
+    exclude_nodes: list[str] = Field([], description="static: MatMul node names to keep in float.")
+    accuracy_tolerance: float | None = Field(
+        0.005, ge=0, le=1, description="static: largest accepted accuracy drop vs the fp32 parent before nodes fall back to float (None: no fallback)."
+    )
+    max_fallback_nodes: int = Field(16, ge=0, description="static: at most this many MatMuls are kept in float by the fallback.")
+    qat: QATConfig = Field(default_factory=QATConfig)
 
 
-def _dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
+@dataclass(frozen=True)
+class Produced:
+    """What a strategy made besides the files: extra metrics and params to log on the variant."""
+
+    metrics: dict[str, float]
+    params: dict
+
+
+Strategy = Callable[[Variant, Variant | None, QuantizeConfig, StageContext, Path], Produced]
+
+
+def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -40,22 +83,246 @@ def _dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
     )
 
 
-MODES: dict[str, tuple[str, Callable[[Path, Path, QuantizeConfig], None]]] = {
-    "dynamic": ("int8-dynamic", _dynamic),
+def dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    _ort_dynamic(Path(parent.path) / "model.onnx", out / "model.onnx", cfg)
+    copy_tokenizer(parent.path, out)
+    return Produced({}, {})
+
+
+# ---------------------------------------------------------------------------------------------- static
+
+
+def _encoded(tokenizer_dir: str | Path, texts: list[str], input_names: list[str]) -> list[dict]:
+    import numpy as np
+
+    from .runtime import fast_tokenizer
+
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    return [
+        {name: np.asarray([getattr(e, fields[name])], dtype=np.int64) for name in input_names}
+        for e in fast_tokenizer(Path(tokenizer_dir)).encode_batch(texts)
+    ]
+
+
+def _reader(feeds: list[dict]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    return Feeds()
+
+
+def _accuracy(model_dir: Path, texts: list[str], labels: list[int]) -> float:
+    from .runtime import load_predictor
+
+    predictor = load_predictor(model_dir, "onnx", threads=2)
+    hits = sum(
+        int(p == y)
+        for i in range(0, len(texts), 32)
+        for p, y in zip(predictor.logits(texts[i : i + 32]).argmax(-1), labels[i : i + 32])
+    )
+    return hits / len(texts)
+
+
+def _sensitivity(plain: Path, feeds: list[dict], cfg: QuantizeConfig, method) -> list[str]:
+    """MatMul nodes ordered from most to least sensitive: the signal-to-quantization-noise ratio of each
+    MatMul's input activation, measured on a QDQ twin of the quantized graph."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations, compute_activation_error, create_activation_matching, modify_model_output_intermediate_tensors,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        qdq, augmented = Path(tmp) / "qdq.onnx", Path(tmp) / "augmented.onnx"
+        quantize_static(
+            plain, qdq, _reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range, calibrate_method=method, extra_options={"MatMulConstBOnly": True},
+        )
+        modify_model_output_intermediate_tensors(qdq, augmented)
+        errors = compute_activation_error(create_activation_matching(collect_activations(str(augmented), _reader(feeds[:32]))))
+    graph = onnx.load(str(plain)).graph
+    ranked = []
+    for tensor, err in sorted(errors.items(), key=lambda kv: kv[1]["qdq_err"]):
+        ranked += [n.name for n in graph.node if n.op_type == "MatMul" and tensor in n.input and n.name not in ranked]
+    return ranked
+
+
+def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if source is None:
+        raise ModelError(f"static quantization of {parent.id} needs the PyTorch model it was exported from")
+    train, eval_ = load_splits(ctx.data, ctx.num_labels)
+    if cfg.calibration_examples > len(train):
+        raise DataError(
+            f"quantize.calibration_examples is {cfg.calibration_examples} but the train split ({train.path}) has only {len(train)} examples"
+        )
+    calibration = random.Random(ctx.seed).sample(train.texts, cfg.calibration_examples)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[cfg.calibration_method]
+
+    plain_dir = out / "unfused"
+    plain_dir.mkdir()
+    export_onnx(source.path, plain_dir, ExportConfig(**{**parent.params, "optimize": "none"}))
+    plain = plain_dir / "model.onnx"
+    import onnxruntime as ort
+
+    input_names = [i.name for i in ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).get_inputs()]
+    feeds = _encoded(parent.path, calibration, input_names)
+    copy_tokenizer(parent.path, out)
+
+    def attempt(excluded: list[str]) -> float:
+        quantize_static(
+            plain, out / "model.onnx", _reader(feeds), quant_format=QuantFormat.QOperator, op_types_to_quantize=["MatMul"],
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range, calibrate_method=method, nodes_to_exclude=excluded,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return _accuracy(out, eval_.texts, eval_.labels)
+
+    excluded = list(cfg.exclude_nodes)
+    accuracy = attempt(excluded)
+    metrics: dict[str, float] = {}
+    if cfg.accuracy_tolerance is not None:
+        parent_accuracy = _accuracy(Path(parent.path), eval_.texts, eval_.labels)
+        ranked, step = None, 1
+        while parent_accuracy - accuracy > cfg.accuracy_tolerance and len(excluded) < cfg.max_fallback_nodes:
+            ranked = ranked or [n for n in _sensitivity(plain, feeds, cfg, method) if n not in excluded]
+            if not ranked:
+                break
+            take, ranked = ranked[:step], ranked[step:]
+            excluded += take
+            accuracy = attempt(excluded)
+            log.info("static fallback: %d MatMuls in float, accuracy %.4f (fp32 parent %.4f)", len(excluded), accuracy, parent_accuracy)
+            step *= 2
+        met = parent_accuracy - accuracy <= cfg.accuracy_tolerance
+        if not met:
+            log.warning("static INT8 of %s: drop %.4f still above tolerance %.4f with %d MatMuls in float",
+                        parent.id, parent_accuracy - accuracy, cfg.accuracy_tolerance, len(excluded))
+        metrics = {"fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)), "fallback_tolerance_met": float(met)}
+    import shutil
+
+    shutil.rmtree(plain_dir)
+    return Produced(metrics, {"excluded_nodes": excluded})
+
+
+# ---------------------------------------------------------------------------------------------- QAT
+
+
+def _fake_quant_linear(linear):
+    """Wraps an nn.Linear so training sees what ORT's dynamic INT8 kernels compute: uint8 activations with
+    a per-batch range, int8 symmetric per-tensor weights (straight-through gradients)."""
+    import torch
+
+    class FakeQuantLinear(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            lo = torch.clamp(x.detach().min(), max=0.0)
+            hi = torch.clamp(x.detach().max(), min=0.0)
+            scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
+            zero = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32)
+            xq = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+            w = self.inner.weight
+            w_scale = torch.clamp(w.detach().abs().max() / 127.0, min=1e-8)
+            wq = torch.fake_quantize_per_tensor_affine(w, w_scale, torch.zeros((), dtype=torch.int32), -127, 127)
+            return torch.nn.functional.linear(xq, wq, self.inner.bias)
+
+    return FakeQuantLinear(linear)
+
+
+def _swap_linears(module, wrap: bool) -> None:
+    import torch
+
+    for name, child in module.named_children():
+        if wrap and isinstance(child, torch.nn.Linear):
+            setattr(module, name, _fake_quant_linear(child))
+        elif not wrap and child.__class__.__name__ == "FakeQuantLinear":
+            setattr(module, name, child.inner)
+        else:
+            _swap_linears(child, wrap)
+
+
+def qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    with TORCH_LOCK:
+        return _qat(parent, source, cfg, ctx, out)
+
+
+def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .training import TrainConfig, teacher_logits_loss, train
+
+    if source is None or ctx.teacher is None:
+        raise ModelError(f"QAT of {parent.id} needs its PyTorch source model and the teacher")
+    train_split, _ = load_splits(ctx.data, ctx.num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    teacher = AutoModelForSequenceClassification.from_pretrained(ctx.teacher.path)
+    encoder = getattr(model, model.base_model_prefix)
+    _swap_linears(encoder.encoder, wrap=True)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
+    q = cfg.qat
+    figures = train(
+        model, tokenizer, train_split.texts, train_split.labels,
+        TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, max_examples=q.max_examples, warmup_ratio=0.1),
+        max_length=ctx.max_length, seed=ctx.seed, loss_fn=teacher_logits_loss(teacher, q.temperature, q.soft_weight),
+    )
+    _swap_linears(encoder.encoder, wrap=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "hf")
+        tokenizer.save_pretrained(Path(tmp) / "hf")
+        export_onnx(Path(tmp) / "hf", Path(tmp) / "onnx", ExportConfig(**parent.params))
+        _ort_dynamic(Path(tmp) / "onnx" / "model.onnx", out / "model.onnx", cfg)
+    copy_tokenizer(parent.path, out)
+    return Produced({"qat_train_seconds": figures["train_seconds"], "qat_train_loss": figures["train_loss"]}, {})
+
+
+# ---------------------------------------------------------------------------------------------- torch
+
+
+def torch_dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    """The weights stay fp32 safetensors on disk (a quantized PyTorch module has no safe serialisation); the
+    marker file tells the runtime to apply `torch.ao.quantization.quantize_dynamic` on load."""
+    import shutil
+
+    for file in Path(parent.path).iterdir():
+        if file.is_file():
+            shutil.copy2(file, out / file.name)
+    (out / TORCH_DYNAMIC_MARKER).write_text(json.dumps({"modules": ["Linear"], "dtype": "qint8"}))
+    return Produced({}, {})
+
+
+# mode -> (lineage token, output format, which parent it takes, strategy)
+MODES: dict[str, tuple[str, str, str, Strategy]] = {
+    "dynamic": ("int8-dynamic", "onnx", "onnx", dynamic),
+    "static": ("int8-static", "onnx", "onnx", static),
+    "qat": ("int8-qat", "onnx", "onnx", qat),
+    "torch-dynamic": ("torch-int8-dynamic", "hf", "hf", torch_dynamic),
 }
 
 
-def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, out_root: Path) -> Variant:
-    token, run = MODES[mode]
-    params = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes"})}
-    child = derive(parent, stage="quantize", token=token, params=params, format="onnx", out_root=out_root)
+def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext, out_root: Path, source: Variant | None = None) -> Variant:
+    """`parent` is the variant the mode works on (ONNX for ORT modes, PyTorch for torch-dynamic); `source` is the
+    PyTorch model an ONNX parent was exported from (static and QAT rebuild graphs from it)."""
+    token, fmt, parent_format, strategy = MODES[mode]
+    if parent.format != parent_format:
+        raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
+    knobs = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes"})}
+    child = derive(parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root)
     with staged_dir(Path(child.path)) as scratch:
-        run(Path(parent.path) / "model.onnx", scratch / "model.onnx", cfg)
-        copy_tokenizer(parent.path, scratch)
+        produced = strategy(parent, source, cfg, ctx, scratch)
     log.info("quantized %s (%s) -> %s", parent.id, mode, child.id)
-    return child
+    return child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}})
 
 
 @task(name="quantize")
-def quantize_task(parent: Variant, mode: Mode, cfg: QuantizeConfig, out_root: Path) -> Variant:
-    return quantize(parent, mode, cfg, out_root)
+def quantize_task(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext, out_root: Path, source: Variant | None = None) -> Variant:
+    return quantize(parent, mode, cfg, ctx, out_root, source)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ModelError
+from .base import TORCH_LOCK, ModelError
+
+TORCH_DYNAMIC_MARKER = "squeezeflow-torch-dynamic.json"  # written by the quantize stage's torch-dynamic mode
 
 # torch and transformers are imported only by the PyTorch predictor, so that an ONNX variant is served (and
 # its memory measured) without them: that is part of what an ONNX variant buys.
@@ -20,8 +22,11 @@ class TorchPredictor:
 
         self._torch = torch
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        with TORCH_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if (Path(path) / TORCH_DYNAMIC_MARKER).exists():
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")

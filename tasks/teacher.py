@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import Field, field_validator
 
-from .base import ModelError, StrictModel
+from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, load_splits
 from .training import TrainConfig, seed_everything, train
 from .variant import Variant, staged_dir, variant_id
@@ -112,4 +112,5 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
 
 @task(name="teacher")
 def teacher_task(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
-    return make_teacher(model_cfg, teacher_cfg, data_cfg, out_root, seed)
+    with TORCH_LOCK:
+        return make_teacher(model_cfg, teacher_cfg, data_cfg, out_root, seed)

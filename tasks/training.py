@@ -112,3 +112,34 @@ def train(
                 progress(f"step {step}/{total_steps} loss {running:.4f} ({time.perf_counter() - started:.0f}s)")
     model.eval()
     return {"train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started}
+
+
+def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_weight: float):
+    """Hinton distillation: soft_weight · T² · KL(teacher_T ‖ student_T) + (1 − soft_weight) · CE(labels).
+    The T² factor keeps the soft term's gradients on the scale of the hard term's as T grows."""
+    import torch.nn.functional as F
+
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * temperature**2
+    if soft_weight >= 1.0 or labels is None:
+        return soft
+    hard = F.cross_entropy(student_logits, labels)
+    return soft_weight * soft + (1.0 - soft_weight) * hard
+
+
+def teacher_logits_loss(teacher, temperature: float, soft_weight: float) -> LossFn:
+    """A loss_fn for `train` that distils from `teacher` (a PyTorch classifier run on the same batch)."""
+    import torch
+
+    teacher.eval()
+
+    def loss(outputs, batch):
+        with torch.inference_mode():
+            target = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return kd_loss(outputs.logits, target.clone(), batch.get("labels"), temperature=temperature, soft_weight=soft_weight)
+
+    return loss

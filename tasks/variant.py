@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .data import DataConfig
+
 Stage = Literal["teacher", "distill", "prune", "early_exit", "export", "quantize"]
 Format = Literal["hf", "onnx"]
 
@@ -42,6 +44,18 @@ class Variant(BaseModel):
         return self.model_copy(update={"metrics": {**self.metrics, **metrics}})
 
 
+class StageContext(BaseModel):
+    """What a stage may need besides its parent: the data, the label count, the seed and the root teacher."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data: DataConfig
+    num_labels: int
+    max_length: int
+    seed: int
+    teacher: Variant | None = None
+
+
 def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None) -> str:
     """A readable, stable id: the last lineage token plus a short hash of the parent, lineage and knobs."""
     digest = hashlib.sha256(json.dumps([parent_id, lineage, params], sort_keys=True, default=str).encode()).hexdigest()
@@ -66,7 +80,7 @@ def derive(parent: Variant, *, stage: Stage, token: str, params: dict[str, Any],
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def size_on_disk_mb(path: str | Path) -> float:
