@@ -130,12 +130,14 @@ def _accuracy(model_dir: Path, texts: list[str], labels: list[int]) -> float:
 
 
 def _sensitivity(plain: Path, feeds: list[dict], cfg: QuantizeConfig, method) -> list[str]:
-    """MatMul nodes ordered from most to least sensitive: the signal-to-quantization-noise ratio of each
-    MatMul's input activation, measured on a QDQ twin of the quantized graph."""
+    """MatMul nodes ordered from most to least sensitive. A node's score is the worst signal-to-quantization-
+    noise ratio (dB) among its input activation and its weight, measured on a QDQ twin of the quantized graph:
+    activation outliers and weight outliers are the two ways per-tensor INT8 breaks a layer."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations, compute_activation_error, create_activation_matching, modify_model_output_intermediate_tensors,
+        collect_activations, compute_signal_to_quantization_noice_ratio, compute_weight_error,
+        create_activation_matching, create_weight_matching, modify_model_output_intermediate_tensors,
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,13 +147,20 @@ def _sensitivity(plain: Path, feeds: list[dict], cfg: QuantizeConfig, method) ->
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range, calibrate_method=method, extra_options={"MatMulConstBOnly": True},
         )
+        weight_sqnr = compute_weight_error(create_weight_matching(str(plain), str(qdq)))
         modify_model_output_intermediate_tensors(qdq, augmented)
-        errors = compute_activation_error(create_activation_matching(collect_activations(str(augmented), _reader(feeds[:32]))))
+        matching = create_activation_matching(collect_activations(str(augmented), _reader(feeds[:32])))
+        activation_sqnr = {
+            name: compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"]) for name, m in matching.items()
+        }
     graph = onnx.load(str(plain)).graph
-    ranked = []
-    for tensor, err in sorted(errors.items(), key=lambda kv: kv[1]["qdq_err"]):
-        ranked += [n.name for n in graph.node if n.op_type == "MatMul" and tensor in n.input and n.name not in ranked]
-    return ranked
+    weights = {t.name for t in graph.initializer}
+    scores = {
+        node.name: min(activation_sqnr.get(node.input[0], float("inf")), weight_sqnr.get(node.input[1], float("inf")))
+        for node in graph.node
+        if node.op_type == "MatMul" and node.input[1] in weights  # only MatMuls with a weight are quantized
+    }
+    return sorted(scores, key=scores.get)
 
 
 def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:

@@ -57,6 +57,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, tiny_model_dir):
+    """The tiny BERT fine-tuned on the known-answer task, with its data: (model_dir, DataConfig)."""
+    from squeezeflow.tasks.data import DataConfig
+    from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
+
+    root = tmp_path_factory.mktemp("trained-tiny")
+    data = DataConfig(
+        train=write_tsv(root / "train.tsv", sentiment_rows(240, seed=1)),
+        eval=write_tsv(root / "eval.tsv", sentiment_rows(60, seed=2)),
+    )
+    teacher = make_teacher(
+        ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
+        TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16), data, root / "variants", seed=7,
+    )
+    return teacher, data
+
+
 def make_tiny_config(root: Path, model_dir: Path) -> dict:
     """A complete recipe for the tiny model under `root`, as the dict a YAML file would hold."""
     root.mkdir(parents=True, exist_ok=True)
