@@ -13,6 +13,7 @@ from prefect.futures import PrefectFuture
 
 from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
 from squeezeflow.tasks.data import check_data_task
+from squeezeflow.tasks.distill import distill_task
 from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
@@ -22,6 +23,10 @@ from squeezeflow.tasks.select import select_task
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import log_variant, register_champion, tracking_uri, use_experiment
 from squeezeflow.tasks.variant import StageContext, Variant
+
+def submit_distill(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
+    return [distill_task.submit(parent, shape, cfg, ctx, out) for shape in cfg.students] if parent.format == "hf" else []
+
 
 def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
     return [export_task.submit(parent, cfg, out)] if parent.format == "hf" else []
@@ -42,16 +47,19 @@ def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: d
 
 # kind -> submits the stage's tasks for one parent; a stage that does not apply to a parent's format submits none.
 STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], list[PrefectFuture]]] = {
+    "distill": submit_distill,
     "export": submit_export,
     "quantize": submit_quantize,
 }
 
 
 def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> list[Variant]:
-    """Applies each stage to every variant the previous stage produced; siblings run concurrently."""
+    """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export also
+    takes the teacher, so the peer path teacher>onnx>int8 is always there as a baseline."""
     by_id, frontier = {teacher.id: teacher}, [teacher]
     for stage in stages:
-        futures = [f for parent in frontier for f in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
+        parents = frontier + [teacher] if stage.kind == "export" and teacher not in frontier else frontier
+        futures = [f for parent in parents for f in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
         frontier = [f.result() for f in futures]
         by_id |= {v.id: v for v in frontier}
     return list(by_id.values())
@@ -69,7 +77,10 @@ def compress(config: SqueezeConfig) -> dict:
         mlflow.log_params({"name": cfg.name, "seed": cfg.seed, "model.source": cfg.model.source, **counts})
 
         teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, run_dir / "variants", cfg.seed)
-        ctx = StageContext(data=cfg.data, num_labels=cfg.model.num_labels, max_length=cfg.model.max_length, seed=cfg.seed, teacher=teacher)
+        ctx = StageContext(
+            data=cfg.data, num_labels=cfg.model.num_labels, max_length=cfg.model.max_length, seed=cfg.seed,
+            teacher=teacher, cache_dir=cfg.artifacts_dir / "cache",
+        )
         variants = grow(teacher, cfg.stages, ctx, run_dir / "variants")
         measured = benchmark_task(variants, cfg.data, cfg.model.num_labels, cfg.benchmark)
 

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from squeezeflow.tasks.base import ConfigError, StrictModel
 from squeezeflow.tasks.data import DataConfig
+from squeezeflow.tasks.distill import DistillConfig
 from squeezeflow.tasks.evaluate import BenchmarkConfig
 from squeezeflow.tasks.export import ExportConfig
 from squeezeflow.tasks.quantize import QuantizeConfig
@@ -17,7 +18,7 @@ from squeezeflow.tasks.select import SelectionConfig
 from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
 from squeezeflow.tasks.tracking import TrackingConfig
 
-StageConfig = Annotated[ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+StageConfig = Annotated[DistillConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
 
 
 class SqueezeConfig(StrictModel):
@@ -40,12 +41,16 @@ class SqueezeConfig(StrictModel):
         names = self.data.label_names
         if names is not None and len(names) != self.model.num_labels:
             raise ValueError(f"data.label_names has {len(names)} names but model.num_labels is {self.model.num_labels}")
+        if self.teacher.finetune and not self.data.train_has_labels:
+            raise ValueError("teacher.finetune needs labels, but data.train_has_labels is false (use an already fine-tuned teacher)")
         kinds = [s.kind for s in self.stages]
         for i, kind in enumerate(kinds):
             if kind == "quantize" and "export" not in kinds[:i]:
                 raise ValueError(f"stages.{i}: quantize works on ONNX variants, so an export stage must come before it")
             if kind == "export" and "export" in kinds[:i]:
                 raise ValueError(f"stages.{i}: a second export stage has nothing left to export")
+            if kind == "distill" and "export" in kinds[:i]:
+                raise ValueError(f"stages.{i}: distill trains PyTorch students, so it must come before export")
         return self
 
     @property
@@ -91,7 +96,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             message = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: export, quantize"
+            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: distill, export, quantize"
         elif "input" in e and not isinstance(e["input"], dict | list) and e["type"] != "missing":
             message += f" (got {e['input']!r})"
         parts.append(f"{where}: {message}")

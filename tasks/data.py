@@ -24,6 +24,9 @@ class DataConfig(StrictModel):
     text_column: str = Field("text", description="Column (or JSON key) holding the input text.")
     label_column: str = Field("label", description="Column holding the class: an integer index or one of label_names.")
     label_names: list[str] | None = Field(None, description="Class names in index order (optional).")
+    train_has_labels: bool = Field(
+        True, description="False: the train split is unlabelled (students learn from the teacher's soft labels alone)."
+    )
 
     def path_of(self, split: Literal["train", "eval"]) -> Path:
         path = getattr(self, split)
@@ -34,7 +37,7 @@ class DataConfig(StrictModel):
 class Split:
     path: Path
     texts: list[str]
-    labels: list[int]
+    labels: list[int] | None  # None: an unlabelled train split
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -115,8 +118,9 @@ def read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int
     fmt = cfg.format if cfg.format != "auto" else FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"data.{split}: cannot tell the format of {path} from its extension; set data.format to tsv, csv or jsonl")
+    labelled = split == "eval" or cfg.train_has_labels
     columns = _columns(path, fmt)
-    for column in (cfg.text_column, cfg.label_column):
+    for column in (cfg.text_column, cfg.label_column) if labelled else (cfg.text_column,):
         if columns and column not in columns:
             raise DataError(f"{path}: missing column {column!r} (found: {', '.join(columns)}); set data.{'text' if column == cfg.text_column else 'label'}_column")
     texts: list[str] = []
@@ -124,27 +128,30 @@ def read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int
     try:
         for line_no, record in _rows(path, fmt):
             where = f"{path}, row {line_no}"
-            if cfg.text_column not in record or cfg.label_column not in record:
-                missing = cfg.text_column if cfg.text_column not in record else cfg.label_column
-                raise DataError(f"{where}: missing column {missing!r}")
+            for column in (cfg.text_column, cfg.label_column) if labelled else (cfg.text_column,):
+                if column not in record:
+                    raise DataError(f"{where}: missing column {column!r}")
             text = record[cfg.text_column]
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where}, column {cfg.text_column!r}: expected non-empty text, got {text!r}")
             texts.append(text)
-            labels.append(_parse_label(record[cfg.label_column], cfg.label_names, num_labels, f"{where}, column {cfg.label_column!r}"))
+            if labelled:
+                labels.append(_parse_label(record[cfg.label_column], cfg.label_names, num_labels, f"{where}, column {cfg.label_column!r}"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed {fmt.upper()} ({e})") from None
     if not texts:
         raise DataError(f"data.{split}: {path} holds no examples")
-    return Split(path=path, texts=texts, labels=labels)
+    return Split(path=path, texts=texts, labels=labels if labelled else None)
 
 
 def load_splits(cfg: DataConfig, num_labels: int) -> tuple[Split, Split]:
     """Reads and checks both splits; the eval split must use the same classes as the train split."""
     train = read_split(cfg, "train", num_labels)
     eval_ = read_split(cfg, "eval", num_labels)
+    if train.labels is None:
+        return train, eval_
     train_set, eval_set = set(train.labels), set(eval_.labels)
     if train_set != eval_set:
         only_train, only_eval = sorted(train_set - eval_set), sorted(eval_set - train_set)

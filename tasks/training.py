@@ -15,6 +15,7 @@ from pydantic import Field
 from .base import StrictModel
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 log = logging.getLogger("squeezeflow.training")
@@ -42,11 +43,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def subsample(texts: list[str], labels: list[int], limit: int | None, seed: int) -> tuple[list[str], list[int]]:
-    if limit is None or limit >= len(texts):
-        return texts, labels
-    keep = sorted(random.Random(seed).sample(range(len(texts)), limit))
-    return [texts[i] for i in keep], [labels[i] for i in keep]
+def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded, order-preserving sample of at most `limit` of `n` example indices."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
 
 
 def cross_entropy(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -59,25 +60,35 @@ def train(
     model: torch.nn.Module,
     tokenizer,
     texts: list[str],
-    labels: list[int],
+    labels: list[int] | None,
     cfg: TrainConfig,
     *,
     max_length: int,
     seed: int,
     loss_fn: LossFn = cross_entropy,
+    targets: np.ndarray | None = None,
+    model_kwargs: dict | None = None,
+    evaluate: Callable[[], float] | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, float]:
-    """Fine-tunes `model` in place; returns a few training figures (final loss, steps, seconds)."""
+    """Trains `model` in place with AdamW, linear warm-up/decay and gradient clipping.
+
+    `labels` may be None (unlabelled data: the loss must use `targets`); `targets` (e.g. cached teacher logits)
+    are aligned with `texts` and reach the loss as batch["teacher_logits"]. With `evaluate` (higher is
+    better), the model is scored after each epoch and the best epoch's weights are kept.
+    Returns a few figures: final loss, steps, seconds, and the best score when evaluated."""
+    import copy
+
     import torch
 
     seed_everything(seed)
-    texts, labels = subsample(texts, labels, cfg.max_examples, seed)
-    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    keep = sample_indices(len(texts), cfg.max_examples, seed)
+    steps_per_epoch = math.ceil(len(keep) / cfg.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(total_steps * cfg.warmup_ratio)
 
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     optimizer = torch.optim.AdamW(
@@ -89,17 +100,23 @@ def train(
         lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
     )
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    started, step, running = time.perf_counter(), 0, 0.0
+    figures: dict[str, float] = {}
+    best_score, best_state = -math.inf, None
+    started, step, running, epoch = time.perf_counter(), 0, 0.0, 0
     while step < total_steps:
-        order = torch.randperm(len(texts), generator=generator).tolist()
+        model.train()
+        order = [keep[i] for i in torch.randperm(len(keep), generator=generator).tolist()]
         for start in range(0, len(order), cfg.batch_size):
             if step >= total_steps:
                 break
             idx = order[start : start + cfg.batch_size]
-            batch = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-            batch["labels"] = torch.tensor([labels[i] for i in idx])
-            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+            inputs = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            outputs = model(**inputs, **(model_kwargs or {}))
+            batch = dict(inputs)
+            if labels is not None:
+                batch["labels"] = torch.tensor([labels[i] for i in idx])
+            if targets is not None:
+                batch["teacher_logits"] = torch.as_tensor(targets[idx], dtype=torch.float32)
             loss = loss_fn(outputs, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -110,8 +127,18 @@ def train(
             running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
             if step % max(1, total_steps // 10) == 0 or step == total_steps:
                 progress(f"step {step}/{total_steps} loss {running:.4f} ({time.perf_counter() - started:.0f}s)")
+        epoch += 1
+        model.eval()
+        if evaluate is not None:
+            score = evaluate()
+            progress(f"epoch {epoch}: validation score {score:.4f}")
+            if score > best_score:
+                best_score, best_state = score, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        figures["best_validation_score"] = best_score
     model.eval()
-    return {"train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started}
+    return {**figures, "train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started}
 
 
 def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_weight: float):
@@ -138,8 +165,9 @@ def teacher_logits_loss(teacher, temperature: float, soft_weight: float) -> Loss
     teacher.eval()
 
     def loss(outputs, batch):
-        with torch.inference_mode():
-            target = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return kd_loss(outputs.logits, target.clone(), batch.get("labels"), temperature=temperature, soft_weight=soft_weight)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        with torch.no_grad():
+            target = teacher(**inputs).logits
+        return kd_loss(outputs.logits, target, batch.get("labels"), temperature=temperature, soft_weight=soft_weight)
 
     return loss

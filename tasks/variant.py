@@ -54,6 +54,7 @@ class StageContext(BaseModel):
     max_length: int
     seed: int
     teacher: Variant | None = None
+    cache_dir: Path | None = Field(None, description="Where stages keep reusable intermediate results (teacher logits).")
 
 
 def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None) -> str:

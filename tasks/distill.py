@@ -1,0 +1,211 @@
+"""Distillation: a smaller student initialised from chosen teacher layers (DistilBERT-style), trained on the
+teacher's soft targets (+ labels, + optional hidden-state and attention matching, TinyBERT/MiniLM-style)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from prefect import task
+from pydantic import Field, model_validator
+
+from .base import TORCH_LOCK, ModelError, StrictModel
+from .data import load_splits
+from .training import TrainConfig, kd_loss, sample_indices, train
+from .variant import StageContext, Variant, content_hash, derive, staged_dir
+
+log = logging.getLogger("squeezeflow.distill")
+
+
+class StudentShape(StrictModel):
+    num_layers: int | None = Field(None, ge=1, description="Keep this many teacher layers, evenly spaced (first and last included).")
+    layers: list[int] | None = Field(None, min_length=1, description="Or: the exact teacher layer indices to keep, in order.")
+    intermediate_size: int | None = Field(None, ge=1, description="A smaller FFN width; those weights start from scratch.")
+    hidden_size: int | None = Field(None, ge=8, description="A smaller hidden size; the whole student then starts from scratch.")
+
+    @model_validator(mode="after")
+    def _one_depth(self) -> StudentShape:
+        if (self.num_layers is None) == (self.layers is None):
+            raise ValueError("give exactly one of num_layers or layers")
+        return self
+
+    def teacher_layers(self, teacher_depth: int) -> list[int]:
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < teacher_depth]
+            if bad:
+                raise ModelError(f"distill.students: layers {bad} do not exist in a {teacher_depth}-layer teacher")
+            return list(self.layers)
+        k = self.num_layers
+        if k > teacher_depth:
+            raise ModelError(f"distill.students: num_layers {k} is more than the teacher's {teacher_depth} layers")
+        return [round(i * (teacher_depth - 1) / (k - 1)) for i in range(k)] if k > 1 else [teacher_depth - 1]
+
+    def token(self, teacher_depth: int) -> str:
+        parts = [f"L{len(self.teacher_layers(teacher_depth))}"]
+        parts += [f"H{self.hidden_size}"] if self.hidden_size else []
+        parts += [f"I{self.intermediate_size}"] if self.intermediate_size else []
+        return f"distill[{'-'.join(parts)}]"
+
+
+class DistillConfig(StrictModel):
+    kind: Literal["distill"] = "distill"
+    students: list[StudentShape] = Field(description="Student shapes; each becomes a variant.", min_length=1)
+    training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=1e-4, batch_size=32))
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft targets (the loss is scaled by T²).")
+    soft_weight: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target KL; 1 − this goes to the label cross-entropy.")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE (student layer i vs its teacher layer).")
+    attention_weight: float = Field(0.0, ge=0, description="Weight of the attention-distribution KL (same layer map, same head count).")
+    layer_map: list[int] | None = Field(None, description="Teacher layer matched by each student layer; default: the layers it was initialised from.")
+    validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of the train split held out to pick the best epoch (0: keep the last).")
+    from_labels_only: bool = Field(False, description="Train on labels only (no teacher): the baseline that shows what KD adds.")
+
+
+def build_student(teacher_dir: str | Path, shape: StudentShape):
+    """A BERT-family classifier with the student's shape, initialised from the teacher where shapes agree."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    config = AutoConfig.from_pretrained(teacher_dir)
+    depth = config.num_hidden_layers
+    chosen = shape.teacher_layers(depth)
+    config.num_hidden_layers = len(chosen)
+    if shape.intermediate_size:
+        config.intermediate_size = shape.intermediate_size
+    if shape.hidden_size:
+        config.hidden_size = shape.hidden_size
+    student = AutoModelForSequenceClassification.from_config(config)
+    if shape.hidden_size:
+        return student, teacher, chosen  # nothing in the teacher has the student's width
+    source = teacher.state_dict()
+    prefix = f"{teacher.base_model_prefix}.encoder.layer."
+    mapped = {}
+    for key in student.state_dict():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            mapped[key] = source.get(f"{prefix}{chosen[int(index)]}.{rest}")
+        else:
+            mapped[key] = source.get(key)
+    own = student.state_dict()
+    loadable = {k: v for k, v in mapped.items() if v is not None and v.shape == own[k].shape}
+    student.load_state_dict(loadable, strict=False)
+    log.info("student %s: %d/%d tensors from teacher layers %s", shape.token(depth), len(loadable), len(own), chosen)
+    return student, teacher, chosen
+
+
+def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, cache_dir: Path) -> np.ndarray:
+    """The teacher's logits on `texts`, computed once and cached as .npy, keyed by teacher and inputs."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    key = hashlib.sha256(json.dumps([content_hash(teacher_dir), max_length, texts]).encode()).hexdigest()[:24]
+    path = cache_dir / f"teacher-logits-{key}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), 64):
+            batch = tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            chunks.append(model(**batch).logits.float().numpy())
+    logits = np.concatenate(chunks)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, logits, allow_pickle=False)
+    tmp.rename(path)
+    return logits
+
+
+def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
+    import torch
+    import torch.nn.functional as F
+
+    def loss(outputs, batch):
+        if cfg.from_labels_only:
+            return F.cross_entropy(outputs.logits, batch["labels"])
+        total = kd_loss(outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+        if cfg.hidden_weight or cfg.attention_weight:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=True, output_attentions=bool(cfg.attention_weight))
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            for s_index, t_index in enumerate(layer_map):
+                if cfg.hidden_weight:
+                    diff = (outputs.hidden_states[s_index + 1] - t_out.hidden_states[t_index + 1]) ** 2
+                    total = total + cfg.hidden_weight * (diff * mask).sum() / (mask.sum() * diff.shape[-1])
+                if cfg.attention_weight:
+                    s_att, t_att = outputs.attentions[s_index], t_out.attentions[t_index]
+                    total = total + cfg.attention_weight * F.kl_div(
+                        torch.log(s_att.clamp_min(1e-9)), t_att, reduction="batchmean"
+                    ) / s_att.shape[1]
+        return total
+
+    return loss
+
+
+def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path) -> Variant:
+    from transformers import AutoConfig, AutoTokenizer
+
+    if parent.format != "hf":
+        raise ModelError(f"distill: the teacher must be a PyTorch variant, {parent.id} is {parent.format}")
+    depth = AutoConfig.from_pretrained(parent.path).num_hidden_layers
+    token = shape.token(depth)
+    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.model_dump(exclude={"kind", "students"})}
+    child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
+    cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
+    train_split, _ = load_splits(ctx.data, ctx.num_labels)
+    if train_split.labels is None and cfg.from_labels_only:
+        raise ModelError("distill.from_labels_only needs a labelled train split")
+    with TORCH_LOCK:
+        student, teacher, chosen = build_student(parent.path, shape)
+        tokenizer = AutoTokenizer.from_pretrained(parent.path)
+    layer_map = cfg.layer_map or chosen
+    if len(layer_map) != student.config.num_hidden_layers:
+        raise ModelError(f"distill.layer_map has {len(layer_map)} entries for a {student.config.num_hidden_layers}-layer student")
+    if cfg.attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
+        raise ModelError("distill.attention_weight needs the student and teacher to have the same number of heads")
+
+    n_val = min(2000, int(len(train_split) * cfg.validation_fraction))
+    held_out = set(sample_indices(len(train_split), n_val, ctx.seed + 1)) if n_val else set()
+    rest = [i for i in range(len(train_split)) if i not in held_out]
+    # sample before computing teacher logits, so only the examples actually trained on are scored
+    fit = [rest[j] for j in sample_indices(len(rest), cfg.training.max_examples, ctx.seed)]
+    texts = [train_split.texts[i] for i in fit]
+    labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
+    targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
+    validation = [train_split.texts[i] for i in sorted(held_out)]
+    val_truth = (
+        np.asarray([train_split.labels[i] for i in sorted(held_out)]) if train_split.labels is not None
+        else teacher_logits(parent.path, validation, ctx.max_length, cache_dir).argmax(-1)
+    )
+
+    def evaluate() -> float:
+        import torch
+
+        with torch.inference_mode():
+            preds = np.concatenate([
+                student(**tokenizer(validation[i : i + 64], padding=True, truncation=True, max_length=ctx.max_length, return_tensors="pt")).logits.argmax(-1).numpy()
+                for i in range(0, len(validation), 64)
+            ])
+        return float((preds == val_truth).mean())
+
+    wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
+    log.info("distilling %s from %s on %d examples (%d held out)", token, parent.id, len(texts), len(validation))
+    figures = train(
+        student, tokenizer, texts, labels, cfg.training.model_copy(update={"max_examples": None}), max_length=ctx.max_length, seed=ctx.seed,
+        loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
+        evaluate=evaluate if validation else None,
+    )
+    with staged_dir(Path(child.path)) as scratch:
+        student.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+    return child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}})
+
+
+@task(name="distill")
+def distill_task(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path) -> Variant:
+    return distill(parent, shape, cfg, ctx, out_root)

@@ -1,0 +1,119 @@
+"""Distillation on the tiny BERT: KD loss properties, student initialisation, round-trip, export, agreement."""
+
+import numpy as np
+import pytest
+import torch
+
+from squeezeflow.tasks.base import ModelError
+from squeezeflow.tasks.data import DataConfig, load_splits
+from squeezeflow.tasks.distill import DistillConfig, StudentShape, build_student, distill
+from squeezeflow.tasks.export import ExportConfig, export
+from squeezeflow.tasks.runtime import load_predictor
+from squeezeflow.tasks.training import TrainConfig, kd_loss
+from squeezeflow.tasks.variant import StageContext
+
+from .conftest import write_tsv
+
+
+def test_kd_loss_scales_soft_term_by_t_squared():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 3), torch.randn(8, 3)
+    labels = torch.randint(0, 3, (8,))
+    soft = lambda t: kd_loss(student, teacher, labels, temperature=t, soft_weight=1.0)
+    kl = lambda t: torch.nn.functional.kl_div(
+        torch.log_softmax(student / t, -1), torch.log_softmax(teacher / t, -1), reduction="batchmean", log_target=True
+    )
+    for t in (1.0, 2.0, 4.0):
+        assert soft(t).item() == pytest.approx((kl(t) * t * t).item(), rel=1e-5)
+
+
+def test_kd_loss_is_pure_cross_entropy_when_soft_weight_is_zero():
+    student, teacher, labels = torch.randn(5, 2), torch.randn(5, 2), torch.tensor([0, 1, 1, 0, 1])
+    got = kd_loss(student, teacher, labels, temperature=3.0, soft_weight=0.0)
+    assert got.item() == pytest.approx(torch.nn.functional.cross_entropy(student, labels).item())
+
+
+def test_kd_loss_is_zero_when_student_matches_teacher():
+    logits = torch.randn(4, 3)
+    assert kd_loss(logits, logits, None, temperature=2.0, soft_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evenly_spaced_and_explicit_layers():
+    assert StudentShape(num_layers=3).teacher_layers(6) == [0, 2, 5]
+    assert StudentShape(num_layers=2).teacher_layers(6) == [0, 5]
+    assert StudentShape(layers=[1, 4]).teacher_layers(6) == [1, 4]
+    with pytest.raises(ModelError, match="do not exist"):
+        StudentShape(layers=[7]).teacher_layers(6)
+    with pytest.raises(ValueError, match="exactly one of num_layers or layers"):
+        StudentShape(num_layers=2, layers=[0, 1])
+
+
+def test_student_layers_equal_the_chosen_teacher_layers(tiny_model_dir):
+    student, teacher, chosen = build_student(tiny_model_dir, StudentShape(layers=[1]))
+    assert chosen == [1] and student.config.num_hidden_layers == 1
+    t, s = teacher.state_dict(), student.state_dict()
+    for key in s:
+        if key.startswith("bert.encoder.layer.0."):
+            assert torch.equal(s[key], t[key.replace("layer.0.", "layer.1.")]), key
+        elif not key.startswith("bert.encoder"):
+            assert torch.equal(s[key], t[key]), key
+
+
+def test_smaller_ffn_starts_from_scratch_only_where_shapes_differ(tiny_model_dir):
+    student, teacher, chosen = build_student(tiny_model_dir, StudentShape(num_layers=1, intermediate_size=16))
+    assert student.config.intermediate_size == 16 and chosen == [1]  # one layer: the teacher's last
+    assert torch.equal(student.state_dict()["bert.encoder.layer.0.attention.self.query.weight"],
+                       teacher.state_dict()["bert.encoder.layer.1.attention.self.query.weight"])
+    assert student.state_dict()["bert.encoder.layer.0.intermediate.dense.weight"].shape == (16, 32)
+
+
+@pytest.fixture(scope="module")
+def distilled(trained_tiny, tmp_path_factory):
+    teacher, data = trained_tiny
+    root = tmp_path_factory.mktemp("distill")
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=root / "cache")
+    cfg = DistillConfig(students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16))
+    return teacher, distill(teacher, cfg.students[0], cfg, ctx, root / "variants", ), ctx, cfg
+
+
+def test_distilled_student_matches_teacher_and_round_trips(distilled, tmp_path):
+    teacher, student, ctx, _ = distilled
+    assert student.lineage == "teacher>distill[L1]" and student.format == "hf"
+    assert student.metrics["distill_best_validation_score"] >= 0.9
+    _, eval_ = load_splits(ctx.data, 2)
+    t_pred = load_predictor(teacher.path, "hf").logits(eval_.texts).argmax(-1)
+    reloaded = load_predictor(student.path, "hf")  # from_pretrained round trip
+    assert reloaded.model.config.num_hidden_layers == 1
+    s_pred = reloaded.logits(eval_.texts).argmax(-1)
+    assert (s_pred == t_pred).mean() >= 0.9
+    onnx_student = export(student, ExportConfig(), tmp_path)
+    np.testing.assert_allclose(load_predictor(onnx_student.path, "onnx").logits(eval_.texts), reloaded.logits(eval_.texts), atol=1e-4)
+
+
+def test_teacher_logits_are_cached(distilled):
+    _, _, ctx, _ = distilled
+    assert len(list(ctx.cache_dir.glob("teacher-logits-*.npy"))) >= 1
+
+
+def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path):
+    teacher, data = trained_tiny
+    texts = load_splits(data, 2)[0].texts
+    (tmp_path / "unlabelled.tsv").write_text("text\n" + "".join(t + "\n" for t in texts))
+    unlabelled = DataConfig(train=tmp_path / "unlabelled.tsv", eval=data.eval, train_has_labels=False)
+    ctx = StageContext(data=unlabelled, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
+    cfg = DistillConfig(students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16))
+    student = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
+    _, eval_ = load_splits(data, 2)
+    accuracy = (load_predictor(student.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean()
+    assert accuracy >= 0.9
+
+
+def test_hidden_and_attention_losses_train(trained_tiny, tmp_path):
+    teacher, data = trained_tiny
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
+    cfg = DistillConfig(
+        students=[StudentShape(layers=[1])], hidden_weight=1.0, attention_weight=1.0,
+        training=TrainConfig(epochs=1, learning_rate=1e-3, batch_size=16, max_examples=64),
+    )
+    student = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
+    assert np.isfinite(student.metrics["distill_train_loss"])
