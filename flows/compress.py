@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -21,48 +22,74 @@ from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import write_report
 from squeezeflow.tasks.select import select_task
 from squeezeflow.tasks.teacher import teacher_task
-from squeezeflow.tasks.tracking import log_variant, register_champion, tracking_uri, use_experiment
+from squeezeflow.tasks.tracking import log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
 from squeezeflow.tasks.variant import StageContext, Variant
 
-def submit_distill(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
-    return [distill_task.submit(parent, shape, cfg, ctx, out) for shape in cfg.students] if parent.format == "hf" else []
+# Each submit_* starts a stage's tasks for one parent and returns (lineage token, future) pairs; a stage that does
+# not apply to the parent's format starts none.
+Submitted = list[tuple[str, PrefectFuture]]
 
 
-def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
-    return [export_task.submit(parent, cfg, out)] if parent.format == "hf" else []
+def submit_distill(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
+    if parent.format != "hf":
+        return []
+    task = distill_task.with_options(retries=cfg.retries)
+    return [(f"distill[{shape.model_dump(exclude_none=True)}]", task.submit(parent, shape, cfg, ctx, out)) for shape in cfg.students]
 
 
-def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> list[PrefectFuture]:
+def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
+    return [("onnx", export_task.with_options(retries=cfg.retries).submit(parent, cfg, out))] if parent.format == "hf" else []
+
+
+def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
     """ORT modes quantize the ONNX parent (static and QAT rebuild it from its PyTorch source); torch-dynamic
     quantizes that PyTorch source itself."""
     source = by_id.get(parent.parent_id) if parent.format == "onnx" else parent
-    futures = []
+    task = quantize_task.with_options(retries=cfg.retries)
+    submitted = []
     for mode in cfg.modes:
-        _, _, wants, _ = QUANTIZE_MODES[mode]
+        token, _, wants, _ = QUANTIZE_MODES[mode]
         target = parent if wants == parent.format else source if source is not None and wants == source.format else None
         if target is not None:
-            futures.append(quantize_task.submit(target, mode, cfg, ctx, out, source if target is parent else None))
-    return futures
+            submitted.append((token, task.submit(target, mode, cfg, ctx, out, source if target is parent else None)))
+    return submitted
 
 
-# kind -> submits the stage's tasks for one parent; a stage that does not apply to a parent's format submits none.
-STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], list[PrefectFuture]]] = {
+STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], Submitted]] = {
     "distill": submit_distill,
     "export": submit_export,
     "quantize": submit_quantize,
 }
 
 
-def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> list[Variant]:
+@dataclass(frozen=True)
+class Failure:
+    """A variant that could not be made: logged as a FAILED run; its siblings and other branches go on."""
+
+    parent: Variant
+    stage: str
+    lineage: str
+    error: str
+
+
+def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> tuple[list[Variant], list[Failure]]:
     """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export also
     takes the teacher, so the peer path teacher>onnx>int8 is always there as a baseline."""
-    by_id, frontier = {teacher.id: teacher}, [teacher]
+    logger = get_run_logger()
+    by_id, frontier, failures = {teacher.id: teacher}, [teacher], []
     for stage in stages:
         parents = frontier + [teacher] if stage.kind == "export" and teacher not in frontier else frontier
-        futures = [f for parent in parents for f in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
-        frontier = [f.result() for f in futures]
+        submitted = [(parent, token, future) for parent in parents for token, future in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
+        frontier = []
+        for parent, token, future in submitted:
+            try:
+                frontier.append(future.result())
+            except Exception as e:  # isolate the failure to this branch
+                failure = Failure(parent, stage.kind, f"{parent.lineage}>{token}", f"{type(e).__name__}: {e}")
+                logger.error("variant %s failed: %s", failure.lineage, failure.error)
+                failures.append(failure)
         by_id |= {v.id: v for v in frontier}
-    return list(by_id.values())
+    return list(by_id.values()), failures
 
 
 @flow(name="compress")
@@ -81,11 +108,13 @@ def compress(config: SqueezeConfig) -> dict:
             data=cfg.data, num_labels=cfg.model.num_labels, max_length=cfg.model.max_length, seed=cfg.seed,
             teacher=teacher, cache_dir=cfg.artifacts_dir / "cache",
         )
-        variants = grow(teacher, cfg.stages, ctx, run_dir / "variants")
+        variants, failures = grow(teacher, cfg.stages, ctx, run_dir / "variants")
         measured = benchmark_task(variants, cfg.data, cfg.model.num_labels, cfg.benchmark)
 
         client = MlflowClient()
         run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
+        for failure in failures:
+            log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
         selection = select_task(measured, cfg.selection)
         champion = selection.champion
         version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads)
@@ -108,4 +137,5 @@ def compress(config: SqueezeConfig) -> dict:
         "registered_model": cfg.registered_model,
         "model_version": version,
         "variants": [v.model_dump(mode="json") for v in measured],
+        "failed": [{"lineage": f.lineage, "error": f.error} for f in failures],
     }

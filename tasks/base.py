@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # transformers loads weights under a process-global "meta device" context and torch.onnx export swaps global
 # state too, so two threads doing either at once corrupt each other. Sibling variants still run concurrently
@@ -16,6 +16,12 @@ class StrictModel(BaseModel):
     """A frozen config model that rejects unknown keys, so a typo in a YAML recipe is an error, not a no-op."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageBase(StrictModel):
+    """What every stage's config has besides its own knobs."""
+
+    retries: int = Field(0, ge=0, le=10, description="Retries of a failing task of this stage before its variant is marked failed.")
 
 
 class SqueezeError(Exception):

@@ -13,7 +13,7 @@ import numpy as np
 from prefect import task
 from pydantic import Field, model_validator
 
-from .base import TORCH_LOCK, ModelError, StrictModel
+from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
 from .training import TrainConfig, kd_loss, sample_indices, train
 from .variant import StageContext, Variant, content_hash, derive, staged_dir
@@ -51,7 +51,7 @@ class StudentShape(StrictModel):
         return f"distill[{'-'.join(parts)}]"
 
 
-class DistillConfig(StrictModel):
+class DistillConfig(StageBase):
     kind: Literal["distill"] = "distill"
     students: list[StudentShape] = Field(description="Student shapes; each becomes a variant.", min_length=1)
     training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=1e-4, batch_size=32))
@@ -154,7 +154,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         raise ModelError(f"distill: the teacher must be a PyTorch variant, {parent.id} is {parent.format}")
     depth = AutoConfig.from_pretrained(parent.path).num_hidden_layers
     token = shape.token(depth)
-    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.model_dump(exclude={"kind", "students"})}
+    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.model_dump(exclude={"kind", "students", "retries"})}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
     cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
     train_split, _ = load_splits(ctx.data, ctx.num_labels)

@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import TORCH_LOCK, ModelError, StrictModel
+from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .variant import Variant, derive, staged_dir
 
 log = logging.getLogger("squeezeflow.export")
@@ -18,7 +18,7 @@ log = logging.getLogger("squeezeflow.export")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json")
 
 
-class ExportConfig(StrictModel):
+class ExportConfig(StageBase):
     kind: Literal["export"] = "export"
     opset: int = Field(18, ge=14, le=21, description="ONNX opset of the exported graph.")
     optimize: Literal["none", "fusion"] = Field(
@@ -59,7 +59,7 @@ def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
     """Exports an `hf` variant to an `onnx` variant."""
     if parent.format != "hf":
         raise ModelError(f"export: variant {parent.id} is already ONNX")
-    child = derive(parent, stage="export", token="onnx", params=cfg.model_dump(exclude={"kind"}), format="onnx", out_root=out_root)
+    child = derive(parent, stage="export", token="onnx", params=cfg.model_dump(exclude={"kind", "retries"}), format="onnx", out_root=out_root)
     with staged_dir(Path(child.path)) as scratch:
         export_onnx(parent.path, scratch, cfg)
     log.info("exported %s -> %s", parent.id, child.id)

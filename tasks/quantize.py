@@ -23,7 +23,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import TORCH_LOCK, DataError, ModelError, StrictModel
+from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx
 from .runtime import TORCH_DYNAMIC_MARKER
@@ -43,7 +43,7 @@ class QATConfig(StrictModel):
     soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the teacher's soft targets vs the labels.")
 
 
-class QuantizeConfig(StrictModel):
+class QuantizeConfig(StageBase):
     kind: Literal["quantize"] = "quantize"
     modes: list[Mode] = Field(["dynamic"], min_length=1, description="INT8 modes; each becomes a variant.")
     per_channel: bool = Field(False, description="Per-output-channel weight scales.")
@@ -324,7 +324,7 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
     token, fmt, parent_format, strategy = MODES[mode]
     if parent.format != parent_format:
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
-    knobs = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes"})}
+    knobs = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes", "retries"})}
     child = derive(parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root)
     with staged_dir(Path(child.path)) as scratch:
         produced = strategy(parent, source, cfg, ctx, scratch)

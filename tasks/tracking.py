@@ -90,6 +90,19 @@ def log_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, 
     return run.info.run_id
 
 
+def log_failed_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, parent: Variant, stage: str, lineage: str, error: str) -> str:
+    """A FAILED child run for a variant whose stage raised, carrying the error."""
+    run = client.create_run(
+        experiment_id, run_name=f"failed: {lineage.rsplit('>', 1)[-1]}",
+        tags={
+            "mlflow.parentRunId": pipeline_run_id, "squeeze.role": "variant", "squeeze.parent_id": parent.id,
+            "squeeze.stage": stage, "squeeze.lineage": lineage, "squeeze.error": error[:5000],
+        },
+    )
+    client.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
+
+
 def register_champion(v: Variant, registered_model: str, label_names: list[str], threads: int) -> str:
     """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it and points the
     `champion` alias at the new version; returns the version."""

@@ -20,7 +20,10 @@ METRICS = {
 
 @pytest.fixture(scope="module")
 def finished(prefect_harness, tmp_path_factory, tiny_model_dir):
-    cfg = parse_config(make_tiny_config(tmp_path_factory.mktemp("flow"), tiny_model_dir))
+    tree = make_tiny_config(tmp_path_factory.mktemp("flow"), tiny_model_dir)
+    # the static branch asks for more calibration sentences than the data has: it must fail alone
+    tree["stages"][1] = {"kind": "quantize", "modes": ["dynamic", "static"], "calibration_examples": 1000}
+    cfg = parse_config(tree)
     return cfg, compress(cfg)
 
 
@@ -30,7 +33,7 @@ def test_flow_logs_pipeline_and_variant_runs(finished):
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
     pipelines = [r for r in runs if r.data.tags.get("squeeze.role") == "pipeline"]
-    variants = [r for r in runs if r.data.tags.get("squeeze.role") == "variant"]
+    variants = [r for r in runs if r.data.tags.get("squeeze.role") == "variant" and r.info.status == "FINISHED"]
     assert len(pipelines) == 1 and pipelines[0].info.status == "FINISHED"
     assert pipelines[0].info.run_id == result["pipeline_run_id"]
     assert sorted(r.data.tags["squeeze.lineage"] for r in variants) == ["teacher", "teacher>onnx", "teacher>onnx>int8-dynamic"]
@@ -53,6 +56,19 @@ def test_flow_logs_pipeline_and_variant_runs(finished):
     assert int8.data.metrics["size_mb"] < teacher.data.metrics["size_mb"]
     artifacts = {a.path for a in client.list_artifacts(result["pipeline_run_id"])}
     assert {"config.yaml", "report.md", "variants.csv", "pareto.png"} <= artifacts
+
+
+def test_a_failing_branch_is_logged_as_failed_and_the_rest_finishes(finished):
+    cfg, result = finished
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 1
+    assert failed[0].data.tags["squeeze.lineage"] == "teacher>onnx>int8-static"
+    assert "calibration_examples is 1000" in failed[0].data.tags["squeeze.error"]
+    assert failed[0].data.tags["mlflow.parentRunId"] == result["pipeline_run_id"]
+    assert [f["lineage"] for f in result["failed"]] == ["teacher>onnx>int8-static"]
+    assert not any(r.info.status == "RUNNING" for r in runs)
 
 
 def test_champion_is_registered_and_predicts_raw_text(finished):
