@@ -17,7 +17,7 @@ from rich.table import Table
 from squeezeflow.tasks.base import SqueezeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress transformer classifiers for CPU serving.")
-out = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: key.sub=value (repeatable).")]
@@ -87,11 +87,11 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         result = compress(cfg)
     except SqueezeError as e:
         _fail(str(e))
-    out.print(variants_table(result))
-    out.print(f"champion: [bold]{result['champion']}[/] — {result['selection']}")
-    out.print(f"registered: models:/{result['registered_model']}@champion (version {result['model_version']})")
-    out.print(f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in {result['run_dir']}")
-    out.print(f"wall time: {time.perf_counter() - started:.0f}s")
+    console.print(variants_table(result))
+    console.print(f"champion: [bold]{result['champion']}[/] — {result['selection']}")
+    console.print(f"registered: models:/{result['registered_model']}@champion (version {result['model_version']})")
+    console.print(f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in {result['run_dir']}")
+    console.print(f"wall time: {time.perf_counter() - started:.0f}s")
 
 
 @app.command()
@@ -104,7 +104,29 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: 
         preflight(cfg)
     except SqueezeError as e:
         _fail(str(e))
-    out.print(dump_config(cfg), highlight=False, markup=False)
+    console.print(dump_config(cfg), highlight=False, markup=False)
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a pipeline run")],
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = f"sqlite:///{Path('artifacts').resolve() / 'mlflow.db'}",
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: artifacts/reports/<run-id>)")] = None,
+) -> None:
+    """Rebuild a pipeline run's report (report.md, variants.csv, pareto.png) from MLflow."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from squeezeflow.tasks.report import rebuild_report
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        _fail(f"--tracking-uri: no MLflow store at {tracking_uri.removeprefix('sqlite:///')}")
+    try:
+        files, variants, selection = rebuild_report(MlflowClient(tracking_uri), run_id, out or Path("artifacts/reports") / run_id)
+    except (MlflowException, ValueError) as e:
+        _fail(f"run {run_id}: {str(e).splitlines()[0]}")
+    console.print(variants_table({"champion": selection.champion.id, "variants": [v.model_dump(mode="json") for v in variants]}))
+    console.print(f"report written to {files[0].parent}: {', '.join(f.name for f in files)}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
 from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
@@ -19,7 +21,8 @@ from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.quantize import quantize_task
-from squeezeflow.tasks.report import write_report
+from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
+from squeezeflow.tasks.report import table_rows, write_report
 from squeezeflow.tasks.select import select_task
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
@@ -92,6 +95,14 @@ def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Pa
     return list(by_id.values()), failures
 
 
+def publish_to_prefect(name: str, report_md: str, variants: list[Variant]) -> None:
+    """The report and the variants table as Prefect artifacts, shown on the flow run in the Prefect UI."""
+    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "squeezeflow"
+    create_markdown_artifact(report_md, key=f"{key}-report", description="squeezeflow report")
+    rows = [dict(zip([c for c, _ in REPORT_COLUMNS], row)) for row in table_rows(variants)]
+    create_table_artifact(rows, key=f"{key}-variants", description="every variant and its measurements")
+
+
 @flow(name="compress")
 def compress(config: SqueezeConfig) -> dict:
     logger = get_run_logger()
@@ -124,8 +135,10 @@ def compress(config: SqueezeConfig) -> dict:
             "squeeze.champion_run_id": run_ids[champion.id],
             "squeeze.selection": selection.reason,
         })
-        for path in write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}"):
+        report_files = write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}")
+        for path in report_files:
             mlflow.log_artifact(str(path))
+        publish_to_prefect(cfg.name, report_files[0].read_text(), measured)
         logger.info("champion %s (%s), registered as %s version %s", champion.id, champion.lineage, cfg.registered_model, version)
     return {
         "pipeline_run_id": run.info.run_id,

@@ -80,3 +80,40 @@ def write_report(variants: list[Variant], selection: Selection, out_dir: Path, t
     write_csv(variants, paths[1])
     pareto_plot(variants, selection, paths[2])
     return paths
+
+
+def variants_from_mlflow(client, pipeline_run_id: str) -> tuple[list[Variant], dict[str, str]]:
+    """The measured variants of a finished pipeline run, rebuilt from its child runs; and the run's tags."""
+    pipeline = client.get_run(pipeline_run_id)
+    children = client.search_runs(
+        [pipeline.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}' and tags.`squeeze.role` = 'variant' and attributes.status = 'FINISHED'",
+        max_results=10000,
+    )
+    variants = [
+        Variant(
+            id=r.data.tags["squeeze.variant_id"], parent_id=r.data.tags.get("squeeze.parent_id") or None,
+            stage=r.data.tags["squeeze.stage"], lineage=r.data.tags["squeeze.lineage"],
+            format=r.data.tags.get("squeeze.format", "onnx"), path=r.data.tags.get("squeeze.path", ""),
+            params=dict(r.data.params), metrics=dict(r.data.metrics),
+        )
+        for r in sorted(children, key=lambda r: r.info.start_time)
+    ]
+    return variants, dict(pipeline.data.tags)
+
+
+def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Path], list[Variant], Selection]:
+    """`squeeze report`: the report of a finished pipeline run, from MLflow alone."""
+    from .select import pareto_front
+
+    variants, tags = variants_from_mlflow(client, pipeline_run_id)
+    if not variants:
+        raise ValueError(f"run {pipeline_run_id} has no finished variant runs")
+    by_id = {v.id: v for v in variants}
+    champion = by_id.get(tags.get("squeeze.champion", ""), variants[0])
+    selection = Selection(
+        champion=champion, feasible=True, reason=tags.get("squeeze.selection", "as recorded"),
+        pareto_ids=[v.id for v in pareto_front(variants)],
+    )
+    title = f"squeezeflow: {tags.get('mlflow.runName', pipeline_run_id)}"
+    return write_report(variants, selection, out_dir, title), variants, selection

@@ -99,3 +99,34 @@ def test_variant_files_are_safe_formats(finished):
         files = {p.suffix for p in Path(v["path"]).iterdir()}
         assert not files & {".bin", ".pt", ".pth", ".pkl"}
         assert (".safetensors" in files) if v["format"] == "hf" else (".onnx" in files)
+
+
+def test_report_is_rebuilt_from_mlflow(finished, tmp_path):
+    from squeezeflow.tasks.report import rebuild_report
+
+    cfg, result = finished
+    files, variants, selection = rebuild_report(MlflowClient(cfg.tracking.uri), result["pipeline_run_id"], tmp_path)
+    assert [f.name for f in files] == ["report.md", "variants.csv", "pareto.png"]
+    assert {v.id for v in variants} == {v["id"] for v in result["variants"]}
+    assert selection.champion.id == result["champion"]
+    text = files[0].read_text()
+    champion_row = next(line for line in text.splitlines() if line.startswith("|") and result["champion"] in line)
+    assert champion_row.startswith("| ★") and "teacher>onnx>int8-dynamic" in text
+    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = files[1].read_text().splitlines()
+    assert rows[0].startswith("variant_id,parent_id,stage,lineage,format") and len(rows) == 1 + len(variants)
+
+
+def test_report_and_table_are_prefect_artifacts(finished):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def fetch():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-report", "tiny-variants"])))
+
+    import asyncio
+
+    artifacts = asyncio.run(fetch())
+    kinds = {a.key: a.type for a in artifacts}
+    assert kinds == {"tiny-report": "markdown", "tiny-variants": "table"}
