@@ -89,7 +89,8 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         _fail(str(e))
     console.print(variants_table(result))
     console.print(f"champion: [bold]{result['champion']}[/] — {result['selection']}")
-    console.print(f"registered: models:/{result['registered_model']}@champion (version {result['model_version']})")
+    verb = "registered" if result["promoted"] else "kept (not beaten)"
+    console.print(f"{verb}: models:/{result['registered_model']}@champion (version {result['model_version']})")
     console.print(f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in {result['run_dir']}")
     console.print(f"wall time: {time.perf_counter() - started:.0f}s")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -23,9 +23,9 @@ from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
-from squeezeflow.tasks.select import select_task
+from squeezeflow.tasks.select import beats, select_task
 from squeezeflow.tasks.teacher import teacher_task
-from squeezeflow.tasks.tracking import log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
+from squeezeflow.tasks.tracking import fetch_incumbent, log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
 from squeezeflow.tasks.variant import StageContext, Variant
 
 # Each submit_* starts a stage's tasks for one parent and returns (lineage token, future) pairs; a stage that does
@@ -120,7 +120,10 @@ def compress(config: SqueezeConfig) -> dict:
             teacher=teacher, cache_dir=cfg.artifacts_dir / "cache",
         )
         variants, failures = grow(teacher, cfg.stages, ctx, run_dir / "variants")
-        measured = benchmark_task(variants, cfg.data, cfg.model.num_labels, cfg.benchmark)
+        incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
+        measured = benchmark_task(variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark)
+        if incumbent:
+            *measured, incumbent_measured = measured
 
         client = MlflowClient()
         run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
@@ -128,18 +131,26 @@ def compress(config: SqueezeConfig) -> dict:
             log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
         selection = select_task(measured, cfg.selection)
         champion = selection.champion
-        version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads)
+        if incumbent and not beats(champion, incumbent_measured, cfg.selection):
+            version = incumbent[1]
+            selection = replace(selection, reason=f"{selection.reason}; it does not beat registered champion v{version} "
+                                f"({incumbent_measured.lineage}, p50 {incumbent_measured.metrics['latency_p50_ms']:.2f} ms, "
+                                f"accuracy {incumbent_measured.metrics['accuracy']:.4f}) on this eval set, which stays champion")
+        else:
+            version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads,
+                                        previous=incumbent[1] if incumbent else None)
         mlflow.set_tags({
             "squeeze.champion": champion.id,
             "squeeze.champion_lineage": champion.lineage,
             "squeeze.champion_run_id": run_ids[champion.id],
             "squeeze.selection": selection.reason,
+            "squeeze.registered_version": version,
         })
         report_files = write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}")
         for path in report_files:
             mlflow.log_artifact(str(path))
         publish_to_prefect(cfg.name, report_files[0].read_text(), measured)
-        logger.info("champion %s (%s), registered as %s version %s", champion.id, champion.lineage, cfg.registered_model, version)
+        logger.info("best variant %s (%s); %s@champion is version %s", champion.id, champion.lineage, cfg.registered_model, version)
     return {
         "pipeline_run_id": run.info.run_id,
         "experiment_id": experiment_id,
@@ -149,6 +160,7 @@ def compress(config: SqueezeConfig) -> dict:
         "selection": selection.reason,
         "registered_model": cfg.registered_model,
         "model_version": version,
+        "promoted": not incumbent or version != incumbent[1],
         "variants": [v.model_dump(mode="json") for v in measured],
         "failed": [{"lineage": f.lineage, "error": f.error} for f in failures],
     }

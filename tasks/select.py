@@ -76,6 +76,20 @@ def select(variants: list[Variant], cfg: SelectionConfig) -> Selection:
     return Selection(best, False, reason, [v.id for v in front])
 
 
+# Latency and size are noisy or near-equal between close variants: a challenger must win by this much.
+PROMOTION_MARGIN = 0.03
+
+
+def beats(challenger: Variant, incumbent: Variant, cfg: SelectionConfig) -> bool:
+    """Whether the new candidate should replace the registered champion, both measured in the same benchmark."""
+    if violations(incumbent, cfg) and not violations(challenger, cfg):
+        return True
+    if violations(challenger, cfg) and not violations(incumbent, cfg):
+        return False
+    new, old = OBJECTIVES[cfg.objective](challenger)[0], OBJECTIVES[cfg.objective](incumbent)[0]
+    return new < old - PROMOTION_MARGIN * abs(old)
+
+
 @task(name="select")
 def select_task(variants: list[Variant], cfg: SelectionConfig) -> Selection:
     return select(variants, cfg)

@@ -103,9 +103,36 @@ def log_failed_variant(client: MlflowClient, experiment_id: str, pipeline_run_id
     return run.info.run_id
 
 
-def register_champion(v: Variant, registered_model: str, label_names: list[str], threads: int) -> str:
+def fetch_incumbent(registered_model: str, dst: Path, label_names: list[str]) -> tuple[Variant, str] | None:
+    """The model behind the registry's `champion` alias as a variant (and its version), so the new candidate can
+    be measured against it in the same benchmark; None when there is none or it predicts other classes."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        version = MlflowClient().get_model_version_by_alias(registered_model, "champion")
+    except MlflowException:
+        return None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}@champion", dst_path=str(dst)))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    config = flavor.get("config") or {}
+    if list(config.get("label_names", [])) != list(label_names):
+        log.warning("the current champion of %s predicts other classes; it is not compared", registered_model)
+        return None
+    tags = version.tags
+    variant = Variant(
+        id=f"champion-v{version.version}", stage=tags.get("squeeze.stage", "export"),
+        lineage=f"champion v{version.version}: {tags.get('squeeze.lineage', '?')}", format=config["format"],
+        path=str(local / flavor["artifacts"]["model"]["path"]), params={"registered_version": str(version.version)},
+    )
+    return variant, str(version.version)
+
+
+def register_champion(v: Variant, registered_model: str, label_names: list[str], threads: int, previous: str | None = None) -> str:
     """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it and points the
-    `champion` alias at the new version; returns the version."""
+    `champion` alias at the new version (and `previous` at the one it replaces); returns the version."""
     import mlflow
     from mlflow.models.signature import ModelSignature
     from mlflow.tracking import MlflowClient
@@ -136,6 +163,8 @@ def register_champion(v: Variant, registered_model: str, label_names: list[str],
     version = str(info.registered_model_version)
     client = MlflowClient()
     client.set_registered_model_alias(registered_model, "champion", version)
-    client.set_model_version_tag(registered_model, version, "squeeze.variant_id", v.id)
-    client.set_model_version_tag(registered_model, version, "squeeze.lineage", v.lineage)
+    if previous is not None:
+        client.set_registered_model_alias(registered_model, "previous", previous)
+    for key, value in {"squeeze.variant_id": v.id, "squeeze.lineage": v.lineage, "squeeze.stage": v.stage}.items():
+        client.set_model_version_tag(registered_model, version, key, value)
     return version

@@ -130,3 +130,25 @@ def test_report_and_table_are_prefect_artifacts(finished):
     artifacts = asyncio.run(fetch())
     kinds = {a.key: a.type for a in artifacts}
     assert kinds == {"tiny-report": "markdown", "tiny-variants": "table"}
+
+
+def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefect_harness, tmp_path, tiny_model_dir):
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["benchmark"] |= {"rounds": 1, "latency_texts": 10, "measure_rss": False}
+    tree["selection"] = {"objective": "size", "max_accuracy_drop": 0.05}
+    fp32_only = parse_config({**tree, "stages": [{"kind": "export"}]})
+    with_int8 = parse_config({**tree, "stages": [{"kind": "export"}, {"kind": "quantize", "modes": ["dynamic"]}]})
+    client = MlflowClient(fp32_only.tracking.uri)
+
+    first = compress(fp32_only)
+    assert first["promoted"] and first["model_version"] == "1"
+
+    second = compress(with_int8)  # the INT8 variant is smaller: it replaces the champion, v1 becomes `previous`
+    assert second["promoted"] and second["model_version"] == "2"
+    assert client.get_model_version_by_alias("tiny-classifier", "champion").version in (2, "2")
+    assert client.get_model_version_by_alias("tiny-classifier", "previous").version in (1, "1")
+
+    third = compress(fp32_only)  # fp32 is bigger than the registered INT8 champion: nothing changes
+    assert not third["promoted"] and third["model_version"] == "2"
+    assert "stays champion" in third["selection"]
+    assert len(client.search_model_versions("name='tiny-classifier'")) == 2
