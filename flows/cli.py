@@ -96,6 +96,30 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
 
 
 @app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="YAML recipe: its values become the deployment's default parameters")],
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the recipe's name)")] = None,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 2 * * *' for 02:00 every night")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Serve the compress flow as a deployment (trigger it from the Prefect UI, the CLI or a schedule)."""
+    from squeezeflow.flows.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        preflight(cfg)
+        from squeezeflow.flows.deploy import make_deployment
+
+        deployment = make_deployment(cfg, name, cron)
+    except SqueezeError as e:
+        _fail(str(e))
+    from prefect import serve as prefect_serve
+
+    console.print(f"serving compress/{deployment.name}" + (f" on cron {cron!r}" if cron else "") + "; Ctrl-C stops")
+    prefect_serve(deployment)
+
+
+@app.command()
 def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
     """Check a recipe and its data without running anything; print the resolved config."""
     from squeezeflow.flows.config import dump_config, load_config
