@@ -40,10 +40,13 @@ def _fail(message: str) -> None:
 def preflight(cfg) -> None:
     """Checks what a user can get wrong before any run is opened: data files, model source, artifacts dir."""
     from squeezeflow.tasks.data import load_splits
-    from squeezeflow.tasks.teacher import resolve_source
+    from squeezeflow.tasks.teacher import check_model_source
 
-    load_splits(cfg.data, cfg.model.num_labels)
-    resolve_source(cfg.model.source)
+    train, _ = load_splits(cfg.data, cfg.model.num_labels)
+    for stage in cfg.stages:
+        if hasattr(stage, "preflight"):
+            stage.preflight(len(train))
+    check_model_source(cfg.model)
     try:
         cfg.artifacts_dir.mkdir(parents=True, exist_ok=True)
         probe = cfg.artifacts_dir / f".write-test-{os.getpid()}"

@@ -113,6 +113,15 @@ def _parse_label(raw, names: list[str] | None, num_labels: int, where: str) -> i
 
 def read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int) -> Split:
     path = cfg.path_of(split)
+    try:
+        return _read_split(cfg, split, num_labels, path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed {path.suffix.lstrip('.').upper() or 'data'} file ({e})") from None
+
+
+def _read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int, path: Path) -> Split:
     if not path.is_file():
         raise DataError(f"data.{split}: file not found: {path}")
     fmt = cfg.format if cfg.format != "auto" else FORMATS.get(path.suffix.lower())
@@ -125,22 +134,17 @@ def read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int
             raise DataError(f"{path}: missing column {column!r} (found: {', '.join(columns)}); set data.{'text' if column == cfg.text_column else 'label'}_column")
     texts: list[str] = []
     labels: list[int] = []
-    try:
-        for line_no, record in _rows(path, fmt):
-            where = f"{path}, row {line_no}"
-            for column in (cfg.text_column, cfg.label_column) if labelled else (cfg.text_column,):
-                if column not in record:
-                    raise DataError(f"{where}: missing column {column!r}")
-            text = record[cfg.text_column]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}, column {cfg.text_column!r}: expected non-empty text, got {text!r}")
-            texts.append(text)
-            if labelled:
-                labels.append(_parse_label(record[cfg.label_column], cfg.label_names, num_labels, f"{where}, column {cfg.label_column!r}"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed {fmt.upper()} ({e})") from None
+    for line_no, record in _rows(path, fmt):
+        where = f"{path}, row {line_no}"
+        for column in (cfg.text_column, cfg.label_column) if labelled else (cfg.text_column,):
+            if column not in record:
+                raise DataError(f"{where}: missing column {column!r}")
+        text = record[cfg.text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}, column {cfg.text_column!r}: expected non-empty text, got {text!r}")
+        texts.append(text)
+        if labelled:
+            labels.append(_parse_label(record[cfg.label_column], cfg.label_names, num_labels, f"{where}, column {cfg.label_column!r}"))
     if not texts:
         raise DataError(f"data.{split}: {path} holds no examples")
     return Split(path=path, texts=texts, labels=labels if labelled else None)

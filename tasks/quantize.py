@@ -58,6 +58,12 @@ class QuantizeConfig(StageBase):
     max_fallback_nodes: int = Field(16, ge=0, description="static: at most this many MatMuls are kept in float by the fallback.")
     qat: QATConfig = Field(default_factory=QATConfig)
 
+    def preflight(self, train_examples: int) -> None:
+        if "static" in self.modes and self.calibration_examples > train_examples:
+            raise DataError(
+                f"quantize.calibration_examples is {self.calibration_examples} but the train split has only {train_examples} examples"
+            )
+
 
 @dataclass(frozen=True)
 class Produced:

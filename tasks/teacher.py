@@ -55,6 +55,30 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def check_model_source(cfg: ModelConfig) -> None:
+    """Cheap checks before a run: the source resolves, is a sequence-classification architecture, and its
+    safetensors weights (if local) are readable. Loading happens in the flow."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    where = resolve_source(cfg.source)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.source: cannot load {cfg.source!r}: {first}") from None
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not cfg.trust_remote_code:
+        raise ModelError(f"model.source: {cfg.source!r} ({config.model_type}) is not a sequence-classification model")
+    for weights in Path(where).glob("*.safetensors") if Path(where).is_dir() else []:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="np"):
+                pass
+        except Exception:  # safetensors raises its own error types for a bad header
+            raise ModelError(f"model.source: {weights} is not a readable safetensors file") from None
+
+
 def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_names: list[str] | None = None):
     """(model, tokenizer) for a sequence classifier; `new_head` allows a fresh head of `num_labels` outputs."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -81,7 +105,7 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
             trust_remote_code=cfg.trust_remote_code,
         )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers/safetensors raise many types for a broken checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model.source: {source!r} is not a usable sequence classifier: {first}") from None
     if not getattr(tokenizer, "is_fast", False):
