@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,7 +27,7 @@ from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
 from squeezeflow.tasks.select import beats, select_task
 from squeezeflow.tasks.teacher import teacher_task
-from squeezeflow.tasks.tracking import fetch_incumbent, log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
+from squeezeflow.tasks.tracking import close_abandoned_runs, fetch_incumbent, log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
 from squeezeflow.tasks.variant import StageContext, Variant
 
 # Each submit_* starts a stage's tasks for one parent and returns (lineage token, future) pairs; a stage that does
@@ -109,17 +111,22 @@ def compress(config: SqueezeConfig) -> dict:
     cfg = config
     run_dir = cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     experiment_id = use_experiment(tracking_uri(cfg.tracking, cfg.artifacts_dir), cfg.experiment, cfg.artifacts_dir)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags={"squeeze.role": "pipeline"}) as run:
+    for run_id in close_abandoned_runs(MlflowClient(), experiment_id):
+        logger.warning("marked run %s KILLED: the process that ran it is gone", run_id)
+    tags = {"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid())}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags=tags) as run:
         mlflow.log_text(dump_config(cfg), "config.yaml")
         counts = check_data_task(cfg.data, cfg.model.num_labels)
         mlflow.log_params({"name": cfg.name, "seed": cfg.seed, "model.source": cfg.model.source, **counts})
 
-        teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, run_dir / "variants", cfg.seed)
+        # variants live by id under artifacts_dir/variants: an unchanged stage of a later run reuses its output
+        variants_dir = cfg.artifacts_dir / "variants"
+        teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, variants_dir, cfg.seed)
         ctx = StageContext(
             data=cfg.data, num_labels=cfg.model.num_labels, max_length=cfg.model.max_length, seed=cfg.seed,
             teacher=teacher, cache_dir=cfg.artifacts_dir / "cache",
         )
-        variants, failures = grow(teacher, cfg.stages, ctx, run_dir / "variants")
+        variants, failures = grow(teacher, cfg.stages, ctx, variants_dir)
         incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
         measured = benchmark_task(variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark)
         if incumbent:

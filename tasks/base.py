@@ -7,8 +7,9 @@ import threading
 from pydantic import BaseModel, ConfigDict, Field
 
 # transformers loads weights under a process-global "meta device" context and torch.onnx export swaps global
-# state too, so two threads doing either at once corrupt each other. Sibling variants still run concurrently
-# (ONNX Runtime work, file I/O, calibration); the PyTorch-heavy sections take turns under this lock.
+# state too, so a thread doing either corrupts any other thread's PyTorch work at that moment. Sibling variants
+# still run concurrently (ONNX Runtime work, file I/O, calibration); PyTorch loading, training and export take
+# turns under this lock.
 TORCH_LOCK = threading.RLock()
 
 

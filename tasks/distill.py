@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, content_hash, derive, staged_dir
+from .variant import StageContext, Variant, content_hash, derive, finished, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.distill")
 
@@ -156,13 +156,14 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     token = shape.token(depth)
     knobs = {"student": shape.model_dump(exclude_none=True), **cfg.model_dump(exclude={"kind", "students", "retries"})}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
+    if done := finished(child):
+        return done
     cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
     train_split, _ = load_splits(ctx.data, ctx.num_labels)
     if train_split.labels is None and cfg.from_labels_only:
         raise ModelError("distill.from_labels_only needs a labelled train split")
-    with TORCH_LOCK:
-        student, teacher, chosen = build_student(parent.path, shape)
-        tokenizer = AutoTokenizer.from_pretrained(parent.path)
+    student, teacher, chosen = build_student(parent.path, shape)
+    tokenizer = AutoTokenizer.from_pretrained(parent.path)
     layer_map = cfg.layer_map or chosen
     if len(layer_map) != student.config.num_hidden_layers:
         raise ModelError(f"distill.layer_map has {len(layer_map)} entries for a {student.config.num_hidden_layers}-layer student")
@@ -200,12 +201,16 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
         evaluate=evaluate if validation else None,
     )
+    child = child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}})
     with staged_dir(Path(child.path)) as scratch:
         student.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
-    return child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}})
+        save_record(scratch, child)
+    return child
 
 
 @task(name="distill")
 def distill_task(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path) -> Variant:
-    return distill(parent, shape, cfg, ctx, out_root)
+    # whole-stage lock: a from_pretrained in another thread switches torch to the meta device mid-step
+    with TORCH_LOCK:
+        return distill(parent, shape, cfg, ctx, out_root)

@@ -27,7 +27,7 @@ from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx
 from .runtime import TORCH_DYNAMIC_MARKER
-from .variant import StageContext, Variant, derive, staged_dir
+from .variant import StageContext, Variant, derive, finished, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.quantize")
 
@@ -332,10 +332,13 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
     knobs = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes", "retries"})}
     child = derive(parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root)
+    if done := finished(child):
+        return done
     with staged_dir(Path(child.path)) as scratch:
         produced = strategy(parent, source, cfg, ctx, scratch)
+        child = save_record(scratch, child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}}))
     log.info("quantized %s (%s) -> %s", parent.id, mode, child.id)
-    return child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}})
+    return child
 
 
 @task(name="quantize")

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, load_splits
 from .training import TrainConfig, seed_everything, train
-from .variant import Variant, staged_dir, variant_id
+from .variant import Variant, file_fingerprint, finished, save_record, staged_dir, variant_id
 
 log = logging.getLogger("squeezeflow.teacher")
 
@@ -116,22 +116,35 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
 
 def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
     """Loads (and fine-tunes) the teacher and saves it as the root `hf` variant."""
-    params = {"source": model_cfg.source, "finetune": teacher_cfg.finetune, "max_length": model_cfg.max_length}
+    where = Path(resolve_source(model_cfg.source))
+    weights = sorted(where.glob("*.safetensors")) + sorted(where.glob("*.bin")) if where.is_dir() else []
+    params = {
+        "source": model_cfg.source, "finetune": teacher_cfg.finetune, "max_length": model_cfg.max_length,
+        "num_labels": model_cfg.num_labels, "label_names": data_cfg.label_names, "seed": seed,
+        "source_fingerprint": file_fingerprint(*weights) if weights else model_cfg.source,
+    }
     if teacher_cfg.finetune:
         params |= teacher_cfg.model_dump(exclude={"finetune"})
+        params["data_fingerprint"] = file_fingerprint(data_cfg.path_of("train"))
+    vid = variant_id("teacher", params)
+    teacher = Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid))
+    if done := finished(teacher):
+        log.info("teacher %s is already made; reusing it", vid)
+        return done
     seed_everything(seed)
     model, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names)
     metrics: dict[str, float] = {}
     if teacher_cfg.finetune:
         train_split, _ = load_splits(data_cfg, model_cfg.num_labels)
-        log.info("fine-tuning the teacher on %d examples", len(train_split))
+        log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
         metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
-    vid = variant_id("teacher", params)
+    teacher = teacher.model_copy(update={"metrics": metrics})
     with staged_dir(out_root / vid) as scratch:
         model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.model_max_length = model_cfg.max_length
         tokenizer.save_pretrained(scratch)
-    return Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid), metrics=metrics)
+        save_record(scratch, teacher)
+    return teacher
 
 
 @task(name="teacher")

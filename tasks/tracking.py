@@ -48,6 +48,29 @@ def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Pipeline runs left RUNNING by a process that no longer exists on this host (a crash, `kill -9`) are
+    marked KILLED; returns their ids. Runs of live processes, or of other hosts, are left alone."""
+    import os
+    import socket
+
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("squeeze.host") != socket.gethostname() or not tags.get("squeeze.pid", "").isdigit():
+            continue
+        try:
+            os.kill(int(tags["squeeze.pid"]), 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
 def _flat_params(params: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in params.items():

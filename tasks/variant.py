@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,9 +58,26 @@ class StageContext(BaseModel):
     cache_dir: Path | None = Field(None, description="Where stages keep reusable intermediate results (teacher logits).")
 
 
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a variant's bytes: part of every variant id, so an upgrade
+    recomputes instead of reusing stale results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
 def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None) -> str:
-    """A readable, stable id: the last lineage token plus a short hash of the parent, lineage and knobs."""
-    digest = hashlib.sha256(json.dumps([parent_id, lineage, params], sort_keys=True, default=str).encode()).hexdigest()
+    """A readable, stable id: the last lineage token plus a short hash of the parent, lineage, knobs and library
+    versions. Stage outputs are stored by id, so the id is also the stage's cache key."""
+    key = [parent_id, lineage, params, library_versions()]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     slug = lineage.rsplit(">", 1)[-1].replace("[", "-").replace("]", "").replace(".", "")
     return f"{slug}-{digest[:6]}"
 
@@ -99,6 +117,32 @@ def content_hash(path: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+RECORD = "variant.json"
+
+
+def finished(child: Variant) -> Variant | None:
+    """The stored record of `child` when an earlier run already made it: stage results are kept by id."""
+    record = Path(child.path) / RECORD
+    if not record.is_file():
+        return None
+    return Variant.model_validate_json(record.read_text())
+
+
+def save_record(directory: Path, variant: Variant) -> Variant:
+    """Writes the record last, inside the staged directory, so only complete variants have one."""
+    (Path(directory) / RECORD).write_text(variant.model_dump_json(indent=2))
+    return variant
+
+
+def file_fingerprint(*paths: str | Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 @contextmanager

@@ -73,7 +73,7 @@ def test_a_failing_branch_is_logged_as_failed_and_the_rest_finishes(finished):
 
 def test_champion_is_registered_and_predicts_raw_text(finished):
     cfg, result = finished
-    client = MlflowClient(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     version = client.get_model_version_by_alias("tiny-classifier", "champion")
     assert str(version.version) == result["model_version"]
     assert version.tags["squeeze.variant_id"] == result["champion"]
@@ -138,7 +138,7 @@ def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefec
     tree["selection"] = {"objective": "size", "max_accuracy_drop": 0.05}
     fp32_only = parse_config({**tree, "stages": [{"kind": "export"}]})
     with_int8 = parse_config({**tree, "stages": [{"kind": "export"}, {"kind": "quantize", "modes": ["dynamic"]}]})
-    client = MlflowClient(fp32_only.tracking.uri)
+    client = MlflowClient(tracking_uri=fp32_only.tracking.uri, registry_uri=fp32_only.tracking.uri)
 
     first = compress(fp32_only)
     assert first["promoted"] and first["model_version"] == "1"
@@ -152,3 +152,40 @@ def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefec
     assert not third["promoted"] and third["model_version"] == "2"
     assert "stays champion" in third["selection"]
     assert len(client.search_model_versions("name='tiny-classifier'")) == 2
+
+
+def test_unchanged_rerun_reuses_every_stage_and_one_changed_knob_recomputes_only_its_subtree(finished):
+    import os
+
+    cfg, first = finished
+    stamps = {v["id"]: os.stat(Path(v["path"]) / "variant.json").st_mtime_ns for v in first["variants"]}
+    again = compress(cfg)
+    assert {v["id"]: v["path"] for v in again["variants"]} == {v["id"]: v["path"] for v in first["variants"]}
+    assert {v["id"]: os.stat(Path(v["path"]) / "variant.json").st_mtime_ns for v in again["variants"]} == stamps
+
+    knob = cfg.model_copy(update={"stages": [cfg.stages[0], cfg.stages[1].model_copy(update={"per_channel": True})]})
+    changed = compress(knob)
+    new_ids = {v["id"] for v in changed["variants"]} - set(stamps)
+    assert [v["lineage"] for v in changed["variants"] if v["id"] in new_ids] == ["teacher>onnx>int8-dynamic"]
+    for v in changed["variants"]:
+        if v["id"] in stamps:
+            assert os.stat(Path(v["path"]) / "variant.json").st_mtime_ns == stamps[v["id"]]
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(finished):
+    import os
+    from squeezeflow.tasks.tracking import close_abandoned_runs
+    import socket
+    import subprocess
+    import sys
+
+    cfg, _ = finished
+    client = MlflowClient(cfg.tracking.uri)
+    experiment_id = client.get_experiment_by_name("tiny").experiment_id
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    crashed = client.create_run(experiment_id, tags={"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": dead})
+    alive = client.create_run(experiment_id, tags={"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid())})
+    assert close_abandoned_runs(client, experiment_id) == [crashed.info.run_id]
+    assert client.get_run(crashed.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    client.set_terminated(alive.info.run_id, "FINISHED")
