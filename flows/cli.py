@@ -83,11 +83,11 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_UserErrorsWithoutTraceback())
-    from squeezeflow.flows.compress import compress
+    from squeezeflow.flows.compress import run_compress
 
     started = time.perf_counter()
     try:
-        result = compress(cfg)
+        result = run_compress(cfg)
     except SqueezeError as e:
         _fail(str(e))
     console.print(variants_table(result))

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
 from squeezeflow.tasks.data import check_data_task
@@ -105,7 +106,12 @@ def publish_to_prefect(name: str, report_md: str, variants: list[Variant]) -> No
     create_table_artifact(rows, key=f"{key}-variants", description="every variant and its measurements")
 
 
-@flow(name="compress")
+def run_compress(cfg: SqueezeConfig) -> dict:
+    """Runs the flow with the recipe's task runner (bounded threads for sibling variants)."""
+    return compress.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers))(cfg)
+
+
+@flow(name="compress", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def compress(config: SqueezeConfig) -> dict:
     logger = get_run_logger()
     cfg = config

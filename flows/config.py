@@ -21,6 +21,13 @@ from squeezeflow.tasks.tracking import TrackingConfig
 StageConfig = Annotated[DistillConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
 
 
+class RunnerConfig(StrictModel):
+    max_workers: int = Field(
+        2, ge=1, le=64,
+        description="Sibling variants made at once (threads). PyTorch-heavy sections take turns; ONNX Runtime work overlaps.",
+    )
+
+
 class SqueezeConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Recipe name; the MLflow experiment by default.")
     seed: int = Field(13, ge=0, description="Seed for sampling, initialisation and training.")
@@ -34,6 +41,7 @@ class SqueezeConfig(StrictModel):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     artifacts_dir: Path = Field(Path("artifacts"), description="Where runs, variants and the default MLflow store go.")
 
     @model_validator(mode="after")
