@@ -56,6 +56,18 @@ def preflight(cfg) -> None:
         raise SqueezeError(f"artifacts_dir: {cfg.artifacts_dir} is not writable ({e.strerror})") from None
 
 
+def checked_config(path: Path, overrides: list[str] | None):
+    """The recipe, loaded and preflighted; a user mistake ends the command with one line."""
+    from squeezeflow.flows.config import load_config
+
+    try:
+        cfg = load_config(path, overrides)
+        preflight(cfg)
+    except SqueezeError as e:
+        _fail(str(e))
+    return cfg
+
+
 def variants_table(result: dict) -> Table:
     table = Table(title=f"variants (champion: {result['champion']})")
     for column in ("id", "lineage", "accuracy", "p50 ms", "size MB", "speedup"):
@@ -73,13 +85,7 @@ def variants_table(result: dict) -> Table:
 @app.command()
 def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
     """Run the compress flow on a recipe and print the variants and the champion."""
-    from squeezeflow.flows.config import load_config
-
-    try:
-        cfg = load_config(config, set_)
-        preflight(cfg)
-    except SqueezeError as e:
-        _fail(str(e))
+    cfg = checked_config(config, set_)
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_UserErrorsWithoutTraceback())
@@ -106,11 +112,8 @@ def serve(
     set_: SetOption = None,
 ) -> None:
     """Serve the compress flow as a deployment (trigger it from the Prefect UI, the CLI or a schedule)."""
-    from squeezeflow.flows.config import load_config
-
+    cfg = checked_config(config, set_)
     try:
-        cfg = load_config(config, set_)
-        preflight(cfg)
         from squeezeflow.flows.deploy import make_deployment
 
         deployment = make_deployment(cfg, name, cron)
@@ -125,14 +128,9 @@ def serve(
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
     """Check a recipe and its data without running anything; print the resolved config."""
-    from squeezeflow.flows.config import dump_config, load_config
+    from squeezeflow.flows.config import dump_config
 
-    try:
-        cfg = load_config(config, set_)
-        preflight(cfg)
-    except SqueezeError as e:
-        _fail(str(e))
-    console.print(dump_config(cfg), highlight=False, markup=False)
+    console.print(dump_config(checked_config(config, set_)), highlight=False, markup=False)
 
 
 @app.command()

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, content_hash, derive, finished, save_record, staged_dir
+from .variant import StageContext, Variant, content_hash, derive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
 
@@ -201,12 +201,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
         evaluate=evaluate if validation else None,
     )
-    child = child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}})
-    with staged_dir(Path(child.path)) as scratch:
-        student.save_pretrained(scratch, safe_serialization=True)
-        tokenizer.save_pretrained(scratch)
-        save_record(scratch, child)
-    return child
+    return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
 
 
 @task(name="distill")

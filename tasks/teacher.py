@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, load_splits
 from .training import TrainConfig, seed_everything, train
-from .variant import Variant, file_fingerprint, finished, save_record, staged_dir, variant_id
+from .variant import Variant, file_fingerprint, finished, save_hf_variant, variant_id
 
 log = logging.getLogger("squeezeflow.teacher")
 
@@ -138,13 +138,8 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
         train_split, _ = load_splits(data_cfg, model_cfg.num_labels)
         log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
         metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
-    teacher = teacher.model_copy(update={"metrics": metrics})
-    with staged_dir(out_root / vid) as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        tokenizer.model_max_length = model_cfg.max_length
-        tokenizer.save_pretrained(scratch)
-        save_record(scratch, teacher)
-    return teacher
+    tokenizer.model_max_length = model_cfg.max_length
+    return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 
 
 @task(name="teacher")

@@ -136,6 +136,15 @@ def save_record(directory: Path, variant: Variant) -> Variant:
     return variant
 
 
+def save_hf_variant(variant: Variant, model, tokenizer) -> Variant:
+    """Writes a PyTorch variant (safetensors, tokenizer, record) to its directory, atomically."""
+    with staged_dir(Path(variant.path)) as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        save_record(scratch, variant)
+    return variant
+
+
 def file_fingerprint(*paths: str | Path) -> str:
     digest = hashlib.sha256()
     for path in paths:
