@@ -91,14 +91,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def peak_rss_probe() -> None:
     """`python -m squeezeflow.tasks.runtime` reads {path, format, threads, texts} on stdin, serves the texts
     one at a time in this fresh process, and prints its peak resident memory in MB as JSON."""
-    import resource
     import sys
 
     request = json.load(sys.stdin)
     predictor = load_predictor(request["path"], request["format"], request["threads"])
     for text in request["texts"]:
         predictor.logits([text])
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    # VmHWM, not getrusage's ru_maxrss: the latter survives fork+exec and would report the parent's peak
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
 
 

@@ -139,3 +139,13 @@ def test_failed_stage_leaves_no_partial_directory(root, tmp_path):
     with pytest.raises(Exception):
         export(broken, ExportConfig(), tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_peak_rss_is_measured_in_the_fresh_process(trained):
+    from squeezeflow.tasks.evaluate import peak_rss_mb
+
+    _, onnx_variant, _ = trained
+    onnx_rss = peak_rss_mb(onnx_variant, TEXTS, threads=1)
+    torch_rss = peak_rss_mb(trained[0], TEXTS, threads=1)
+    assert 20 < onnx_rss < torch_rss  # ONNX is served without importing torch
+    assert onnx_rss < 600  # the probe must not inherit this (torch-laden) test process's peak
