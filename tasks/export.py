@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
+from .base import StageBase, TORCH_LOCK, ModelError
 from .variant import Variant, derive, finished, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.export")

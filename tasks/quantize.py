@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,7 @@ def _sensitivity(plain: Path, feeds: list[dict], cfg: QuantizeConfig, method) ->
 
 
 def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if source is None:
@@ -186,8 +188,6 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
     plain_dir.mkdir()
     export_onnx(source.path, plain_dir, ExportConfig(**{**parent.params, "optimize": "none"}))
     plain = plain_dir / "model.onnx"
-    import onnxruntime as ort
-
     input_names = [i.name for i in ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).get_inputs()]
     feeds = _encoded(parent.path, calibration, input_names)
     copy_tokenizer(parent.path, out)
@@ -221,8 +221,6 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
             log.warning("static INT8 of %s: drop %.4f still above tolerance %.4f with %d MatMuls in float",
                         parent.id, parent_accuracy - accuracy, cfg.accuracy_tolerance, len(excluded))
         metrics = {"fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)), "fallback_tolerance_met": float(met)}
-    import shutil
-
     shutil.rmtree(plain_dir)
     return Produced(metrics, {"excluded_nodes": excluded})
 
@@ -306,8 +304,6 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
 def torch_dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
     """The weights stay fp32 safetensors on disk (a quantized PyTorch module has no safe serialisation); the
     marker file tells the runtime to apply `torch.ao.quantization.quantize_dynamic` on load."""
-    import shutil
-
     for file in Path(parent.path).iterdir():
         if file.is_file():
             shutil.copy2(file, out / file.name)

@@ -12,7 +12,6 @@ from squeezeflow.tasks.runtime import load_predictor
 from squeezeflow.tasks.training import TrainConfig, kd_loss
 from squeezeflow.tasks.variant import StageContext
 
-from .conftest import write_tsv
 
 
 def test_kd_loss_scales_soft_term_by_t_squared():
@@ -73,7 +72,7 @@ def distilled(trained_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=root / "cache")
     cfg = DistillConfig(students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16))
-    return teacher, distill(teacher, cfg.students[0], cfg, ctx, root / "variants", ), ctx, cfg
+    return teacher, distill(teacher, cfg.students[0], cfg, ctx, root / "variants"), ctx, cfg
 
 
 def test_distilled_student_matches_teacher_and_round_trips(distilled, tmp_path):

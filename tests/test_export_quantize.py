@@ -6,7 +6,6 @@ import onnx
 import pytest
 
 from squeezeflow.tasks.base import DataError
-from squeezeflow.tasks.data import load_splits
 from squeezeflow.tasks.export import ExportConfig, export
 from squeezeflow.tasks.quantize import QuantizeConfig, quantize
 from squeezeflow.tasks.runtime import load_predictor
