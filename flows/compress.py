@@ -22,6 +22,7 @@ from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.distill import distill_task
 from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.export import export_task
+from squeezeflow.tasks.prune import prune_task
 from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
@@ -41,6 +42,13 @@ def submit_distill(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: di
         return []
     task = distill_task.with_options(retries=cfg.retries)
     return [(f"distill[{shape.model_dump(exclude_none=True)}]", task.submit(parent, shape, cfg, ctx, out)) for shape in cfg.students]
+
+
+def submit_prune(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
+    if parent.format != "hf":
+        return []
+    task = prune_task.with_options(retries=cfg.retries)
+    return [(f"prune[{ratio:g}]", task.submit(parent, ratio, cfg, ctx, out)) for ratio in cfg.ratios]
 
 
 def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
@@ -63,6 +71,7 @@ def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: d
 
 STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], Submitted]] = {
     "distill": submit_distill,
+    "prune": submit_prune,
     "export": submit_export,
     "quantize": submit_quantize,
 }

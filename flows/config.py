@@ -13,12 +13,13 @@ from squeezeflow.tasks.data import DataConfig
 from squeezeflow.tasks.distill import DistillConfig
 from squeezeflow.tasks.evaluate import BenchmarkConfig
 from squeezeflow.tasks.export import ExportConfig
+from squeezeflow.tasks.prune import PruneConfig
 from squeezeflow.tasks.quantize import QuantizeConfig
 from squeezeflow.tasks.select import SelectionConfig
 from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
 from squeezeflow.tasks.tracking import TrackingConfig
 
-StageConfig = Annotated[DistillConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+StageConfig = Annotated[DistillConfig | PruneConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
 
 
 class RunnerConfig(StrictModel):
@@ -57,8 +58,8 @@ class SqueezeConfig(StrictModel):
                 raise ValueError(f"stages.{i}: quantize works on ONNX variants, so an export stage must come before it")
             if kind == "export" and "export" in kinds[:i]:
                 raise ValueError(f"stages.{i}: a second export stage has nothing left to export")
-            if kind == "distill" and "export" in kinds[:i]:
-                raise ValueError(f"stages.{i}: distill trains PyTorch students, so it must come before export")
+            if kind in ("distill", "prune") and "export" in kinds[:i]:
+                raise ValueError(f"stages.{i}: {kind} works on PyTorch variants, so it must come before export")
         return self
 
     @property
@@ -104,7 +105,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             message = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: distill, export, quantize"
+            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: distill, prune, export, quantize"
         elif "input" in e and not isinstance(e["input"], dict | list) and e["type"] != "missing":
             message += f" (got {e['input']!r})"
         parts.append(f"{where}: {message}")

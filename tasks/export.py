@@ -51,7 +51,9 @@ def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None
         )
         config = AutoConfig.from_pretrained(model_dir)
     if cfg.optimize == "fusion":
-        fuse(out_dir / "model.onnx", config.num_attention_heads, config.hidden_size)
+        # pruned heads: 0 lets the fusion read the head count and width from the graph itself
+        pruned = bool(getattr(config, "pruned_heads", None))
+        fuse(out_dir / "model.onnx", 0 if pruned else config.num_attention_heads, 0 if pruned else config.hidden_size)
     copy_tokenizer(model_dir, out_dir)
 
 
