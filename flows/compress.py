@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.distill import distill_task
+from squeezeflow.tasks.early_exit import early_exit_task
 from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.prune import prune_task
@@ -51,6 +52,13 @@ def submit_prune(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict
     return [(f"prune[{ratio:g}]", task.submit(parent, ratio, cfg, ctx, out)) for ratio in cfg.ratios]
 
 
+def submit_early_exit(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
+    if parent.format != "hf":
+        return []
+    task = early_exit_task.with_options(retries=cfg.retries)
+    return [(f"early_exit[{t:g}]", task.submit(parent, t, cfg, ctx, out)) for t in cfg.thresholds]
+
+
 def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
     return [("onnx", export_task.with_options(retries=cfg.retries).submit(parent, cfg, out))] if parent.format == "hf" else []
 
@@ -63,6 +71,8 @@ def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: d
     submitted = []
     for mode in cfg.modes:
         token, _, wants, _ = QUANTIZE_MODES[mode]
+        if parent.format == "onnx-exit" and mode == "dynamic":
+            wants = "onnx-exit"
         target = parent if wants == parent.format else source if source is not None and wants == source.format else None
         if target is not None:
             submitted.append((token, task.submit(target, mode, cfg, ctx, out, source if target is parent else None)))
@@ -72,6 +82,7 @@ def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: d
 STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], Submitted]] = {
     "distill": submit_distill,
     "prune": submit_prune,
+    "early_exit": submit_early_exit,
     "export": submit_export,
     "quantize": submit_quantize,
 }
@@ -87,6 +98,16 @@ class Failure:
     error: str
 
 
+def carried_over(kind: str, parents: list[Variant]) -> list[Variant]:
+    """Variants that stay in play past a stage without passing through it: early exit is a side branch (its
+    PyTorch parents go on to export), and early-exit variants are already ONNX, so they skip export."""
+    if kind == "early_exit":
+        return list(parents)
+    if kind == "export":
+        return [p for p in parents if p.format == "onnx-exit"]
+    return []
+
+
 def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> tuple[list[Variant], list[Failure]]:
     """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export also
     takes the teacher, so the peer path teacher>onnx>int8 is always there as a baseline."""
@@ -95,7 +116,7 @@ def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Pa
     for stage in stages:
         parents = frontier + [teacher] if stage.kind == "export" and teacher not in frontier else frontier
         submitted = [(parent, token, future) for parent in parents for token, future in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
-        frontier = []
+        frontier = carried_over(stage.kind, parents)
         for parent, token, future in submitted:
             try:
                 frontier.append(future.result())

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 from squeezeflow.tasks.base import ConfigError, StrictModel
 from squeezeflow.tasks.data import DataConfig
 from squeezeflow.tasks.distill import DistillConfig
+from squeezeflow.tasks.early_exit import EarlyExitConfig
 from squeezeflow.tasks.evaluate import BenchmarkConfig
 from squeezeflow.tasks.export import ExportConfig
 from squeezeflow.tasks.prune import PruneConfig
@@ -19,7 +20,7 @@ from squeezeflow.tasks.select import SelectionConfig
 from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
 from squeezeflow.tasks.tracking import TrackingConfig
 
-StageConfig = Annotated[DistillConfig | PruneConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+StageConfig = Annotated[DistillConfig | PruneConfig | EarlyExitConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
 
 
 class RunnerConfig(StrictModel):
@@ -54,11 +55,11 @@ class SqueezeConfig(StrictModel):
             raise ValueError("teacher.finetune needs labels, but data.train_has_labels is false (use an already fine-tuned teacher)")
         kinds = [s.kind for s in self.stages]
         for i, kind in enumerate(kinds):
-            if kind == "quantize" and "export" not in kinds[:i]:
-                raise ValueError(f"stages.{i}: quantize works on ONNX variants, so an export stage must come before it")
+            if kind == "quantize" and not {"export", "early_exit"} & set(kinds[:i]):
+                raise ValueError(f"stages.{i}: quantize works on ONNX variants, so an export (or early_exit) stage must come before it")
             if kind == "export" and "export" in kinds[:i]:
                 raise ValueError(f"stages.{i}: a second export stage has nothing left to export")
-            if kind in ("distill", "prune") and "export" in kinds[:i]:
+            if kind in ("distill", "prune", "early_exit") and "export" in kinds[:i]:
                 raise ValueError(f"stages.{i}: {kind} works on PyTorch variants, so it must come before export")
         return self
 
@@ -105,7 +106,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             message = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: distill, prune, export, quantize"
+            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: distill, prune, early_exit, export, quantize"
         elif "input" in e and not isinstance(e["input"], dict | list) and e["type"] != "missing":
             message += f" (got {e['input']!r})"
         parts.append(f"{where}: {message}")

@@ -42,8 +42,10 @@ def count_params(variant: Variant) -> int:
         return total
     import onnx
 
-    model = onnx.load(str(Path(variant.path) / "model.onnx"))
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    return sum(
+        int(np.prod(t.dims)) for file in weight_files(variant.path) if file.suffix == ".onnx"
+        for t in onnx.load(str(file)).graph.initializer
+    )
 
 
 def peak_rss_mb(variant: Variant, texts: list[str], threads: int) -> float:
@@ -70,6 +72,7 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
     predictors = {v.id: load_predictor(v.path, v.format, cfg.threads) for v in variants}
 
     logits: dict[str, np.ndarray] = {}
+    exit_layers: dict[str, list[np.ndarray]] = {}
     batch_seconds: dict[str, list[float]] = {v.id: [] for v in variants}
     latencies: dict[str, list[list[float]]] = {v.id: [] for v in variants}
     for v in variants:
@@ -82,7 +85,11 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
         for v in order:
             predictor = predictors[v.id]
             started = time.perf_counter()
-            outputs = [predictor.logits(texts[i : i + cfg.batch_size]) for i in range(0, len(texts), cfg.batch_size)]
+            outputs = []
+            for i in range(0, len(texts), cfg.batch_size):
+                outputs.append(predictor.logits(texts[i : i + cfg.batch_size]))
+                if round_no == 0 and hasattr(predictor, "last_exit_layers"):  # early exit: where each input left
+                    exit_layers.setdefault(v.id, []).append(predictor.last_exit_layers)
             batch_seconds[v.id].append(time.perf_counter() - started)
             logits.setdefault(v.id, np.concatenate(outputs))
             samples = []
@@ -102,6 +109,7 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
         metrics = {
             "accuracy": float((preds == labels).mean()),
             "latency_p50_ms": percentile(flat, 50),
+            "latency_mean_ms": float(np.mean(flat)),
             "latency_p90_ms": percentile(flat, 90),
             "latency_p99_ms": percentile(flat, 99),
             "latency_round_min_ms": min(round_medians),
@@ -111,6 +119,8 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
             "size_mb": size_on_disk_mb(v.path),
             "params_m": count_params(v) / 1e6,
         }
+        if v.id in exit_layers:
+            metrics["mean_exit_layer"] = float(np.concatenate(exit_layers[v.id]).mean())
         if v.parent_id in logits:
             parent_logits = logits[v.parent_id]
             metrics["parity_max_abs"] = float(np.abs(logits[v.id] - parent_logits).max())

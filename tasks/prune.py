@@ -68,7 +68,7 @@ class PruneConfig(StageBase):
         return ratios
 
 
-def _encoder_layers(model):
+def encoder_layers(model):
     base = getattr(model, model.base_model_prefix, None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if layers is None or not hasattr(layers[0], "attention") or not hasattr(layers[0].attention, "self"):
@@ -83,7 +83,7 @@ def prune_model(model, tokenizer, ratio: float, cfg: PruneConfig, texts: list[st
     import torch
     import torch_pruning as tp
 
-    base, layers = _encoder_layers(model)
+    base, layers = encoder_layers(model)
     model.eval()
     head_dim = layers[0].attention.self.attention_head_size
     batch = dict(tokenizer(texts[:8], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
@@ -212,7 +212,7 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
     figures |= {
         "params_before_m": params_before / 1e6,
         "params_after_m": params_after / 1e6,
-        "heads_per_layer": float(_encoder_layers(model)[1][0].attention.self.num_attention_heads),
+        "heads_per_layer": float(encoder_layers(model)[1][0].attention.self.num_attention_heads),
         "intermediate_size": float(model.config.intermediate_size),
     }
     log.info("pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6)

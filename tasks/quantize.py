@@ -27,7 +27,7 @@ from pydantic import Field
 from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx
-from .runtime import TORCH_DYNAMIC_MARKER
+from .runtime import EARLY_EXIT_FILE, TORCH_DYNAMIC_MARKER
 from .variant import StageContext, Variant, derive, finished, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.quantize")
@@ -91,8 +91,12 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
 
 
 def dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
-    _ort_dynamic(Path(parent.path) / "model.onnx", out / "model.onnx", cfg)
+    """Every ONNX graph of the parent: model.onnx, or each segment of an early-exit variant."""
+    for graph in sorted(Path(parent.path).glob("*.onnx")):
+        _ort_dynamic(graph, out / graph.name, cfg)
     copy_tokenizer(parent.path, out)
+    if (Path(parent.path) / EARLY_EXIT_FILE).exists():
+        shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
     return Produced({}, {})
 
 
@@ -324,6 +328,8 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
     """`parent` is the variant the mode works on (ONNX for ORT modes, PyTorch for torch-dynamic); `source` is the
     PyTorch model an ONNX parent was exported from (static and QAT rebuild graphs from it)."""
     token, fmt, parent_format, strategy = MODES[mode]
+    if mode == "dynamic" and parent.format == "onnx-exit":  # each segment graph is quantized
+        parent_format = fmt = "onnx-exit"
     if parent.format != parent_format:
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
     knobs = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes", "retries"})}

@@ -10,6 +10,7 @@ import numpy as np
 from .base import TORCH_LOCK, ModelError
 
 TORCH_DYNAMIC_MARKER = "squeezeflow-torch-dynamic.json"  # written by the quantize stage's torch-dynamic mode
+EARLY_EXIT_FILE = "early_exit.json"  # written by the early_exit stage: the exit rule and the segment files
 
 # torch and transformers are imported only by the PyTorch predictor, so that an ONNX variant is served (and
 # its memory measured) without them: that is part of what an ONNX variant buys.
@@ -48,38 +49,130 @@ def fast_tokenizer(path: Path):
     return tokenizer
 
 
+def ort_session(file: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
+        raise ModelError(f"{file}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+
+
+def encode(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    encodings = tokenizer.encode_batch(texts)
+    return {
+        "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64),
+    }
+
+
 class OrtPredictor:
     def __init__(self, path: str | Path, threads: int):
-        import onnxruntime as ort
-
         path = Path(path)
         self.tokenizer = fast_tokenizer(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
-            raise ModelError(f"{path / 'model.onnx'}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        self.session = ort_session(path / "model.onnx", threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        feed = {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_names}
-        return self.session.run(None, feed)[0]
+        columns = encode(self.tokenizer, texts)
+        return self.session.run(None, {name: columns[name] for name in self.input_names})[0]
 
 
-def load_predictor(path: str | Path, fmt: str, threads: int = 1) -> TorchPredictor | OrtPredictor:
+def normalized_entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy of softmax(logits) divided by log(classes): 0 = certain, 1 = uniform."""
+    p = softmax(logits.astype(np.float64))
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(-1) / np.log(logits.shape[-1])
+
+
+class EntropyRule:
+    """Exit when the exit classifier's normalised entropy is below the threshold (0 never exits early)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def reset(self, rows: int) -> None:
+        pass
+
+    def fires(self, logits: np.ndarray) -> np.ndarray:
+        return normalized_entropy(logits) < self.threshold
+
+    def keep(self, rows: np.ndarray) -> None:
+        pass
+
+
+class PatienceRule:
+    """Exit once the exits' predicted label has stayed the same for `patience` consecutive layers (PABEE)."""
+
+    def __init__(self, threshold: float):
+        self.patience = int(threshold)
+
+    def reset(self, rows: int) -> None:
+        self.previous, self.streak = None, np.zeros(rows, dtype=np.int64)
+
+    def fires(self, logits: np.ndarray) -> np.ndarray:
+        predicted = logits.argmax(-1)
+        if self.previous is not None:
+            self.streak = np.where(predicted == self.previous, self.streak + 1, 0)
+        self.previous = predicted
+        return self.streak >= self.patience
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.previous, self.streak = self.previous[rows], self.streak[rows]
+
+
+EXIT_RULES = {"entropy": EntropyRule, "patience": PatienceRule}
+
+
+class EarlyExitPredictor:
+    """Per-segment ONNX graphs (embeddings + layer 1 + exit 1, then layer k + exit k): each batch row leaves at
+    the first segment whose exit fires; the last segment is the full model's own head. `last_exit_layers`
+    holds the 1-based layer each row of the last call left at."""
+
+    def __init__(self, path: str | Path, threads: int):
+        path = Path(path)
+        spec = json.loads((path / EARLY_EXIT_FILE).read_text())
+        self.tokenizer = fast_tokenizer(path)
+        self.sessions = [ort_session(path / name, threads) for name in spec["segments"]]
+        self.entry_inputs = [i.name for i in self.sessions[0].get_inputs()]
+        self.rule = EXIT_RULES[spec["criterion"]](spec["threshold"])
+        self.last_exit_layers = np.zeros(0, dtype=np.int64)
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        columns = encode(self.tokenizer, texts)
+        rows, mask = np.arange(len(texts)), columns["attention_mask"]
+        self.rule.reset(len(texts))
+        out, exit_layers = None, np.zeros(len(texts), dtype=np.int64)
+        hidden = None
+        for depth, session in enumerate(self.sessions):
+            if depth == 0:
+                hidden, logits = session.run(None, {name: columns[name] for name in self.entry_inputs})
+            else:
+                hidden, logits = session.run(None, {"hidden_states": hidden, "attention_mask": mask})
+            if out is None:
+                out = np.zeros((len(texts), logits.shape[-1]), dtype=logits.dtype)
+            done = self.rule.fires(logits) if depth < len(self.sessions) - 1 else np.ones(len(rows), dtype=bool)
+            out[rows[done]], exit_layers[rows[done]] = logits[done], depth + 1
+            going = ~done
+            if not going.any():
+                break
+            rows, hidden, mask = rows[going], hidden[going], mask[going]
+            self.rule.keep(going)
+        self.last_exit_layers = exit_layers
+        return out
+
+
+def load_predictor(path: str | Path, fmt: str, threads: int = 1) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:
     if fmt == "hf":
         return TorchPredictor(path, threads)
     if fmt == "onnx":
         return OrtPredictor(path, threads)
+    if fmt == "onnx-exit":
+        return EarlyExitPredictor(path, threads)
     raise ValueError(f"unknown variant format {fmt!r}")
 
 

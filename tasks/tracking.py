@@ -164,7 +164,7 @@ def register_champion(v: Variant, registered_model: str, label_names: list[str],
     import tokenizers
 
     requirements = [f"mlflow=={mlflow.__version__}", f"tokenizers=={tokenizers.__version__}", "pandas", "numpy"]
-    if v.format == "onnx":
+    if v.format != "hf":
         requirements.append(f"onnxruntime=={onnxruntime.__version__}")
     else:
         import torch

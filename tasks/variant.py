@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data import DataConfig
 
 Stage = Literal["teacher", "distill", "prune", "early_exit", "export", "quantize"]
-Format = Literal["hf", "onnx"]
+Format = Literal["hf", "onnx", "onnx-exit"]  # onnx-exit: per-segment ONNX graphs with early exits
 
 # Files that hold a variant's weights; tokenizer and config files are the same for every variant.
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".onnx.data")

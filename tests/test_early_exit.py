@@ -1,0 +1,98 @@
+"""Early exit on the tiny BERT: the exit rules, ONNX segments against the PyTorch reference, the extremes of the
+threshold, INT8 segments, and the stage's input checks."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from squeezeflow.tasks.data import load_splits
+from squeezeflow.tasks.early_exit import EarlyExitConfig, early_exit, load_exit_model, reference_logits
+from squeezeflow.tasks.quantize import QuantizeConfig, quantize
+from squeezeflow.tasks.runtime import EntropyRule, PatienceRule, load_predictor, normalized_entropy
+from squeezeflow.tasks.variant import StageContext
+
+CFG = {"training": {"epochs": 4, "learning_rate": 3e-3, "batch_size": 16}}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, trained_tiny):
+    """Early-exit variants of the trained tiny model at three entropy thresholds (the exits are trained once)."""
+    teacher, data = trained_tiny
+    out = tmp_path_factory.mktemp("early-exit")
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=out / "cache")
+    variants = {t: early_exit(teacher, t, EarlyExitConfig(thresholds=[t], **CFG), ctx, out) for t in (0.0, 0.5, 1.0)}
+    _, eval_split = load_splits(data, 2)
+    return teacher, variants, eval_split, out
+
+
+def test_entropy_and_patience_rules():
+    certain, unsure = np.array([[9.0, -9.0]]), np.array([[0.0, 0.0]])
+    assert normalized_entropy(certain)[0] < 0.01 and normalized_entropy(unsure)[0] == pytest.approx(1.0)
+    assert EntropyRule(0.5).fires(np.vstack([certain, unsure])).tolist() == [True, False]
+    assert not EntropyRule(0.0).fires(certain).any()
+    rule = PatienceRule(2)
+    rule.reset(2)
+    layers = [np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])]
+    assert [rule.fires(l).tolist() for l in layers] == [[False, False], [False, False], [True, False]]
+
+
+def test_threshold_that_always_fires_exits_at_layer_one(made):
+    _, variants, eval_split, _ = made
+    predictor = load_predictor(variants[1.0].path, "onnx-exit")
+    predictor.logits(eval_split.texts)
+    assert set(predictor.last_exit_layers.tolist()) == {1}
+
+
+def test_threshold_that_never_fires_gives_the_full_models_logits(made):
+    teacher, variants, eval_split, _ = made
+    predictor = load_predictor(variants[0.0].path, "onnx-exit")
+    logits = predictor.logits(eval_split.texts)
+    assert set(predictor.last_exit_layers.tolist()) == {2}
+    np.testing.assert_allclose(logits, load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-4)
+
+
+def test_onnx_segments_agree_with_pytorch(made):
+    teacher, variants, eval_split, out = made
+    exit_model = load_exit_model(next(p for p in out.iterdir() if p.name.startswith("exits-")))
+    inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(eval_split.texts, padding=True, return_tensors="pt"))
+    for threshold in (0.0, 0.5, 1.0):
+        expected, expected_layers = reference_logits(exit_model, inputs, "entropy", threshold)
+        predictor = load_predictor(variants[threshold].path, "onnx-exit")
+        np.testing.assert_allclose(predictor.logits(eval_split.texts), expected, atol=1e-4)
+        assert predictor.last_exit_layers.tolist() == expected_layers.tolist()
+
+
+def test_the_first_exit_learns_the_task(made):
+    _, variants, eval_split, _ = made
+    predictions = load_predictor(variants[1.0].path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    assert (predictions == np.asarray(eval_split.labels)).mean() >= 0.9
+
+
+def test_exits_are_trained_once_and_variants_reused(made, trained_tiny):
+    teacher, variants, _, out = made
+    assert len([p for p in out.iterdir() if p.name.startswith("exits-")]) == 1
+    assert variants[0.5].lineage == "teacher>early_exit[0.5]" and variants[0.5].format == "onnx-exit"
+    ctx = StageContext(data=trained_tiny[1], num_labels=2, max_length=32, seed=7, teacher=teacher)
+    assert early_exit(teacher, 0.5, EarlyExitConfig(thresholds=[0.5], **CFG), ctx, out) == variants[0.5]
+
+
+def test_int8_segments_run_and_agree(made, trained_tiny):
+    _, variants, eval_split, out = made
+    ctx = StageContext(data=trained_tiny[1], num_labels=2, max_length=32, seed=7)
+    int8 = quantize(variants[0.5], "dynamic", QuantizeConfig(modes=["dynamic"]), ctx, out)
+    assert int8.format == "onnx-exit" and int8.lineage == "teacher>early_exit[0.5]>int8-dynamic"
+    assert sorted(p.name for p in Path(int8.path).glob("*.onnx")) == ["segment_00.onnx", "segment_01.onnx"]
+    fp32 = load_predictor(variants[0.5].path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    assert (got == fp32).mean() >= 0.9
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"thresholds": [1.5]}, r"entropy thresholds must lie in \[0, 1\]"),
+    ({"criterion": "patience", "thresholds": [0.5]}, "whole numbers"),
+])
+def test_thresholds_out_of_range_are_refused(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        EarlyExitConfig(**knobs)
