@@ -1,0 +1,1 @@
+"""Benchmark entry points: the recipes measured against the peers a user would pick instead."""

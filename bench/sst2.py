@@ -1,0 +1,283 @@
+"""The SST-2 benchmark: the `configs/sst2.yaml` recipe, then its champion measured side by side with what a user
+would pick instead, in one process and with the same harness (rounds interleaved, same threads, batch 1).
+
+    python -m bench.sst2 --data-dir ../shared/data/sst2 --out DIR [--config configs/sst2.yaml] [--set key=value ...]
+
+Peers, all made from the recipe's fine-tuned teacher: PyTorch fp32; `torch.ao.quantization.quantize_dynamic`
+(the optimisation guide's method); ONNX Runtime fp32 (optimum export); Optimum `ORTQuantizer` dynamic INT8
+(`AutoQuantizationConfig.avx512_vnni`, or `avx2` without VNNI); Microsoft Olive's CPU recipe (OnnxConversion →
+OrtTransformersOptimization → OnnxDynamicQuantization; `pip install -e .[bench]`).
+Writes DIR/results.json and DIR/results.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+PEER_KEYS = ("name", "accuracy", "latency_p50_ms", "latency_p99_ms", "throughput_qps", "size_mb")
+VARIANT_KEYS = (
+    "variant_id", "parent_id", "lineage", "stage", "accuracy", "accuracy_drop", "latency_p50_ms", "latency_p99_ms",
+    "throughput_qps", "size_mb", "params_m",
+)
+CHAMPION_KEYS = (
+    "variant_id", "lineage", "accuracy", "accuracy_drop", "latency_p50_ms", "size_mb", "speedup_vs_torch_fp32",
+    "speedup_vs_optimum_dynamic", "speedup_vs_olive", "speedup_vs_best_peer", "size_ratio_vs_teacher",
+)
+TOP_KEYS = ("machine", "wall_s", "teacher", "peers", "variants", "champion")
+
+TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OLIVE = (
+    "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-dynamic-int8", "olive-cpu-int8",
+)
+# the goals this benchmark is held to (the champion on the SST-2 dev set, batch 1)
+GOALS = {"speedup_vs_torch_fp32": 15.0, "speedup_vs_best_peer": 3.0, "size_ratio_vs_teacher": 10.0, "accuracy_drop": 0.01}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def machine(threads: int) -> dict:
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    libraries = {}
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning", "prefect", "mlflow", "olive-ai"):
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            libraries[name] = "-"
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "vnni": "avx512_vnni" in cpu_flags(), "libraries": libraries}
+
+
+# ------------------------------------------------------------------------------------------------ peers
+
+
+def peer_torch_dynamic(teacher_dir: Path, out: Path) -> None:
+    from squeezeflow.tasks.runtime import TORCH_DYNAMIC_MARKER
+
+    shutil.copytree(teacher_dir, out, dirs_exist_ok=True)
+    (out / TORCH_DYNAMIC_MARKER).write_text(json.dumps({"modules": ["Linear"], "dtype": "qint8"}))
+
+
+def peer_ort_fp32(teacher_dir: Path, out: Path) -> None:
+    from squeezeflow.tasks.export import ExportConfig, export_onnx
+
+    export_onnx(teacher_dir, out, ExportConfig(optimize="none"))
+
+
+def peer_optimum_dynamic(onnx_dir: Path, out: Path) -> None:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from squeezeflow.tasks.export import copy_tokenizer
+
+    preset = AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in cpu_flags() else AutoQuantizationConfig.avx2
+    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
+    scratch = out.parent / f".{out.name}-optimum"
+    quantizer.quantize(save_dir=scratch, quantization_config=preset(is_static=False, per_channel=False))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(next(scratch.glob("*quantized*.onnx"))), out / "model.onnx")
+    shutil.rmtree(scratch, ignore_errors=True)
+    copy_tokenizer(onnx_dir, out)
+
+
+def peer_olive(teacher_dir: Path, out: Path) -> None:
+    try:
+        from olive import run as olive_run
+    except ImportError:
+        raise SystemExit("error: the Olive peer needs olive-ai: pip install -e '.[bench]'") from None
+    from squeezeflow.tasks.export import copy_tokenizer
+
+    work = out.parent / f".{out.name}-olive"
+    olive_run({
+        "input_model": {"type": "HfModel", "model_path": str(teacher_dir), "task": "text-classification"},
+        "systems": {"local": {"type": "LocalSystem", "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+        "passes": {
+            "conversion": {"type": "OnnxConversion"},
+            "optimization": {"type": "OrtTransformersOptimization", "model_type": "bert"},
+            "quantization": {"type": "OnnxDynamicQuantization"},
+        },
+        "host": "local", "target": "local", "output_dir": str(work / "output"), "cache_dir": str(work / "cache"),
+        "log_severity_level": 3,
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(next((work / "output").rglob("model.onnx"))), out / "model.onnx")
+    shutil.rmtree(work, ignore_errors=True)
+    copy_tokenizer(teacher_dir, out)
+
+
+def make_peers(teacher, root: Path) -> list:
+    """The peers as variant records (so the same harness measures them), all made from the teacher."""
+    from squeezeflow.tasks.variant import Variant
+
+    root.mkdir(parents=True, exist_ok=True)
+    teacher_dir = Path(teacher.path)
+    made = [teacher.model_copy(update={"metrics": {}})]
+    recipes = [
+        (TORCH_DYNAMIC, "quantize", "hf", lambda d: peer_torch_dynamic(teacher_dir, d)),
+        (ORT_FP32, "export", "onnx", lambda d: peer_ort_fp32(teacher_dir, d)),
+        (OPTIMUM, "quantize", "onnx", lambda d: peer_optimum_dynamic(root / ORT_FP32, d)),
+        (OLIVE, "quantize", "onnx", lambda d: peer_olive(teacher_dir, d)),
+    ]
+    for name, stage, fmt, build in recipes:
+        directory = root / name
+        if not (directory / "done").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            started = time.perf_counter()
+            build(directory)
+            (directory / "done").write_text(f"{time.perf_counter() - started:.1f}\n")
+        made.append(Variant(id=f"peer-{name}", parent_id=teacher.id, stage=stage, lineage=f"peer:{name}", format=fmt, path=str(directory)))
+    return made
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def results_document(machine_info: dict, wall_s: float, variants: list, side_by_side: list, champion_id: str) -> dict:
+    """The results.json document: the recipe's variants (as the flow measured them) and the champion against the
+    peers (as measured side by side in one interleaved benchmark)."""
+    by_name = {v.lineage.removeprefix("peer:"): v for v in side_by_side if v.lineage.startswith("peer:")}
+    teacher = next(v for v in side_by_side if v.stage == "teacher")
+    by_name[TORCH_FP32] = teacher
+    champion = next(v for v in side_by_side if v.id == champion_id)
+    peers = [
+        {"name": name, **{k: by_name[name].metrics[k] for k in PEER_KEYS[1:]}}
+        for name in (TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OLIVE) if name in by_name
+    ]
+    p50 = champion.metrics["latency_p50_ms"]
+    best_peer = min(p["latency_p50_ms"] for p in peers)
+    return {
+        "machine": machine_info,
+        "wall_s": wall_s,
+        "teacher": {k: teacher.metrics[k] for k in ("accuracy", "latency_p50_ms", "size_mb")},
+        "peers": peers,
+        "variants": [
+            {
+                "variant_id": v.id, "parent_id": v.parent_id, "lineage": v.lineage, "stage": v.stage,
+                **{k: v.metrics.get(k) for k in VARIANT_KEYS[4:]},
+            }
+            for v in variants
+        ],
+        "champion": {
+            "variant_id": champion.id,
+            "lineage": champion.lineage,
+            "accuracy": champion.metrics["accuracy"],
+            "accuracy_drop": champion.metrics["accuracy_drop"],
+            "latency_p50_ms": p50,
+            "size_mb": champion.metrics["size_mb"],
+            "speedup_vs_torch_fp32": by_name[TORCH_FP32].metrics["latency_p50_ms"] / p50,
+            "speedup_vs_optimum_dynamic": by_name[OPTIMUM].metrics["latency_p50_ms"] / p50 if OPTIMUM in by_name else None,
+            "speedup_vs_olive": by_name[OLIVE].metrics["latency_p50_ms"] / p50 if OLIVE in by_name else None,
+            "speedup_vs_best_peer": best_peer / p50,
+            "size_ratio_vs_teacher": teacher.metrics["size_mb"] / champion.metrics["size_mb"],
+        },
+    }
+
+
+def check_document(doc: dict) -> None:
+    """Raises ValueError unless `doc` has exactly the results.json keys."""
+    problems = []
+    if tuple(doc) != TOP_KEYS:
+        problems.append(f"top-level keys {list(doc)} != {list(TOP_KEYS)}")
+    for i, peer in enumerate(doc.get("peers", [])):
+        if tuple(peer) != PEER_KEYS:
+            problems.append(f"peers[{i}] keys {list(peer)}")
+    for i, variant in enumerate(doc.get("variants", [])):
+        if tuple(variant) != VARIANT_KEYS:
+            problems.append(f"variants[{i}] keys {list(variant)}")
+    if tuple(doc.get("champion", {})) != CHAMPION_KEYS:
+        problems.append(f"champion keys {list(doc.get('champion', {}))}")
+    if problems:
+        raise ValueError("results.json: " + "; ".join(problems))
+
+
+def goal_lines(champion: dict) -> list[str]:
+    lines = []
+    for key, bar in GOALS.items():
+        value = champion[key]
+        met = value <= bar if key == "accuracy_drop" else value >= bar
+        shown = f"{value * 100:.2f} pt" if key == "accuracy_drop" else f"{value:.2f}×"
+        target = f"≤ {bar * 100:.1f} pt" if key == "accuracy_drop" else f"≥ {bar:g}×"
+        lines.append(f"- {key}: {shown} (goal {target}): {'met' if met else 'NOT met'}")
+    return lines
+
+
+def markdown(doc: dict, command: str) -> str:
+    m, c = doc["machine"], doc["champion"]
+    lines = [
+        "# squeezeflow SST-2 benchmark", "",
+        f"`{command}`", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads for every engine; wall time {doc['wall_s'] / 60:.1f} min.", "",
+        "## Champion vs peers (one interleaved benchmark, SST-2 dev, batch 1)", "",
+        "| model | accuracy | p50 ms | p99 ms | batch-32 qps | size MB |", "|---|---|---|---|---|---|",
+    ]
+    for p in doc["peers"]:
+        lines.append(f"| {p['name']} | {p['accuracy']:.4f} | {p['latency_p50_ms']:.2f} | {p['latency_p99_ms']:.2f} | {p['throughput_qps']:.0f} | {p['size_mb']:.1f} |")
+    lines.append(f"| **squeezeflow champion** `{c['lineage']}` | {c['accuracy']:.4f} | {c['latency_p50_ms']:.2f} | | | {c['size_mb']:.1f} |")
+    lines += ["", "Goals:", *goal_lines(c), "",
+              f"Speed-up vs Optimum dynamic INT8: {c['speedup_vs_optimum_dynamic']:.2f}×; vs Olive: {c['speedup_vs_olive']:.2f}×.", "",
+              "## Every variant of the recipe (as the flow measured them)", "",
+              "| lineage | accuracy | drop (pt) | p50 ms | p99 ms | qps | size MB | params M |", "|---|---|---|---|---|---|---|---|"]
+    for v in doc["variants"]:
+        lines.append(
+            f"| {v['lineage']} | {v['accuracy']:.4f} | {v['accuracy_drop'] * 100:+.2f} | {v['latency_p50_ms']:.2f} | "
+            f"{v['latency_p99_ms']:.2f} | {v['throughput_qps']:.0f} | {v['size_mb']:.1f} | {v['params_m']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sst2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="directory with train.tsv and dev.tsv")
+    parser.add_argument("--out", type=Path, required=True, help="where results.json, results.md and the artifacts go")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "sst2.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value (repeatable)")
+    args = parser.parse_args(argv)
+
+    import squeezeflow.tasks  # noqa: F401  (offline environment defaults)
+    from squeezeflow.flows.compress import run_compress
+    from squeezeflow.flows.config import load_config
+    from squeezeflow.tasks.base import SqueezeError
+    from squeezeflow.tasks.evaluate import benchmark
+    from squeezeflow.tasks.variant import Variant
+
+    started = time.perf_counter()
+    out = args.out.resolve()
+    try:
+        cfg = load_config(args.config, [f"data.dir={args.data_dir.resolve()}", f"artifacts_dir={out / 'artifacts'}", *args.overrides])
+        result = run_compress(cfg)
+    except SqueezeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    variants = [Variant.model_validate(v) for v in result["variants"]]
+    teacher = next(v for v in variants if v.stage == "teacher")
+    champion = next(v for v in variants if v.id == result["champion"])
+    peers = make_peers(teacher, out / "peers")
+    contenders = peers if champion.id == teacher.id else [*peers, champion]
+    side_by_side = benchmark(contenders, cfg.data, cfg.model.num_labels, cfg.benchmark.model_copy(update={"measure_rss": False}))
+    doc = results_document(machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id)
+    check_document(doc)
+    command = "python -m bench.sst2 " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    (out / "results.md").write_text(markdown(doc, command))
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""bench/sst2.py: the results.json schema and figures from hand-made measurements, and the peers it builds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.sst2 import (
+    CHAMPION_KEYS, PEER_KEYS, TOP_KEYS, VARIANT_KEYS, check_document, make_peers, markdown, results_document,
+)
+from squeezeflow.tasks.data import load_splits
+from squeezeflow.tasks.runtime import load_predictor
+from squeezeflow.tasks.variant import Variant
+
+METRICS = {"accuracy_drop": 0.0, "latency_p99_ms": 1.0, "throughput_qps": 100.0, "params_m": 1.0}
+
+
+def variant(vid, lineage, stage, accuracy, p50, size, parent=None):
+    metrics = {**METRICS, "accuracy": accuracy, "latency_p50_ms": p50, "size_mb": size, "accuracy_drop": 0.9 - accuracy}
+    return Variant(id=vid, parent_id=parent, stage=stage, lineage=lineage, format="onnx", path="/x", metrics=metrics)
+
+
+def test_results_document_has_exactly_the_keys_and_the_right_ratios():
+    teacher = variant("t", "teacher", "teacher", 0.9, 20.0, 90.0)
+    champion = variant("c", "teacher>distill[L2]>onnx>int8-dynamic", "quantize", 0.895, 1.0, 9.0, parent="o")
+    side_by_side = [
+        teacher,
+        variant("p1", "peer:torch-quantize-dynamic", "quantize", 0.89, 18.0, 90.0),
+        variant("p2", "peer:onnxruntime-fp32", "export", 0.9, 6.0, 90.0),
+        variant("p3", "peer:optimum-dynamic-int8", "quantize", 0.89, 4.0, 23.0),
+        variant("p4", "peer:olive-cpu-int8", "quantize", 0.89, 3.0, 23.0),
+        champion,
+    ]
+    doc = results_document({"cpu": "test", "cores": 2, "threads": 2, "libraries": {}}, 12.5, [teacher, champion], side_by_side, "c")
+    check_document(doc)
+    assert tuple(doc) == TOP_KEYS and tuple(doc["champion"]) == CHAMPION_KEYS
+    assert all(tuple(p) == PEER_KEYS for p in doc["peers"]) and all(tuple(v) == VARIANT_KEYS for v in doc["variants"])
+    assert [p["name"] for p in doc["peers"]] == [
+        "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-dynamic-int8", "olive-cpu-int8",
+    ]
+    c = doc["champion"]
+    assert c["speedup_vs_torch_fp32"] == pytest.approx(20.0)
+    assert c["speedup_vs_optimum_dynamic"] == pytest.approx(4.0)
+    assert c["speedup_vs_olive"] == pytest.approx(3.0)
+    assert c["speedup_vs_best_peer"] == pytest.approx(3.0)
+    assert c["size_ratio_vs_teacher"] == pytest.approx(10.0)
+    json.dumps(doc)  # serialisable as is
+    text = markdown(doc, "python -m bench.sst2 --data-dir d --out o")
+    assert "speedup_vs_torch_fp32: 20.00× (goal ≥ 15×): met" in text
+    assert "accuracy_drop: 0.50 pt (goal ≤ 1.0 pt): met" in text
+
+
+def test_check_document_names_what_is_wrong():
+    with pytest.raises(ValueError, match="top-level keys"):
+        check_document({"machine": {}, "peers": []})
+
+
+def test_peers_are_built_from_the_teacher_and_run(tmp_path, trained_tiny, monkeypatch):
+    import bench.sst2 as sst2
+
+    teacher, data = trained_tiny
+    monkeypatch.setattr(sst2, "peer_olive", lambda teacher_dir, out: sst2.peer_ort_fp32(teacher_dir, out))  # olive-ai is a bench-only extra
+    peers = make_peers(teacher, tmp_path / "peers")
+    assert [p.lineage for p in peers] == [
+        "teacher", "peer:torch-quantize-dynamic", "peer:onnxruntime-fp32", "peer:optimum-dynamic-int8", "peer:olive-cpu-int8",
+    ]
+    _, eval_split = load_splits(data, 2)
+    reference = load_predictor(teacher.path, "hf").logits(eval_split.texts).argmax(-1)
+    for peer in peers[1:]:
+        predicted = load_predictor(peer.path, peer.format).logits(eval_split.texts).argmax(-1)
+        assert (predicted == reference).mean() >= 0.9, peer.lineage
+    assert make_peers(teacher, tmp_path / "peers") == peers  # built once, reused
