@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 from prefect import task
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import StageBase, TORCH_LOCK, ModelError
 from .data import load_splits
@@ -44,7 +44,9 @@ CRITERIA: dict[str, tuple[Callable, bool]] = {
 
 class PruneConfig(StageBase):
     kind: Literal["prune"] = "prune"
-    ratios: list[float] = Field(description="Share of heads and FFN channels to remove; each ratio is a variant.", min_length=1)
+    ratios: list[float] = Field(
+        description="Share of heads and FFN channels to remove; each ratio is a variant (0: only the vocabulary is pruned).", min_length=1
+    )
     heads: bool = Field(True, description="Remove whole attention heads (the same number in every layer).")
     ffn: bool = Field(True, description="Remove FFN intermediate channels (the same number in every layer).")
     criterion: Literal["magnitude", "taylor"] = Field(
@@ -56,16 +58,39 @@ class PruneConfig(StageBase):
         default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=5e-5, batch_size=32, max_examples=4000),
         description="Fine-tuning after each pruning step, distilled from the root teacher; null: no recovery.",
     )
+    vocabulary: Literal["full", "task"] | int = Field(
+        "full",
+        description="full: keep the tokenizer's vocabulary; task: keep only the tokens the training data uses; "
+        "a number N: keep the N most frequent of those (rarer words become [UNK]). Shrinks the word embedding.",
+    )
     temperature: float = Field(2.0, gt=0, description="Temperature of the recovery distillation.")
     soft_weight: float = Field(0.7, ge=0, le=1, description="Weight of the teacher's soft targets in the recovery loss.")
 
     @field_validator("ratios")
     @classmethod
     def _ratios_in_range(cls, ratios: list[float]) -> list[float]:
-        bad = [r for r in ratios if not 0.0 < r < 1.0]
+        bad = [r for r in ratios if not 0.0 <= r < 1.0]
         if bad:
-            raise ValueError(f"each ratio must be between 0 and 1 (exclusive), got {bad}")
+            raise ValueError(f"each ratio must be at least 0 and below 1, got {bad}")
         return ratios
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary_size(cls, vocabulary):
+        if isinstance(vocabulary, int) and vocabulary < 1:
+            raise ValueError(f"a vocabulary size must be at least 1, got {vocabulary}")
+        return vocabulary
+
+    @model_validator(mode="after")
+    def _something_to_prune(self) -> PruneConfig:
+        if 0.0 in self.ratios and self.vocabulary == "full":
+            raise ValueError("ratio 0 prunes nothing unless vocabulary is 'task' or a number")
+        return self
+
+    def token(self, ratio: float) -> str:
+        parts = [f"{ratio:g}"] if ratio else []
+        parts += [] if self.vocabulary == "full" else [f"vocab{'' if self.vocabulary == 'task' else self.vocabulary}"]
+        return f"prune[{'+'.join(parts) or '0'}]"
 
 
 def encoder_layers(model):
@@ -178,14 +203,14 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
     if parent.format != "hf":
         raise ModelError(f"prune: variant {parent.id} is {parent.format}; pruning works on PyTorch variants")
     knobs = {"ratio": ratio, **cfg.model_dump(exclude={"kind", "ratios", "retries"})}
-    child = derive(parent, stage="prune", token=f"prune[{ratio:g}]", params=knobs, format="hf", out_root=out_root)
+    child = derive(parent, stage="prune", token=cfg.token(ratio), params=knobs, format="hf", out_root=out_root)
     if done := finished(child):
         return done
     # eager attention: the pruner traces the graph, and SDPA hides the per-head reshapes from it
     model = AutoModelForSequenceClassification.from_pretrained(parent.path, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
     params_before = sum(p.numel() for p in model.parameters())
-    train_split, _ = load_splits(ctx.data, ctx.num_labels)
+    train_split, eval_split = load_splits(ctx.data, ctx.num_labels)
     limit = cfg.recovery.max_examples if cfg.recovery else 16 * cfg.taylor_batches
     pick = sample_indices(len(train_split), limit, ctx.seed)
     texts = [train_split.texts[i] for i in pick]
@@ -193,7 +218,7 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
     figures: dict[str, float] = {}
 
     recover = None
-    if cfg.recovery is not None:
+    if cfg.recovery is not None and ratio > 0:
         teacher = ctx.teacher or parent
         cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
         targets = teacher_logits(teacher.path, texts, ctx.max_length, cache_dir)
@@ -207,7 +232,13 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
                            loss_fn=loss, targets=targets)
             figures["recovery_seconds"] = figures.get("recovery_seconds", 0.0) + result["train_seconds"]
 
-    prune_model(model, tokenizer, ratio, cfg, texts, labels, ctx.max_length, recover)
+    if ratio > 0:
+        prune_model(model, tokenizer, ratio, cfg, texts, labels, ctx.max_length, recover)
+    if cfg.vocabulary != "full":
+        kept = task_vocabulary(tokenizer, train_split.texts, None if cfg.vocabulary == "task" else cfg.vocabulary)
+        before = unknown_rate(tokenizer, eval_split.texts)
+        tokenizer = shrink_vocabulary(model, tokenizer, kept)
+        figures |= {"vocabulary_size": float(len(kept)), "unk_rate_eval_before": before, "unk_rate_eval": unknown_rate(tokenizer, eval_split.texts)}
     params_after = sum(p.numel() for p in model.parameters())
     figures |= {
         "params_before_m": params_before / 1e6,
@@ -217,6 +248,64 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
     }
     log.info("pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6)
     return save_hf_variant(child.model_copy(update={"metrics": {f"prune_{k}": v for k, v in figures.items()}}), model, tokenizer)
+
+
+def task_vocabulary(tokenizer, texts: list[str], limit: int | None) -> list[int]:
+    """Ids of the special tokens plus the tokens `texts` use (the `limit` most frequent, when given), in id order."""
+    from collections import Counter
+
+    counts = Counter(i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids)
+    special = set(tokenizer.all_special_ids)
+    used = [i for i, _ in counts.most_common() if i not in special]
+    return sorted(special | set(used[:limit] if limit is not None else used))
+
+
+def unknown_rate(tokenizer, texts: list[str]) -> float:
+    """Share of the word pieces of `texts` that are [UNK]."""
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    return sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
+
+
+def shrink_vocabulary(model, tokenizer, kept: list[int]):
+    """Keeps only the `kept` rows of the word embedding and rewrites the (fast, WordPiece) tokenizer to the new
+    ids; returns the new tokenizer. Words the smaller vocabulary cannot spell become [UNK]."""
+    import json
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+
+    remap = {old: new for new, old in enumerate(kept)}
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        spec = json.loads(Path(scratch, "tokenizer.json").read_text(encoding="utf-8"))
+        if spec["model"].get("type") != "WordPiece":
+            raise ModelError(f"prune.vocabulary: only WordPiece tokenizers can be pruned, this one is {spec['model'].get('type')}")
+        spec["model"]["vocab"] = {t: remap[i] for t, i in spec["model"]["vocab"].items() if i in remap}
+        for token in spec.get("added_tokens", []):
+            token["id"] = remap[token["id"]]
+        for special in (spec.get("post_processor") or {}).get("special_tokens", {}).values():
+            special["ids"] = [remap[i] for i in special["ids"]]
+        if spec.get("padding"):
+            spec["padding"]["pad_id"] = remap[spec["padding"]["pad_id"]]
+        Path(scratch, "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+        by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+        Path(scratch, "vocab.txt").write_text("".join(by_id[i] + "\n" for i in range(len(kept))), encoding="utf-8")
+        settings_file = Path(scratch, "tokenizer_config.json")
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        settings["added_tokens_decoder"] = {str(remap[int(i)]): v for i, v in settings.get("added_tokens_decoder", {}).items()}
+        settings_file.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        smaller = AutoTokenizer.from_pretrained(scratch)
+    old = model.get_input_embeddings()
+    pad = remap.get(old.padding_idx) if old.padding_idx is not None else None
+    new = torch.nn.Embedding(len(kept), old.embedding_dim, padding_idx=pad)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[torch.tensor(kept)])
+    model.set_input_embeddings(new)
+    model.config.vocab_size = len(kept)
+    if model.config.pad_token_id is not None:
+        model.config.pad_token_id = remap.get(model.config.pad_token_id, 0)
+    return smaller
 
 
 @task(name="prune")

@@ -79,7 +79,7 @@ def test_pruned_variant_reloads_with_from_pretrained_and_exports(tmp_path, train
 
 
 def test_ratios_must_lie_between_zero_and_one():
-    with pytest.raises(ValueError, match="between 0 and 1"):
+    with pytest.raises(ValueError, match="at least 0 and below 1"):
         PruneConfig(ratios=[0.3, 1.0])
 
 
@@ -89,3 +89,30 @@ def test_prune_refuses_onnx_parents(tmp_path, trained_tiny):
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7)
     with pytest.raises(Exception, match="PyTorch variants"):
         prune(onnx_parent, 0.5, PruneConfig(ratios=[0.5]), ctx, tmp_path)
+
+
+def test_task_vocabulary_keeps_the_words_the_data_uses(tmp_path, trained_tiny):
+    teacher, data = trained_tiny
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
+    full = AutoTokenizer.from_pretrained(teacher.path)
+    _, eval_split = load_splits(data, 2)
+    # the 10 most frequent words (filler: 14 filler words each outnumber any one sentiment word) + 5 special tokens
+    small = prune(teacher, 0.0, PruneConfig(ratios=[0.0], vocabulary=10), ctx, tmp_path)
+    assert small.lineage == "teacher>prune[vocab10]"
+    assert small.metrics["prune_vocabulary_size"] == 15 and small.metrics["prune_unk_rate_eval"] > 0.1
+    task = prune(teacher, 0.0, PruneConfig(ratios=[0.0], vocabulary="task"), ctx, tmp_path)
+    assert task.lineage == "teacher>prune[vocab]" and task.metrics["prune_unk_rate_eval"] == 0.0
+    reloaded = AutoModelForSequenceClassification.from_pretrained(task.path)
+    tokenizer = AutoTokenizer.from_pretrained(task.path)
+    assert reloaded.config.vocab_size == len(tokenizer) == len(full)  # this tiny task uses every word it has
+    np.testing.assert_allclose(load_predictor(task.path, "hf").logits(eval_split.texts), load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-5)
+    # the 10-word model: every kept token is renumbered onto its own embedding row, the rest become [UNK]
+    small_tokenizer = AutoTokenizer.from_pretrained(small.path)
+    old_rows = AutoModelForSequenceClassification.from_pretrained(teacher.path).get_input_embeddings().weight
+    new_rows = AutoModelForSequenceClassification.from_pretrained(small.path).get_input_embeddings().weight
+    assert new_rows.shape[0] == len(small_tokenizer) == 15
+    for token, new_id in small_tokenizer.get_vocab().items():
+        assert torch.equal(new_rows[new_id], old_rows[full.convert_tokens_to_ids(token)]), token
+    assert small_tokenizer.convert_ids_to_tokens(small_tokenizer("superb movie")["input_ids"]) == ["[CLS]", "[UNK]", "movie", "[SEP]"]
+    onnx_variant = export(task, ExportConfig(), tmp_path / "onnx")
+    np.testing.assert_allclose(load_predictor(onnx_variant.path, "onnx").logits(eval_split.texts), load_predictor(task.path, "hf").logits(eval_split.texts), atol=1e-4)
