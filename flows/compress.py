@@ -109,12 +109,12 @@ def carried_over(kind: str, parents: list[Variant]) -> list[Variant]:
 
 
 def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> tuple[list[Variant], list[Failure]]:
-    """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export also
-    takes the teacher, so the peer path teacher>onnx>int8 is always there as a baseline."""
+    """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export (and
+    any stage with also_teacher) also takes the teacher, so the peer path teacher>onnx>int8 is always there."""
     logger = get_run_logger()
     by_id, frontier, failures = {teacher.id: teacher}, [teacher], []
     for stage in stages:
-        parents = frontier + [teacher] if stage.kind == "export" and teacher not in frontier else frontier
+        parents = frontier + [teacher] if (stage.kind == "export" or stage.also_teacher) and teacher not in frontier else frontier
         submitted = [(parent, token, future) for parent in parents for token, future in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
         frontier = carried_over(stage.kind, parents)
         for parent, token, future in submitted:

@@ -23,6 +23,14 @@ class StageBase(StrictModel):
     """What every stage's config has besides its own knobs."""
 
     retries: int = Field(0, ge=0, le=10, description="Retries of a failing task of this stage before its variant is marked failed.")
+    also_teacher: bool = Field(
+        False, description="Also apply this stage to the teacher, not only to what the previous stage made (export always does)."
+    )
+
+    def knobs(self, *per_variant: str) -> dict:
+        """The settings that shape this stage's output (part of each variant's id); `per_variant` names the
+        search-space fields, each variant records its own value instead."""
+        return self.model_dump(exclude={"kind", "retries", "also_teacher", *per_variant})
 
 
 class SqueezeError(Exception):

@@ -154,7 +154,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         raise ModelError(f"distill: the teacher must be a PyTorch variant, {parent.id} is {parent.format}")
     depth = AutoConfig.from_pretrained(parent.path).num_hidden_layers
     token = shape.token(depth)
-    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.model_dump(exclude={"kind", "students", "retries"})}
+    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students")}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
     if done := finished(child):
         return done

@@ -60,7 +60,7 @@ class EarlyExitConfig(StageBase):
         return self
 
     def training_knobs(self) -> dict:
-        return self.model_dump(exclude={"kind", "thresholds", "criterion", "retries"})
+        return self.knobs("thresholds", "criterion")
 
 
 def _torch_modules():

@@ -202,7 +202,7 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
 
     if parent.format != "hf":
         raise ModelError(f"prune: variant {parent.id} is {parent.format}; pruning works on PyTorch variants")
-    knobs = {"ratio": ratio, **cfg.model_dump(exclude={"kind", "ratios", "retries"})}
+    knobs = {"ratio": ratio, **cfg.knobs("ratios")}
     child = derive(parent, stage="prune", token=cfg.token(ratio), params=knobs, format="hf", out_root=out_root)
     if done := finished(child):
         return done

@@ -332,7 +332,7 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
         parent_format = fmt = "onnx-exit"
     if parent.format != parent_format:
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
-    knobs = {"mode": mode, **cfg.model_dump(exclude={"kind", "modes", "retries"})}
+    knobs = {"mode": mode, **cfg.knobs("modes")}
     child = derive(parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root)
     if done := finished(child):
         return done

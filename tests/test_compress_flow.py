@@ -194,11 +194,11 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(finished):
 @pytest.fixture(scope="module")
 def chained(prefect_harness, tmp_path_factory, tiny_model_dir):
     """prune → early exit → export → quantize: each stage takes what the one before made (early exit is a side
-    branch, so the pruned model also goes on to export)."""
+    branch, so the pruned model also goes on to export; also_teacher gives the teacher exits too)."""
     tree = make_tiny_config(tmp_path_factory.mktemp("chain"), tiny_model_dir)
     tree["stages"] = [
         {"kind": "prune", "ratios": [0.5], "recovery": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16}},
-        {"kind": "early_exit", "thresholds": [0.3], "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16}},
+        {"kind": "early_exit", "thresholds": [0.3], "also_teacher": True, "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16}},
         {"kind": "export"},
         {"kind": "quantize", "modes": ["dynamic"]},
     ]
@@ -212,10 +212,10 @@ def test_pruned_and_early_exit_variants_flow_through_the_chain(chained):
     by_lineage = {v["lineage"]: v for v in result["variants"]}
     assert set(by_lineage) == {
         "teacher", "teacher>prune[0.5]",
-        "teacher>prune[0.5]>early_exit[0.3]",
+        "teacher>early_exit[0.3]", "teacher>prune[0.5]>early_exit[0.3]",
         "teacher>onnx", "teacher>prune[0.5]>onnx",
         "teacher>onnx>int8-dynamic", "teacher>prune[0.5]>onnx>int8-dynamic",
-        "teacher>prune[0.5]>early_exit[0.3]>int8-dynamic",
+        "teacher>early_exit[0.3]>int8-dynamic", "teacher>prune[0.5]>early_exit[0.3]>int8-dynamic",
     }
     pruned, teacher = by_lineage["teacher>prune[0.5]"], by_lineage["teacher"]
     assert pruned["stage"] == "prune" and pruned["metrics"]["params_m"] < teacher["metrics"]["params_m"]
@@ -225,4 +225,4 @@ def test_pruned_and_early_exit_variants_flow_through_the_chain(chained):
             assert {"latency_mean_ms", "parity_agreement"} <= set(v["metrics"])
     client = MlflowClient(cfg.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`squeeze.stage` = 'early_exit'")
-    assert len(runs) == 1 and "mean_exit_layer" in runs[0].data.metrics
+    assert len(runs) == 2 and all("mean_exit_layer" in r.data.metrics for r in runs)
