@@ -100,12 +100,12 @@ class Failure:
 
 def carried_over(kind: str, parents: list[Variant]) -> list[Variant]:
     """Variants that stay in play past a stage without passing through it: early exit is a side branch (its
-    PyTorch parents go on to export), and early-exit variants are already ONNX, so they skip export."""
+    PyTorch parents go on to the next stages), and early-exit variants wait for a quantize stage."""
     if kind == "early_exit":
         return list(parents)
-    if kind == "export":
-        return [p for p in parents if p.format == "onnx-exit"]
-    return []
+    if kind == "quantize":
+        return []
+    return [p for p in parents if p.format == "onnx-exit"]
 
 
 def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> tuple[list[Variant], list[Failure]]:

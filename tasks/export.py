@@ -49,10 +49,12 @@ def fuse(onnx_path: Path, num_heads: int, hidden_size: int, fuse_embeddings: boo
 
 def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None:
     """Writes `out_dir/model.onnx` (dynamic batch and sequence axes) and the tokenizer for a saved HF model."""
-    from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
 
     with TORCH_LOCK:
+        # imported under the lock too: optimum's lazy module, imported by two threads at once, can come out half-made
+        from optimum.exporters.onnx import main_export
+
         main_export(
             str(model_dir), out_dir, task="text-classification", opset=cfg.opset,
             local_files_only=True, do_validation=False, library_name="transformers",

@@ -49,13 +49,16 @@ def fast_tokenizer(path: Path):
     return tokenizer
 
 
-def ort_session(file: Path, threads: int):
+def ort_session(file: Path, threads: int, spin: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spin:
+        # sessions that take turns: an idle session's threads must not spin on the cores the next one needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
@@ -137,7 +140,7 @@ class EarlyExitPredictor:
         path = Path(path)
         spec = json.loads((path / EARLY_EXIT_FILE).read_text())
         self.tokenizer = fast_tokenizer(path)
-        self.sessions = [ort_session(path / name, threads) for name in spec["segments"]]
+        self.sessions = [ort_session(path / name, threads, spin=False) for name in spec["segments"]]
         self.entry_inputs = [i.name for i in self.sessions[0].get_inputs()]
         self.rule = EXIT_RULES[spec["criterion"]](spec["threshold"])
         self.last_exit_layers = np.zeros(0, dtype=np.int64)
