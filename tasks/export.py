@@ -24,9 +24,6 @@ class ExportConfig(StageBase):
     optimize: Literal["none", "fusion"] = Field(
         "fusion", description="fusion: ORT transformer fusions (Attention, SkipLayerNorm, FastGelu); none: the plain export."
     )
-    fuse_embeddings: bool = Field(
-        True, description="fusion: fold the embeddings into EmbedLayerNormalization; false keeps their Gather, so that quantize.quantize_embeddings can store them in INT8."
-    )
 
 
 def copy_tokenizer(src: str | Path, dst: Path) -> None:
@@ -35,15 +32,10 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
             shutil.copy2(Path(src) / name, dst / name)
 
 
-def fuse(onnx_path: Path, num_heads: int, hidden_size: int, fuse_embeddings: bool = True) -> None:
-    from onnxruntime.transformers.fusion_options import FusionOptions
+def fuse(onnx_path: Path, num_heads: int, hidden_size: int) -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    options = FusionOptions("bert")
-    options.enable_embed_layer_norm = fuse_embeddings
-    optimized = optimize_model(
-        str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0, optimization_options=options,
-    )
+    optimized = optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     optimized.save_model_to_file(str(onnx_path))
 
 
@@ -63,7 +55,7 @@ def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None
     if cfg.optimize == "fusion":
         # pruned heads: 0 lets the fusion read the head count and width from the graph itself
         pruned = bool(getattr(config, "pruned_heads", None))
-        fuse(out_dir / "model.onnx", 0 if pruned else config.num_attention_heads, 0 if pruned else config.hidden_size, cfg.fuse_embeddings)
+        fuse(out_dir / "model.onnx", 0 if pruned else config.num_attention_heads, 0 if pruned else config.hidden_size)
     copy_tokenizer(model_dir, out_dir)
 
 

@@ -81,7 +81,8 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    op_types = ["MatMul", "Attention"] + (["Gather"] if cfg.quantize_embeddings else [])
+    # the word embedding sits in a Gather, or inside the fused EmbedLayerNormalization (-> QEmbedLayerNormalization)
+    op_types = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if cfg.quantize_embeddings else [])
     quantize_dynamic(
         src, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
         reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
@@ -276,21 +277,29 @@ def qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stage
 def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .training import TrainConfig, teacher_logits_loss, train
+    from .distill import teacher_logits
+    from .training import TrainConfig, kd_loss, sample_indices, train
 
     if source is None or ctx.teacher is None:
         raise ModelError(f"QAT of {parent.id} needs its PyTorch source model and the teacher")
     train_split, _ = load_splits(ctx.data, ctx.num_labels)
+    q = cfg.qat
+    pick = sample_indices(len(train_split), q.max_examples, ctx.seed)
+    texts = [train_split.texts[i] for i in pick]
+    labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
+    # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
+    targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, ctx.cache_dir or out.parent / ".cache")
     model = AutoModelForSequenceClassification.from_pretrained(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    teacher = AutoModelForSequenceClassification.from_pretrained(ctx.teacher.path)
     encoder = getattr(model, model.base_model_prefix)
     _swap_linears(encoder.encoder, wrap=True)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
-    q = cfg.qat
     figures = train(
-        model, tokenizer, train_split.texts, train_split.labels,
-        TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, max_examples=q.max_examples, warmup_ratio=0.1),
-        max_length=ctx.max_length, seed=ctx.seed, loss_fn=teacher_logits_loss(teacher, q.temperature, q.soft_weight),
+        model, tokenizer, texts, labels,
+        TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1),
+        max_length=ctx.max_length, seed=ctx.seed, targets=targets,
+        loss_fn=lambda outputs, batch: kd_loss(
+            outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=q.temperature, soft_weight=q.soft_weight
+        ),
     )
     _swap_linears(encoder.encoder, wrap=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -156,18 +156,3 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_
         return soft
     hard = F.cross_entropy(student_logits, labels)
     return soft_weight * soft + (1.0 - soft_weight) * hard
-
-
-def teacher_logits_loss(teacher, temperature: float, soft_weight: float) -> LossFn:
-    """A loss_fn for `train` that distils from `teacher` (a PyTorch classifier run on the same batch)."""
-    import torch
-
-    teacher.eval()
-
-    def loss(outputs, batch):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        with torch.no_grad():
-            target = teacher(**inputs).logits
-        return kd_loss(outputs.logits, target, batch.get("labels"), temperature=temperature, soft_weight=soft_weight)
-
-    return loss

@@ -59,16 +59,16 @@ def test_dynamic_int8_has_integer_ops_and_agrees(trained, tmp_path):
     assert agreement(onnx_variant, int8) >= 0.9
 
 
-def test_int8_embeddings_need_the_gather_kept_and_shrink_the_word_embedding(trained, tmp_path):
+def test_int8_embeddings_shrink_the_word_embedding(trained, tmp_path):
     teacher, fused, ctx = trained
-    unfused_embeddings = export(teacher, ExportConfig(fuse_embeddings=False), tmp_path)
-    assert "EmbedLayerNormalization" in ops(fused) and "EmbedLayerNormalization" not in ops(unfused_embeddings)
-    assert "Attention" in ops(unfused_embeddings)  # the rest of the fusion still happens
-    config = QuantizeConfig(quantize_embeddings=True)
-    small = quantize(unfused_embeddings, "dynamic", config, ctx, tmp_path)
-    word_embedding = next(t for t in onnx.load(f"{small.path}/model.onnx").graph.initializer if "word_embeddings" in t.name and tuple(t.dims) == (31, 32))
+    assert "EmbedLayerNormalization" in ops(fused)
+    small = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True), ctx, tmp_path)
+    assert "QEmbedLayerNormalization" in ops(small)
+    word_embedding = next(
+        t for t in onnx.load(f"{small.path}/model.onnx").graph.initializer if "word_embeddings" in t.name and tuple(t.dims) == (31, 32)
+    )
     assert word_embedding.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-    assert agreement(unfused_embeddings, small) >= 0.9
+    assert agreement(fused, small) >= 0.9
 
 
 def test_static_int8_runs_integer_matmuls_and_agrees(trained, tmp_path):
