@@ -49,14 +49,14 @@ def submit_prune(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict
     if parent.format != "hf":
         return []
     task = prune_task.with_options(retries=cfg.retries)
-    return [(f"prune[{ratio:g}]", task.submit(parent, ratio, cfg, ctx, out)) for ratio in cfg.ratios]
+    return [(cfg.token(ratio), task.submit(parent, ratio, cfg, ctx, out)) for ratio in cfg.ratios]
 
 
 def submit_early_exit(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
     if parent.format != "hf":
         return []
     task = early_exit_task.with_options(retries=cfg.retries)
-    return [(f"early_exit[{t:g}]", task.submit(parent, t, cfg, ctx, out)) for t in cfg.thresholds]
+    return [(cfg.token(t), task.submit(parent, t, cfg, ctx, out)) for t in cfg.thresholds]
 
 
 def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:

@@ -59,6 +59,9 @@ class EarlyExitConfig(StageBase):
                 raise ValueError(f"patience thresholds must be whole numbers ≥ 1, got {bad}")
         return self
 
+    def token(self, threshold: float) -> str:
+        return f"early_exit[{int(threshold) if self.criterion == 'patience' else threshold:g}]"
+
     def training_knobs(self) -> dict:
         return self.knobs("thresholds", "criterion")
 
@@ -256,9 +259,8 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
 def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path) -> Variant:
     if parent.format != "hf":
         raise ModelError(f"early_exit: variant {parent.id} is {parent.format}; exits are trained on PyTorch variants")
-    token = f"early_exit[{int(threshold) if cfg.criterion == 'patience' else threshold:g}]"
     knobs = {"threshold": threshold, "criterion": cfg.criterion, **cfg.training_knobs()}
-    child = derive(parent, stage="early_exit", token=token, params=knobs, format="onnx-exit", out_root=out_root)
+    child = derive(parent, stage="early_exit", token=cfg.token(threshold), params=knobs, format="onnx-exit", out_root=out_root)
     if done := finished(child):
         return done
     with TORCH_LOCK:

@@ -150,7 +150,6 @@ class EarlyExitPredictor:
         rows, mask = np.arange(len(texts)), columns["attention_mask"]
         self.rule.reset(len(texts))
         out, exit_layers = None, np.zeros(len(texts), dtype=np.int64)
-        hidden = None
         for depth, session in enumerate(self.sessions):
             if depth == 0:
                 hidden, logits = session.run(None, {name: columns[name] for name in self.entry_inputs})
