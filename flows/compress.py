@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from squeezeflow.flows.config import SqueezeConfig, StageConfig, dump_config
+from squeezeflow.flows.config import RunnerConfig, SqueezeConfig, StageConfig, dump_config
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.distill import distill_task
 from squeezeflow.tasks.early_exit import early_exit_task
@@ -136,9 +136,24 @@ def publish_to_prefect(name: str, report_md: str, variants: list[Variant]) -> No
     create_table_artifact(rows, key=f"{key}-variants", description="every variant and its measurements")
 
 
+def task_runner(runner: RunnerConfig):
+    """Bounded threads, or Dask through prefect-dask: the scheduler at `dask_address`, else a LocalCluster of
+    single-threaded worker processes (PyTorch's process-global state then needs no lock between them)."""
+    if runner.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=runner.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if runner.dask_address:
+        return DaskTaskRunner(address=runner.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": runner.max_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+    )
+
+
 def run_compress(cfg: SqueezeConfig) -> dict:
-    """Runs the flow with the recipe's task runner (bounded threads for sibling variants)."""
-    return compress.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers))(cfg)
+    """Runs the flow with the recipe's task runner."""
+    return compress.with_options(task_runner=task_runner(cfg.runner))(cfg)
 
 
 @flow(name="compress", task_runner=ThreadPoolTaskRunner(max_workers=2))

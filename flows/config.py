@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from squeezeflow.tasks.base import ConfigError, StrictModel
 from squeezeflow.tasks.data import DataConfig
@@ -24,10 +25,33 @@ StageConfig = Annotated[DistillConfig | PruneConfig | EarlyExitConfig | ExportCo
 
 
 class RunnerConfig(StrictModel):
+    kind: Literal["threads", "dask"] = Field(
+        "threads",
+        description="threads: sibling variants in bounded threads of this process. dask: on a Dask cluster through "
+        "prefect-dask (a LocalCluster of worker processes, or the scheduler at dask_address).",
+    )
     max_workers: int = Field(
         2, ge=1, le=64,
-        description="Sibling variants made at once (threads). PyTorch-heavy sections take turns; ONNX Runtime work overlaps.",
+        description="Sibling variants made at once: threads, or the LocalCluster's worker processes. PyTorch-heavy "
+        "sections take turns inside one process; ONNX Runtime work overlaps.",
     )
+    dask_address: str | None = Field(
+        None, description="An existing Dask scheduler (e.g. tcp://10.0.0.5:8786) for kind dask; its workers need this "
+        "package installed and artifacts_dir on storage they share with this machine.",
+    )
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, address: str | None) -> str | None:
+        if address is not None and not re.match(r"^(tcp|tls|inproc|ucx)://\S+$", address):
+            raise ValueError(f"{address!r} is not a scheduler address (expected e.g. tcp://host:8786)")
+        return address
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerConfig:
+        if self.dask_address is not None and self.kind != "dask":
+            raise ValueError("dask_address is only used with kind: dask")
+        return self
 
 
 class SqueezeConfig(StrictModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect.schedules import Cron
 
-from squeezeflow.flows.compress import compress
+from squeezeflow.flows.compress import compress, task_runner
 from squeezeflow.flows.config import SqueezeConfig
 from squeezeflow.tasks.base import ConfigError
 
@@ -22,7 +22,8 @@ def make_deployment(cfg: SqueezeConfig, name: str | None = None, cron: str | Non
         except CronSimError as e:
             raise ConfigError(f"--cron {cron!r}: not a cron expression ({e})") from None
         schedules.append(Cron(cron, timezone=timezone))
-    return compress.to_deployment(
+    # served runs use the recipe's task runner (threads or Dask); a run triggered with other parameters keeps it
+    return compress.with_options(task_runner=task_runner(cfg.runner)).to_deployment(
         name=name or cfg.name,
         parameters={"config": cfg.model_dump(mode="json")},
         schedules=schedules,

@@ -10,7 +10,28 @@ from pydantic import BaseModel, ConfigDict, Field
 # state too, so a thread doing either corrupts any other thread's PyTorch work at that moment. Sibling variants
 # still run concurrently (ONNX Runtime work, file I/O, calibration); PyTorch loading, training and export take
 # turns under this lock.
-TORCH_LOCK = threading.RLock()
+class ProcessLock:
+    """A re-entrant lock that, shipped with a task to another process (a Dask worker), stands for that
+    process's own lock: locks cannot travel, and each process has its own PyTorch state to guard."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __reduce__(self):
+        return (_this_process_torch_lock, ())
+
+
+def _this_process_torch_lock() -> ProcessLock:
+    return TORCH_LOCK
+
+
+TORCH_LOCK = ProcessLock()
 
 
 class StrictModel(BaseModel):

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, content_hash, derive, finished, save_hf_variant
+from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
 
@@ -103,20 +103,20 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
 
     key = hashlib.sha256(json.dumps([content_hash(teacher_dir), max_length, texts]).encode()).hexdigest()[:24]
     path = cache_dir / f"teacher-logits-{key}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    chunks = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), 64):
-            batch = tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            chunks.append(model(**batch).logits.float().numpy())
-    logits = np.concatenate(chunks)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, logits, allow_pickle=False)
-    tmp.rename(path)
+    with exclusive(path):
+        if path.exists():
+            return np.load(path, allow_pickle=False)
+        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), 64):
+                batch = tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                chunks.append(model(**batch).logits.float().numpy())
+        logits = np.concatenate(chunks)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, logits, allow_pickle=False)
+        tmp.rename(path)
     return logits
 
 

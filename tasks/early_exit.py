@@ -22,7 +22,7 @@ from .export import copy_tokenizer, fuse
 from .prune import encoder_layers
 from .runtime import EARLY_EXIT_FILE, EXIT_RULES
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, derive, finished, save_record, staged_dir, variant_id
+from .variant import StageContext, Variant, derive, exclusive, finished, save_record, staged_dir, variant_id
 
 log = logging.getLogger("squeezeflow.early_exit")
 
@@ -223,13 +223,18 @@ def _self_distillation(cfg: EarlyExitConfig):
     return loss
 
 
+def exits_dir(parent: Variant, cfg: EarlyExitConfig, out_root: Path) -> Path:
+    """Where the exits of `parent` trained with these knobs live (every threshold reuses them)."""
+    return Path(out_root) / variant_id(f"{parent.lineage}>exits", cfg.training_knobs(), parent.id)
+
+
 def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path) -> Path:
-    """Trains the exits once per parent and training knobs (every threshold reuses them) and exports the
-    segments; returns the directory holding the backbone, the heads and the segment graphs."""
+    """Trains the exits once per parent and training knobs and exports the segments; returns the directory
+    holding the backbone, the heads and the segment graphs. Hold `exclusive(exits_dir(...))` around it."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    trained = Path(out_root) / variant_id(f"{parent.lineage}>exits", cfg.training_knobs(), parent.id)
+    trained = exits_dir(parent, cfg, out_root)
     if (trained / EARLY_EXIT_FILE).is_file():
         return trained
     exit_model = build_exit_model(parent.path, cfg.train_backbone)
@@ -263,7 +268,7 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
     child = derive(parent, stage="early_exit", token=cfg.token(threshold), params=knobs, format="onnx-exit", out_root=out_root)
     if done := finished(child):
         return done
-    with TORCH_LOCK:
+    with exclusive(exits_dir(parent, cfg, out_root)), TORCH_LOCK:
         trained = train_exits(parent, cfg, ctx, out_root)
     made = json.loads((trained / EARLY_EXIT_FILE).read_text())
     with staged_dir(Path(child.path)) as scratch:

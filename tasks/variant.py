@@ -155,6 +155,18 @@ def file_fingerprint(*paths: str | Path) -> str:
 
 
 @contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """One maker at a time for `target`, across threads and processes (Dask workers share artifacts_dir): a
+    lock file beside it. The maker checks again inside, so the second one finds the first one's result."""
+    from filelock import FileLock
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        yield
+
+
+@contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yields a scratch directory that becomes `final` only if the block succeeds: no half-written variants."""
     final = Path(final)

@@ -4,6 +4,8 @@ sqlite MLflow store in a tmp dir, and Prefect's ephemeral test harness."""
 from __future__ import annotations
 
 import random
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,21 @@ def prefect_harness():
 @pytest.fixture()
 def tiny_config(tmp_path, tiny_model_dir) -> dict:
     return make_tiny_config(tmp_path, tiny_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what}")

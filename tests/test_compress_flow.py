@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from squeezeflow.flows.compress import compress
+from squeezeflow.flows.compress import compress, run_compress
 from squeezeflow.flows.config import parse_config
 
 from .conftest import make_tiny_config
@@ -226,3 +226,23 @@ def test_pruned_and_early_exit_variants_flow_through_the_chain(chained):
     client = MlflowClient(cfg.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`squeeze.stage` = 'early_exit'")
     assert len(runs) == 2 and all("mean_exit_layer" in r.data.metrics for r in runs)
+
+
+def test_dask_runner_makes_the_variants_on_an_existing_scheduler(prefect_harness, tmp_path, tiny_model_dir):
+    """runner.kind dask with dask_address: the stage tasks run in the cluster's worker processes, and the
+    pipeline logs the same variants as with threads, all FINISHED."""
+    from distributed import Client, LocalCluster
+
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["stages"] = [{"kind": "export"}, {"kind": "quantize", "modes": ["dynamic", "static"], "calibration_examples": 32}]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        tree["runner"] = {"kind": "dask", "dask_address": cluster.scheduler_address}
+        result = run_compress(parse_config(tree))
+        ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert not result["failed"]
+    assert sorted(v["lineage"] for v in result["variants"]) == [
+        "teacher", "teacher>onnx", "teacher>onnx>int8-dynamic", "teacher>onnx>int8-static",
+    ]
+    assert {"export_task", "quantize_task"} <= set(ran), ran
+    runs = MlflowClient(tree["tracking"]["uri"]).search_runs([result["experiment_id"]])
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)

@@ -116,3 +116,26 @@ def test_hidden_and_attention_losses_train(trained_tiny, tmp_path):
     )
     student = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
     assert np.isfinite(student.metrics["distill_train_loss"])
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding():
+    import random
+
+    import torch
+
+    from squeezeflow.tasks.training import batch_order
+
+    rng = random.Random(0)
+    texts = [" ".join(["word"] * rng.randint(1, 60)) for _ in range(1000)]
+    order = rng.sample(range(1000), 1000)
+    plain = batch_order(order, texts, 16, False, torch.Generator().manual_seed(0))
+    grouped = batch_order(order, texts, 16, True, torch.Generator().manual_seed(0))
+    assert sorted(i for batch in grouped for i in batch) == list(range(1000))
+    assert all(len(batch) <= 16 for batch in grouped)
+
+    def padded_tokens(batches):
+        return sum(len(batch) * max(len(texts[i]) for i in batch) for batch in batches)
+
+    assert padded_tokens(grouped) < 0.6 * padded_tokens(plain)
+    # still shuffled: the batches do not come out in length order
+    assert [max(len(texts[i]) for i in b) for b in grouped] != sorted(max(len(texts[i]) for i in b) for b in grouped)

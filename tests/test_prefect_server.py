@@ -4,10 +4,8 @@ Prefect API with parameters (as the UI's form or `prefect deployment run` would)
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,27 +13,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from .conftest import make_tiny_config
+from .conftest import free_port, make_tiny_config, wait_for
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
