@@ -20,7 +20,7 @@ from .data import load_splits
 from .distill import teacher_logits
 from .export import copy_tokenizer, fuse
 from .prune import encoder_layers
-from .runtime import EARLY_EXIT_FILE, EXIT_RULES
+from .runtime import EARLY_EXIT_FILE, EXIT_RULES, SEGMENTS_DIR
 from .training import TrainConfig, kd_loss, sample_indices, train
 from .variant import StageContext, Variant, derive, exclusive, finished, save_record, staged_dir, variant_id
 
@@ -38,6 +38,10 @@ class EarlyExitConfig(StageBase):
         min_length=1, description="Exit thresholds; each is a variant. entropy: 0..1 (0 never exits early); patience: an integer ≥ 1."
     )
     train_backbone: bool = Field(False, description="Train the encoder with the exits (joint) instead of freezing it.")
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="What an exit reads: the mean of the layer's token states (what sentence encoders such as "
+        "MiniLM are trained for; early layers' [CLS] carries little), or the [CLS] state like the final pooler.",
+    )
     training: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=5e-4, batch_size=32, max_examples=8000),
         description="Training of the exit classifiers (and the backbone when train_backbone).",
@@ -72,24 +76,31 @@ def _torch_modules():
     from torch import nn
 
     class ExitHead(nn.Module):
-        """Pooler-shaped head on the [CLS] state (dense + tanh + classifier), started from the model's own."""
+        """Pooler-shaped head (dense + tanh + classifier, started from the model's own) on the [CLS] state or on
+        the mean of the unmasked token states."""
 
-        def __init__(self, pooler_dense: nn.Linear, classifier: nn.Linear):
+        def __init__(self, pooler_dense: nn.Linear, classifier: nn.Linear, pooling: str):
             super().__init__()
+            self.pooling = pooling
             self.dense = nn.Linear(pooler_dense.in_features, pooler_dense.out_features)
             self.classifier = nn.Linear(classifier.in_features, classifier.out_features)
             self.dense.load_state_dict(pooler_dense.state_dict())
             self.classifier.load_state_dict(classifier.state_dict())
 
-        def forward(self, hidden):
-            return self.classifier(torch.tanh(self.dense(hidden[:, 0])))
+        def forward(self, hidden, attention_mask):
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                weights = attention_mask[:, :, None].to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            return self.classifier(torch.tanh(self.dense(pooled)))
 
     class FinalHead(nn.Module):
         def __init__(self, model):
             super().__init__()
             self.pooler, self.classifier = encoder_layers(model)[0].pooler, model.classifier
 
-        def forward(self, hidden):
+        def forward(self, hidden, attention_mask):
             return self.classifier(self.pooler(hidden))
 
     def additive_mask(attention_mask, dtype):
@@ -103,7 +114,7 @@ def _torch_modules():
         def forward(self, input_ids, attention_mask, token_type_ids):
             hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
             hidden = self.layer(hidden, attention_mask=additive_mask(attention_mask, hidden.dtype))[0]
-            return hidden, self.head(hidden)
+            return hidden, self.head(hidden, attention_mask)
 
     class InnerSegment(nn.Module):
         def __init__(self, layer, head):
@@ -112,7 +123,7 @@ def _torch_modules():
 
         def forward(self, hidden_states, attention_mask):
             hidden = self.layer(hidden_states, attention_mask=additive_mask(attention_mask, hidden_states.dtype))[0]
-            return hidden, self.head(hidden)
+            return hidden, self.head(hidden, attention_mask)
 
     class ExitModel(nn.Module):
         """The classifier plus its exit heads; forward gives the final logits and every exit's logits."""
@@ -131,13 +142,13 @@ def _torch_modules():
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
-            exits = [head(hidden) for head, hidden in zip(self.heads, out.hidden_states[1:-1])]
+            exits = [head(hidden, attention_mask) for head, hidden in zip(self.heads, out.hidden_states[1:-1])]
             return SimpleNamespace(logits=out.logits, exit_logits=exits)
 
     return SimpleNamespace(ExitHead=ExitHead, FinalHead=FinalHead, EntrySegment=EntrySegment, InnerSegment=InnerSegment, ExitModel=ExitModel)
 
 
-def build_exit_model(model_dir: str | Path, train_backbone: bool = False):
+def build_exit_model(model_dir: str | Path, train_backbone: bool = False, pooling: str = "mean"):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
@@ -145,14 +156,15 @@ def build_exit_model(model_dir: str | Path, train_backbone: bool = False):
     if getattr(base, "pooler", None) is None or not hasattr(model, "classifier"):
         raise ModelError(f"early_exit: {model_dir} has no pooler + classifier head to copy into the exits")
     modules = _torch_modules()
-    heads = [modules.ExitHead(base.pooler.dense, model.classifier) for _ in range(len(layers) - 1)]
+    heads = [modules.ExitHead(base.pooler.dense, model.classifier, pooling) for _ in range(len(layers) - 1)]
     return modules.ExitModel(model, heads, train_backbone)
 
 
 def load_exit_model(trained_dir: Path):
     from safetensors.torch import load_file
 
-    exit_model = build_exit_model(trained_dir)
+    made = json.loads((trained_dir / EARLY_EXIT_FILE).read_text())
+    exit_model = build_exit_model(trained_dir, pooling=made["pooling"])
     exit_model.heads.load_state_dict(load_file(str(trained_dir / HEADS_FILE)))
     return exit_model.eval()
 
@@ -204,6 +216,130 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     return names
 
 
+def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list):
+    """Segment k's nodes with every value renamed `s{k}/...` (one namespace for the chained model), its graph
+    inputs wired to `feeds`; its initializers are appended to `initializers`. Returns (nodes, outputs by name)."""
+    import onnx
+
+    rename = {i.name: feeds[i.name] for i in graph.input}
+    for init in graph.initializer:
+        moved = onnx.TensorProto()
+        moved.CopyFrom(init)
+        moved.name = rename[init.name] = f"s{k}/{init.name}"
+        initializers.append(moved)
+    nodes = []
+    for i, node in enumerate(graph.node):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"s{k}/{i}/{node.name}"
+        copy.input[:] = [rename.get(x, f"s{k}/{x}") if x else "" for x in node.input]
+        copy.output[:] = [rename.setdefault(x, f"s{k}/{x}") if x else "" for x in node.output]
+        nodes.append(copy)
+    return nodes, {o.name: rename.get(o.name, f"s{k}/{o.name}") for o in graph.output}
+
+
+def _exit_rule_nodes(k: int, logits: str, criterion: str):
+    """Nodes deciding whether segment k's exit fires for every row of the batch; returns (nodes, condition)."""
+    from onnx import helper
+
+    p = f"s{k}/rule/"
+    if criterion == "entropy":  # normalised entropy of softmax(logits) below the threshold
+        nodes = [
+            helper.make_node("Softmax", [logits], [p + "probs"], axis=-1),
+            helper.make_node("LogSoftmax", [logits], [p + "log_probs"], axis=-1),
+            helper.make_node("Mul", [p + "probs", p + "log_probs"], [p + "terms"]),
+            helper.make_node("ReduceSum", [p + "terms", "rule/last_axis"], [p + "neg_entropy"], keepdims=0),
+            helper.make_node("Shape", [logits], [p + "classes"], start=-1),
+            helper.make_node("Cast", [p + "classes"], [p + "classes_f"], to=1),
+            helper.make_node("Log", [p + "classes_f"], [p + "log_classes"]),
+            helper.make_node("Div", [p + "neg_entropy", p + "log_classes"], [p + "neg_normalized"]),
+            helper.make_node("Neg", [p + "neg_normalized"], [p + "entropy"]),
+            helper.make_node("Less", [p + "entropy", "rule/threshold"], [p + "fires"]),
+        ]
+    else:  # patience: the predicted label has stayed the same for `threshold` successive exits
+        nodes = [helper.make_node("ArgMax", [logits], [p + "label"], axis=-1, keepdims=0)]
+        if k == 0:
+            nodes.append(helper.make_node("Sub", [p + "label", p + "label"], [p + "streak"]))
+        else:
+            before = f"s{k - 1}/rule/"
+            nodes += [
+                helper.make_node("Equal", [p + "label", before + "label"], [p + "same"]),
+                helper.make_node("Add", [before + "streak", "rule/one"], [p + "longer"]),
+                helper.make_node("Where", [p + "same", p + "longer", "rule/zero"], [p + "streak"]),
+            ]
+        nodes.append(helper.make_node("GreaterOrEqual", [p + "streak", "rule/patience"], [p + "fires"]))
+    # the whole batch leaves together (ONNX control flow is per graph, not per row): served at batch 1
+    nodes += [
+        helper.make_node("Cast", [p + "fires"], [p + "fires_f"], to=1),
+        helper.make_node("ReduceMin", [p + "fires_f"], [p + "all_fire"], keepdims=0),
+        helper.make_node("Greater", [p + "all_fire", "rule/half"], [p + "exit"]),
+    ]
+    return nodes, p + "exit"
+
+
+def write_exit_graph(variant_dir: Path) -> None:
+    """Chains `segments/*.onnx` into one `model.onnx` that stops at the first exit whose rule fires: each
+    segment's exit decides an If whose else-branch holds the rest of the network, so ONNX Runtime runs only the
+    layers an input needs, in one session with one thread pool. Outputs: logits and exit_layer (1-based)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    variant_dir = Path(variant_dir)
+    spec = json.loads((variant_dir / EARLY_EXIT_FILE).read_text())
+    segments = [onnx.load(str(variant_dir / SEGMENTS_DIR / name)) for name in spec["segments"]]
+    initializers = [
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "rule/last_axis"),
+        numpy_helper.from_array(np.array(spec["threshold"], dtype=np.float32), "rule/threshold"),
+        numpy_helper.from_array(np.array(int(spec["threshold"]), dtype=np.int64), "rule/patience"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), "rule/one"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "rule/zero"),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "rule/half"),
+    ]
+
+    def level(k: int, hidden: str | None):
+        feeds = {i.name: i.name for i in segments[0].graph.input} if k == 0 else {"hidden_states": hidden, "attention_mask": "attention_mask"}
+        nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, initializers)
+        result = (f"s{k}/result_logits", f"s{k}/result_layer")
+        layer = numpy_helper.from_array(np.array([k + 1], dtype=np.int64))
+        if k == len(segments) - 1:
+            return nodes + [
+                helper.make_node("Identity", [outputs["logits"]], [result[0]]),
+                helper.make_node("Constant", [], [result[1]], value=layer),
+            ], result
+        rule, condition = _exit_rule_nodes(k, outputs["logits"], spec["criterion"])
+        then_branch = helper.make_graph(
+            [helper.make_node("Identity", [outputs["logits"]], [f"s{k}/exit_logits"]),
+             helper.make_node("Constant", [], [f"s{k}/exit_layer"], value=layer)],
+            f"exit_{k + 1}", [],
+            [helper.make_tensor_value_info(f"s{k}/exit_logits", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info(f"s{k}/exit_layer", TensorProto.INT64, None)],
+        )
+        rest, rest_result = level(k + 1, outputs["hidden_out"])
+        else_branch = helper.make_graph(
+            rest, f"after_{k + 1}", [],
+            [helper.make_tensor_value_info(rest_result[0], TensorProto.FLOAT, None),
+             helper.make_tensor_value_info(rest_result[1], TensorProto.INT64, None)],
+        )
+        branch = helper.make_node("If", [condition], list(result), name=f"s{k}/exit", then_branch=then_branch, else_branch=else_branch)
+        return nodes + rule + [branch], result
+
+    nodes, result = level(0, None)
+    nodes += [helper.make_node("Identity", [result[0]], ["logits"]), helper.make_node("Identity", [result[1]], ["exit_layer"])]
+    graph = helper.make_graph(
+        nodes, "early_exit", list(segments[0].graph.input),
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None), helper.make_tensor_value_info("exit_layer", TensorProto.INT64, None)],
+        initializer=initializers,
+    )
+    opsets = {}
+    for segment in segments:
+        for entry in segment.opset_import:
+            opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    model.ir_version = segments[0].ir_version
+    onnx.save(model, str(variant_dir / "model.onnx"))
+
+
 def _self_distillation(cfg: EarlyExitConfig):
     import torch.nn.functional as F
 
@@ -237,7 +373,7 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
     trained = exits_dir(parent, cfg, out_root)
     if (trained / EARLY_EXIT_FILE).is_file():
         return trained
-    exit_model = build_exit_model(parent.path, cfg.train_backbone)
+    exit_model = build_exit_model(parent.path, cfg.train_backbone, cfg.pooling)
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
     train_split, _ = load_splits(ctx.data, ctx.num_labels)
     pick = sample_indices(len(train_split), cfg.training.max_examples, ctx.seed)
@@ -257,7 +393,7 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
         save_file({k: v.contiguous() for k, v in exit_model.heads.state_dict().items()}, str(scratch / HEADS_FILE))
         (scratch / "segments").mkdir()
         segments = export_segments(exit_model, scratch / "segments", cfg.opset, cfg.optimize)
-        (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "train_seconds": figures["train_seconds"]}))
+        (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "pooling": cfg.pooling, "train_seconds": figures["train_seconds"]}))
     return trained
 
 
@@ -272,11 +408,13 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
         trained = train_exits(parent, cfg, ctx, out_root)
     made = json.loads((trained / EARLY_EXIT_FILE).read_text())
     with staged_dir(Path(child.path)) as scratch:
+        (scratch / SEGMENTS_DIR).mkdir()
         for name in made["segments"]:
-            shutil.copy2(trained / "segments" / name, scratch / name)
+            shutil.copy2(trained / "segments" / name, scratch / SEGMENTS_DIR / name)
         copy_tokenizer(trained, scratch)
         spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"]}
         (scratch / EARLY_EXIT_FILE).write_text(json.dumps(spec, indent=2))
+        write_exit_graph(scratch)
         metrics = {"early_exit_train_seconds": made["train_seconds"], "early_exit_layers": float(len(made["segments"]))}
         child = save_record(scratch, child.model_copy(update={"metrics": metrics}))
     log.info("early exit %s at %s %g -> %s", parent.id, cfg.criterion, threshold, child.id)

@@ -27,7 +27,7 @@ from pydantic import Field
 from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx
-from .runtime import EARLY_EXIT_FILE, TORCH_DYNAMIC_MARKER
+from .runtime import EARLY_EXIT_FILE, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
 from .variant import StageContext, Variant, derive, finished, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.quantize")
@@ -92,12 +92,18 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
 
 
 def dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
-    """Every ONNX graph of the parent: model.onnx, or each segment of an early-exit variant."""
-    for graph in sorted(Path(parent.path).glob("*.onnx")):
-        _ort_dynamic(graph, out / graph.name, cfg)
+    """The parent's model.onnx; for an early-exit variant, each segment, then chained again into model.onnx."""
     copy_tokenizer(parent.path, out)
-    if (Path(parent.path) / EARLY_EXIT_FILE).exists():
-        shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
+    if parent.format != "onnx-exit":
+        _ort_dynamic(Path(parent.path) / "model.onnx", out / "model.onnx", cfg)
+        return Produced({}, {})
+    from .early_exit import write_exit_graph
+
+    (out / SEGMENTS_DIR).mkdir()
+    for graph in sorted((Path(parent.path) / SEGMENTS_DIR).glob("*.onnx")):
+        _ort_dynamic(graph, out / SEGMENTS_DIR / graph.name, cfg)
+    shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
+    write_exit_graph(out)
     return Produced({}, {})
 
 

@@ -11,6 +11,7 @@ from .base import TORCH_LOCK, ModelError
 
 TORCH_DYNAMIC_MARKER = "squeezeflow-torch-dynamic.json"  # written by the quantize stage's torch-dynamic mode
 EARLY_EXIT_FILE = "early_exit.json"  # written by the early_exit stage: the exit rule and the segment files
+SEGMENTS_DIR = "segments"  # an early-exit variant's per-layer graphs, what its model.onnx is chained from
 
 # torch and transformers are imported only by the PyTorch predictor, so that an ONNX variant is served (and
 # its memory measured) without them: that is part of what an ONNX variant buys.
@@ -132,40 +133,26 @@ EXIT_RULES = {"entropy": EntropyRule, "patience": PatienceRule}
 
 
 class EarlyExitPredictor:
-    """Per-segment ONNX graphs (embeddings + layer 1 + exit 1, then layer k + exit k): each batch row leaves at
-    the first segment whose exit fires; the last segment is the full model's own head. `last_exit_layers`
-    holds the 1-based layer each row of the last call left at."""
+    """An early-exit variant's model.onnx: the per-layer segments chained by If nodes, so ONNX Runtime stops at
+    the first exit that fires. Rows are run one at a time (each input leaves at its own layer);
+    `last_exit_layers` holds the 1-based layer each row of the last call left at."""
 
     def __init__(self, path: str | Path, threads: int):
         path = Path(path)
-        spec = json.loads((path / EARLY_EXIT_FILE).read_text())
         self.tokenizer = fast_tokenizer(path)
-        self.sessions = [ort_session(path / name, threads, spin=False) for name in spec["segments"]]
-        self.entry_inputs = [i.name for i in self.sessions[0].get_inputs()]
-        self.rule = EXIT_RULES[spec["criterion"]](spec["threshold"])
+        self.session = ort_session(path / "model.onnx", threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
         self.last_exit_layers = np.zeros(0, dtype=np.int64)
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        columns = encode(self.tokenizer, texts)
-        rows, mask = np.arange(len(texts)), columns["attention_mask"]
-        self.rule.reset(len(texts))
-        out, exit_layers = None, np.zeros(len(texts), dtype=np.int64)
-        for depth, session in enumerate(self.sessions):
-            if depth == 0:
-                hidden, logits = session.run(None, {name: columns[name] for name in self.entry_inputs})
-            else:
-                hidden, logits = session.run(None, {"hidden_states": hidden, "attention_mask": mask})
-            if out is None:
-                out = np.zeros((len(texts), logits.shape[-1]), dtype=logits.dtype)
-            done = self.rule.fires(logits) if depth < len(self.sessions) - 1 else np.ones(len(rows), dtype=bool)
-            out[rows[done]], exit_layers[rows[done]] = logits[done], depth + 1
-            going = ~done
-            if not going.any():
-                break
-            rows, hidden, mask = rows[going], hidden[going], mask[going]
-            self.rule.keep(going)
-        self.last_exit_layers = exit_layers
-        return out
+        rows, layers = [], []
+        for text in texts:
+            columns = encode(self.tokenizer, [text])
+            logits, exit_layer = self.session.run(None, {name: columns[name] for name in self.input_names})
+            rows.append(logits[0])
+            layers.append(int(exit_layer[0]))
+        self.last_exit_layers = np.asarray(layers, dtype=np.int64)
+        return np.stack(rows)
 
 
 def load_predictor(path: str | Path, fmt: str, threads: int = 1) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:

@@ -1,5 +1,5 @@
-"""Early exit on the tiny BERT: the exit rules, ONNX segments against the PyTorch reference, the extremes of the
-threshold, INT8 segments, and the stage's input checks."""
+"""Early exit on the tiny BERT: the exit rules, the chained ONNX graph against the PyTorch reference (entropy and
+patience), the extremes of the threshold, INT8 segments, and the stage's input checks."""
 
 from pathlib import Path
 
@@ -38,6 +38,19 @@ def test_entropy_and_patience_rules():
     assert [rule.fires(l).tolist() for l in layers] == [[False, False], [False, False], [True, False]]
 
 
+def test_mean_pooled_exit_ignores_padding(made):
+    import torch
+
+    _, _, _, out = made
+    head = load_exit_model(next(p for p in out.iterdir() if p.name.startswith("exits-"))).heads[0]
+    assert head.pooling == "mean"
+    hidden = torch.randn(1, 5, head.dense.in_features)
+    padded = torch.cat([hidden, 100 * torch.randn(1, 3, head.dense.in_features)], dim=1)
+    alone = head(hidden, torch.ones(1, 5, dtype=torch.long))
+    with_padding = head(padded, torch.tensor([[1] * 5 + [0] * 3]))
+    torch.testing.assert_close(alone, with_padding)
+
+
 def test_threshold_that_always_fires_exits_at_layer_one(made):
     _, variants, eval_split, _ = made
     predictor = load_predictor(variants[1.0].path, "onnx-exit")
@@ -53,7 +66,7 @@ def test_threshold_that_never_fires_gives_the_full_models_logits(made):
     np.testing.assert_allclose(logits, load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-4)
 
 
-def test_onnx_segments_agree_with_pytorch(made):
+def test_chained_onnx_graph_agrees_with_pytorch(made):
     teacher, variants, eval_split, out = made
     exit_model = load_exit_model(next(p for p in out.iterdir() if p.name.startswith("exits-")))
     inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(eval_split.texts, padding=True, return_tensors="pt"))
@@ -62,6 +75,38 @@ def test_onnx_segments_agree_with_pytorch(made):
         predictor = load_predictor(variants[threshold].path, "onnx-exit")
         np.testing.assert_allclose(predictor.logits(eval_split.texts), expected, atol=1e-4)
         assert predictor.last_exit_layers.tolist() == expected_layers.tolist()
+
+
+@pytest.fixture(scope="module")
+def three_layers(tmp_path_factory, tiny_model_dir, trained_tiny):
+    """A 3-layer tiny classifier, so that a patience exit can fire before the last layer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
+
+    root = tmp_path_factory.mktemp("three-layers")
+    config = BertConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 3
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "model")
+    data = trained_tiny[1]
+    teacher = make_teacher(ModelConfig(source=str(root / "model"), num_labels=2, max_length=32),
+                           TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16), data, root / "variants", seed=7)
+    return teacher, data, root
+
+
+def test_patience_graph_agrees_with_pytorch(three_layers):
+    teacher, data, root = three_layers
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
+    variant = early_exit(teacher, 1, EarlyExitConfig(criterion="patience", thresholds=[1], **CFG), ctx, root / "variants")
+    _, eval_split = load_splits(data, 2)
+    exit_model = load_exit_model(next(p for p in (root / "variants").iterdir() if p.name.startswith("exits-")))
+    inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(eval_split.texts, padding=True, return_tensors="pt"))
+    expected, expected_layers = reference_logits(exit_model, inputs, "patience", 1)
+    predictor = load_predictor(variant.path, "onnx-exit")
+    np.testing.assert_allclose(predictor.logits(eval_split.texts), expected, atol=1e-4)
+    assert predictor.last_exit_layers.tolist() == expected_layers.tolist()
+    assert 2 in expected_layers.tolist()  # patience 1: two agreeing exits end it at layer 2
 
 
 def test_the_first_exit_learns_the_task(made):
@@ -83,7 +128,8 @@ def test_int8_segments_run_and_agree(made, trained_tiny):
     ctx = StageContext(data=trained_tiny[1], num_labels=2, max_length=32, seed=7)
     int8 = quantize(variants[0.5], "dynamic", QuantizeConfig(modes=["dynamic"]), ctx, out)
     assert int8.format == "onnx-exit" and int8.lineage == "teacher>early_exit[0.5]>int8-dynamic"
-    assert sorted(p.name for p in Path(int8.path).glob("*.onnx")) == ["segment_00.onnx", "segment_01.onnx"]
+    assert sorted(p.name for p in Path(int8.path).glob("*.onnx")) == ["model.onnx"]
+    assert sorted(p.name for p in Path(int8.path, "segments").glob("*.onnx")) == ["segment_00.onnx", "segment_01.onnx"]
     fp32 = load_predictor(variants[0.5].path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     assert (got == fp32).mean() >= 0.9
