@@ -288,25 +288,26 @@ def write_exit_graph(variant_dir: Path) -> None:
     variant_dir = Path(variant_dir)
     spec = json.loads((variant_dir / EARLY_EXIT_FILE).read_text())
     segments = [onnx.load(str(variant_dir / SEGMENTS_DIR / name)) for name in spec["segments"]]
-    initializers = [
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), "rule/last_axis"),
-        numpy_helper.from_array(np.array(spec["threshold"], dtype=np.float32), "rule/threshold"),
-        numpy_helper.from_array(np.array(int(spec["threshold"]), dtype=np.int64), "rule/patience"),
-        numpy_helper.from_array(np.array(1, dtype=np.int64), "rule/one"),
-        numpy_helper.from_array(np.array(0, dtype=np.int64), "rule/zero"),
-        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "rule/half"),
-    ]
+    constants = {"half": np.array(0.5, dtype=np.float32)} | (
+        {"last_axis": np.array([-1], dtype=np.int64), "threshold": np.array(spec["threshold"], dtype=np.float32)}
+        if spec["criterion"] == "entropy" else
+        {"patience": np.array(int(spec["threshold"]), dtype=np.int64), "one": np.array(1, dtype=np.int64), "zero": np.array(0, dtype=np.int64)}
+    )
+    initializers = [numpy_helper.from_array(value, f"rule/{name}") for name, value in constants.items()]
 
+    # each segment's weights live in the (sub)graph that uses them: ONNX Runtime pre-packs MatMul weights only
+    # for initializers of the node's own graph, and outer-scope weights ran ~50 % slower
     def level(k: int, hidden: str | None):
         feeds = {i.name: i.name for i in segments[0].graph.input} if k == 0 else {"hidden_states": hidden, "attention_mask": "attention_mask"}
-        nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, initializers)
+        weights = []
+        nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, weights)
         result = (f"s{k}/result_logits", f"s{k}/result_layer")
         layer = numpy_helper.from_array(np.array([k + 1], dtype=np.int64))
         if k == len(segments) - 1:
             return nodes + [
                 helper.make_node("Identity", [outputs["logits"]], [result[0]]),
                 helper.make_node("Constant", [], [result[1]], value=layer),
-            ], result
+            ], weights, result
         rule, condition = _exit_rule_nodes(k, outputs["logits"], spec["criterion"])
         then_branch = helper.make_graph(
             [helper.make_node("Identity", [outputs["logits"]], [f"s{k}/exit_logits"]),
@@ -315,21 +316,22 @@ def write_exit_graph(variant_dir: Path) -> None:
             [helper.make_tensor_value_info(f"s{k}/exit_logits", TensorProto.FLOAT, None),
              helper.make_tensor_value_info(f"s{k}/exit_layer", TensorProto.INT64, None)],
         )
-        rest, rest_result = level(k + 1, outputs["hidden_out"])
+        rest, rest_weights, rest_result = level(k + 1, outputs["hidden_out"])
         else_branch = helper.make_graph(
             rest, f"after_{k + 1}", [],
             [helper.make_tensor_value_info(rest_result[0], TensorProto.FLOAT, None),
              helper.make_tensor_value_info(rest_result[1], TensorProto.INT64, None)],
+            initializer=rest_weights,
         )
         branch = helper.make_node("If", [condition], list(result), name=f"s{k}/exit", then_branch=then_branch, else_branch=else_branch)
-        return nodes + rule + [branch], result
+        return nodes + rule + [branch], weights, result
 
-    nodes, result = level(0, None)
+    nodes, weights, result = level(0, None)
     nodes += [helper.make_node("Identity", [result[0]], ["logits"]), helper.make_node("Identity", [result[1]], ["exit_layer"])]
     graph = helper.make_graph(
         nodes, "early_exit", list(segments[0].graph.input),
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None), helper.make_tensor_value_info("exit_layer", TensorProto.INT64, None)],
-        initializer=initializers,
+        initializer=initializers + weights,
     )
     opsets = {}
     for segment in segments:

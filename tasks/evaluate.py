@@ -42,10 +42,11 @@ def count_params(variant: Variant) -> int:
         return total
     import onnx
 
-    return sum(
-        int(np.prod(t.dims)) for file in weight_files(variant.path) if file.suffix == ".onnx"
-        for t in onnx.load(str(file)).graph.initializer
-    )
+    def graph_params(graph) -> int:  # subgraphs too: an early-exit model keeps later layers inside If branches
+        own = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        return own + sum(graph_params(attr.g) for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+
+    return sum(graph_params(onnx.load(str(file)).graph) for file in weight_files(variant.path) if file.suffix == ".onnx")
 
 
 def peak_rss_mb(variant: Variant, texts: list[str], threads: int) -> float:

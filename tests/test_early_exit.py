@@ -142,3 +142,17 @@ def test_int8_segments_run_and_agree(made, trained_tiny):
 def test_thresholds_out_of_range_are_refused(knobs, message):
     with pytest.raises(ValueError, match=message):
         EarlyExitConfig(**knobs)
+
+
+def test_params_of_the_chained_graph_count_every_layer(made):
+    import onnx
+
+    from squeezeflow.tasks.evaluate import count_params
+
+    _, variants, _, _ = made
+    variant = variants[0.5]
+    in_segments = sum(
+        int(np.prod(t.dims)) for f in sorted(Path(variant.path, "segments").glob("*.onnx")) for t in onnx.load(str(f)).graph.initializer
+    )
+    assert count_params(variant) >= in_segments  # plus the few constants of the exit rules
+    assert count_params(variant) - in_segments < 10
