@@ -8,7 +8,6 @@ import logging
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from prefect import task

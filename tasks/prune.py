@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from prefect import task
 from pydantic import Field, field_validator, model_validator
 
