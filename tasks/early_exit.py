@@ -393,8 +393,8 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
         exit_model.model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
         save_file({k: v.contiguous() for k, v in exit_model.heads.state_dict().items()}, str(scratch / HEADS_FILE))
-        (scratch / "segments").mkdir()
-        segments = export_segments(exit_model, scratch / "segments", cfg.opset, cfg.optimize)
+        (scratch / SEGMENTS_DIR).mkdir()
+        segments = export_segments(exit_model, scratch / SEGMENTS_DIR, cfg.opset, cfg.optimize)
         (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "pooling": cfg.pooling, "train_seconds": figures["train_seconds"]}))
     return trained
 
@@ -412,7 +412,7 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
     with staged_dir(Path(child.path)) as scratch:
         (scratch / SEGMENTS_DIR).mkdir()
         for name in made["segments"]:
-            shutil.copy2(trained / "segments" / name, scratch / SEGMENTS_DIR / name)
+            shutil.copy2(trained / SEGMENTS_DIR / name, scratch / SEGMENTS_DIR / name)
         copy_tokenizer(trained, scratch)
         spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"]}
         (scratch / EARLY_EXIT_FILE).write_text(json.dumps(spec, indent=2))

@@ -50,16 +50,13 @@ def fast_tokenizer(path: Path):
     return tokenizer
 
 
-def ort_session(file: Path, threads: int, spin: bool = True):
+def ort_session(file: Path, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not spin:
-        # sessions that take turns: an idle session's threads must not spin on the cores the next one needs
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
@@ -105,9 +102,6 @@ class EntropyRule:
     def fires(self, logits: np.ndarray) -> np.ndarray:
         return normalized_entropy(logits) < self.threshold
 
-    def keep(self, rows: np.ndarray) -> None:
-        pass
-
 
 class PatienceRule:
     """Exit once the exits' predicted label has stayed the same for `patience` consecutive layers (PABEE)."""
@@ -124,9 +118,6 @@ class PatienceRule:
             self.streak = np.where(predicted == self.previous, self.streak + 1, 0)
         self.previous = predicted
         return self.streak >= self.patience
-
-    def keep(self, rows: np.ndarray) -> None:
-        self.previous, self.streak = self.previous[rows], self.streak[rows]
 
 
 EXIT_RULES = {"entropy": EntropyRule, "patience": PatienceRule}
