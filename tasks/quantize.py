@@ -239,10 +239,13 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
 # ---------------------------------------------------------------------------------------------- QAT
 
 
-def _fake_quant_linear(linear):
+def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool):
     """Wraps an nn.Linear so training sees what ORT's dynamic INT8 kernels compute: uint8 activations with
-    a per-batch range, int8 symmetric per-tensor weights (straight-through gradients)."""
+    a per-batch range, int8 symmetric weights, per tensor or per output channel, 7-bit with `reduce_range`
+    (straight-through gradients)."""
     import torch
+
+    levels = 64.0 if reduce_range else 127.0  # ORT's symmetric int8 range: [-127, 127], reduced [-64, 64]
 
     class FakeQuantLinear(torch.nn.Module):
         def __init__(self, inner):
@@ -256,23 +259,29 @@ def _fake_quant_linear(linear):
             zero = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32)
             xq = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
             w = self.inner.weight
-            w_scale = torch.clamp(w.detach().abs().max() / 127.0, min=1e-8)
-            wq = torch.fake_quantize_per_tensor_affine(w, w_scale, torch.zeros((), dtype=torch.int32), -127, 127)
+            if per_channel:  # one scale per output feature: a row of the Linear's weight, a column of ORT's MatMul
+                w_scale = torch.clamp(w.detach().abs().amax(dim=1) / levels, min=1e-8)
+                zeros = torch.zeros(w.shape[0], dtype=torch.int32)
+                wq = torch.fake_quantize_per_channel_affine(w, w_scale, zeros, 0, -int(levels), int(levels))
+            else:
+                w_scale = torch.clamp(w.detach().abs().max() / levels, min=1e-8)
+                wq = torch.fake_quantize_per_tensor_affine(w, w_scale, torch.zeros((), dtype=torch.int32), -int(levels), int(levels))
             return torch.nn.functional.linear(xq, wq, self.inner.bias)
 
     return FakeQuantLinear(linear)
 
 
-def _swap_linears(module, wrap: bool) -> None:
+def _swap_linears(module, cfg: QuantizeConfig | None) -> None:
+    """With a config, wraps every Linear under `module` in fake quantization matching it; without, unwraps them."""
     import torch
 
     for name, child in module.named_children():
-        if wrap and isinstance(child, torch.nn.Linear):
-            setattr(module, name, _fake_quant_linear(child))
-        elif not wrap and child.__class__.__name__ == "FakeQuantLinear":
+        if cfg is not None and isinstance(child, torch.nn.Linear):
+            setattr(module, name, _fake_quant_linear(child, cfg.per_channel, cfg.reduce_range))
+        elif cfg is None and child.__class__.__name__ == "FakeQuantLinear":
             setattr(module, name, child.inner)
         else:
-            _swap_linears(child, wrap)
+            _swap_linears(child, cfg)
 
 
 def qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
@@ -298,7 +307,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     model = AutoModelForSequenceClassification.from_pretrained(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     encoder = getattr(model, model.base_model_prefix)
-    _swap_linears(encoder.encoder, wrap=True)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
+    _swap_linears(encoder.encoder, cfg)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
     figures = train(
         model, tokenizer, texts, labels,
         TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1),
@@ -307,7 +316,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
             outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=q.temperature, soft_weight=q.soft_weight
         ),
     )
-    _swap_linears(encoder.encoder, wrap=False)
+    _swap_linears(encoder.encoder, None)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "hf")
         tokenizer.save_pretrained(Path(tmp) / "hf")

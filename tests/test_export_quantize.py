@@ -135,6 +135,38 @@ def test_qat_exports_an_integer_graph_close_to_its_parent(trained, tmp_path):
     assert agreement(onnx_variant, int8) >= 0.8
 
 
+# 7-bit weights: with 8-bit ones, CPUs without VNNI add pairs of uint8 x int8 products in saturating int16 and
+# drift from the exact integer result the simulation computes
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qat_fake_quantization_computes_what_ort_dynamic_int8_computes(tmp_path, per_channel):
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from squeezeflow.tasks.quantize import _fake_quant_linear, _ort_dynamic
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight[3] *= 20  # one row with a much larger range: per-tensor and per-channel scales differ
+    x = torch.randn(4, 16) * 3 + 1
+    weight, bias = linear.weight.detach().numpy(), linear.bias.detach().numpy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(weight.T.copy(), "w"), numpy_helper.from_array(bias, "b")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
+    cfg = QuantizeConfig(per_channel=per_channel, reduce_range=True)
+    _ort_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cfg)
+    import onnxruntime as ort
+
+    int8 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    simulated = _fake_quant_linear(linear, per_channel, reduce_range=True)(x).detach().numpy()
+    exact = linear(x).detach().numpy()
+    np.testing.assert_allclose(simulated, int8, atol=1e-3 * np.abs(exact).max())
+    assert np.abs(simulated - exact).max() > 1e-3 * np.abs(exact).max()  # and quantization did change the result
+
+
 def test_torch_dynamic_quantizes_linear_layers(trained, tmp_path):
     teacher, _, ctx = trained
     int8 = quantize(teacher, "torch-dynamic", QuantizeConfig(), ctx, tmp_path)
@@ -150,6 +182,28 @@ def test_failed_stage_leaves_no_partial_directory(root, tmp_path):
     with pytest.raises(Exception):
         export(broken, ExportConfig(), tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained, tmp_path):
+    from squeezeflow.tasks.data import load_splits
+    from squeezeflow.tasks.evaluate import BenchmarkConfig, benchmark
+
+    teacher, onnx_variant, ctx = trained
+    int8 = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
+    # 5 timed texts: the rest of the eval split is still scored, one text per call
+    cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=1, rounds=1, latency_texts=5, measure_rss=False)
+    measured = {v.id: v.metrics for v in benchmark([teacher, onnx_variant, int8], ctx.data, 2, cfg)}
+    _, eval_split = load_splits(ctx.data, 2)
+
+    def served(variant):
+        predictor = load_predictor(variant.path, variant.format)
+        return np.array([predictor.logits([text])[0].argmax() for text in eval_split.texts])
+
+    int8_labels, parent_labels = served(int8), served(onnx_variant)
+    assert measured[int8.id]["accuracy"] == pytest.approx((int8_labels == np.array(eval_split.labels)).mean())
+    assert measured[int8.id]["parity_agreement"] == pytest.approx((int8_labels == parent_labels).mean())
+    assert measured[teacher.id]["accuracy_drop"] == 0 and measured[teacher.id]["speedup"] == 1
+    assert measured[int8.id]["latency_p50_ms"] > 0 and measured[int8.id]["throughput_qps"] > 0
 
 
 def test_peak_rss_is_measured_in_the_fresh_process(trained):
