@@ -89,9 +89,17 @@ def test_distilled_student_matches_teacher_and_round_trips(distilled, tmp_path):
     np.testing.assert_allclose(load_predictor(onnx_student.path, "onnx").logits(eval_.texts), reloaded.logits(eval_.texts), atol=1e-4)
 
 
-def test_teacher_logits_are_cached(distilled):
+def test_teacher_logits_are_cached_in_the_order_of_the_texts(distilled, tmp_path):
+    from squeezeflow.tasks.distill import teacher_logits
+
     _, _, ctx, _ = distilled
     assert len(list(ctx.cache_dir.glob("teacher-logits-*.npy"))) >= 1
+    texts = ["a long sentence about the plot the acting and the music of this film", "good", "bad acting", "fine"] * 20
+    logits = teacher_logits(ctx.teacher.path, texts, 32, tmp_path)
+    one_by_one = np.concatenate([load_predictor(ctx.teacher.path, "hf").logits([t]) for t in texts[:4]])
+    np.testing.assert_allclose(logits[:4], one_by_one, atol=1e-4)
+    np.testing.assert_array_equal(teacher_logits(ctx.teacher.path, texts, 32, tmp_path), logits)  # from the cache file
+    assert len(list(tmp_path.glob("teacher-logits-*.npy"))) == 1
 
 
 def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path):
