@@ -263,7 +263,7 @@ def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool):
                 w_scale = torch.clamp(w.detach().abs().amax(dim=1) / levels, min=1e-8)
                 zeros = torch.zeros(w.shape[0], dtype=torch.int32)
                 wq = torch.fake_quantize_per_channel_affine(w, w_scale, zeros, 0, -int(levels), int(levels))
-            else:
+            else:  # approximate inside fused Attention, where Q, K and V share one scale; per channel is exact
                 w_scale = torch.clamp(w.detach().abs().max() / levels, min=1e-8)
                 wq = torch.fake_quantize_per_tensor_affine(w, w_scale, torch.zeros((), dtype=torch.int32), -int(levels), int(levels))
             return torch.nn.functional.linear(xq, wq, self.inner.bias)
