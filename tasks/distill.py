@@ -109,13 +109,13 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
         model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         # batches of similar length pad little: on SST-2's short phrases this runs several times faster
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-        order = np.argsort(lengths, kind="stable")
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
         logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
         with torch.inference_mode():
             for i in range(0, len(texts), 64):
                 rows = order[i : i + 64]
-                batch = tokenizer([texts[r] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                batch = tokenizer.pad({k: [column[r] for r in rows] for k, column in encoded.items()}, return_tensors="pt")
                 logits[rows] = model(**batch).logits.float().numpy()
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, logits, allow_pickle=False)
