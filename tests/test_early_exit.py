@@ -4,6 +4,7 @@ patience), the extremes of the threshold, INT8 segments, and the stage's input c
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from transformers import AutoTokenizer
 
@@ -132,6 +133,13 @@ def test_int8_segments_run_and_agree(made, trained_tiny):
     assert sorted(p.name for p in Path(int8.path, "segments").glob("*.onnx")) == ["segment_00.onnx", "segment_01.onnx"]
     fp32 = load_predictor(variants[0.5].path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    assert (got == fp32).mean() >= 0.9
+
+    # 4-bit embeddings: only the first segment holds them; the chained graph runs them inside its branches
+    four = quantize(variants[0.5], "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, out)
+    segment_ops = [{n.op_type for n in onnx.load(graph).graph.node} for graph in sorted(Path(four.path, "segments").glob("*.onnx"))]
+    assert "GatherBlockQuantized" in segment_ops[0] and "GatherBlockQuantized" not in segment_ops[1]
+    got = load_predictor(four.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     assert (got == fp32).mean() >= 0.9
 
 

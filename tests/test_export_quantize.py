@@ -1,11 +1,13 @@
 """Export and INT8 quantization on the tiny BERT: the graphs run in ORT with integer kernels and agree with
 their fp32 parents."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 
-from squeezeflow.tasks.base import DataError
+from squeezeflow.tasks.base import DataError, ModelError
 from squeezeflow.tasks.export import ExportConfig, export
 from squeezeflow.tasks.quantize import QuantizeConfig, quantize
 from squeezeflow.tasks.runtime import load_predictor
@@ -69,6 +71,87 @@ def test_int8_embeddings_shrink_the_word_embedding(trained, tmp_path):
     )
     assert word_embedding.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     assert agreement(fused, small) >= 0.9
+
+
+def test_unfused_embeddings_compute_what_the_fused_op_computes(trained, tmp_path):
+    import shutil
+
+    from squeezeflow.tasks.quantize import _unfuse_embeddings
+
+    _, fused, _ = trained
+    shutil.copytree(fused.path, tmp_path / "unfused")
+    model = onnx.load(f"{fused.path}/model.onnx")
+    _unfuse_embeddings(model)
+    onnx.save(model, tmp_path / "unfused" / "model.onnx")
+    assert "EmbedLayerNormalization" not in {n.op_type for n in model.graph.node}
+    # one padded batch: the mask index (row sums of the mask) must reach the attention as before
+    np.testing.assert_allclose(
+        load_predictor(tmp_path / "unfused", "onnx").logits(TEXTS), load_predictor(fused.path, "onnx").logits(TEXTS), atol=1e-5
+    )
+
+
+def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tmp_path):
+    """The packed codes, scales and zero points, read by ONNX Runtime's GatherBlockQuantized, give exactly the
+    4-bit values `dequantized_blocks` computes: the fp32 model holding those values in float agrees to 1e-5."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from squeezeflow.tasks.quantize import _four_bit_embeddings, dequantized_blocks
+
+    _, fused, _ = trained
+    for name in ("float_grid", "four_bit"):
+        shutil.copytree(fused.path, tmp_path / name)
+    model = onnx.load(f"{fused.path}/model.onnx")
+    tables = [t for t in model.graph.initializer if "word_embeddings" in t.name or "position_embeddings" in t.name]
+    assert len(tables) == 2
+    for table in tables:
+        table.CopyFrom(numpy_helper.from_array(dequantized_blocks(numpy_helper.to_array(table), 16), table.name))
+    onnx.save(model, tmp_path / "float_grid" / "model.onnx")
+    _four_bit_embeddings(tmp_path / "four_bit" / "model.onnx", 16)
+
+    four_bit = onnx.load(tmp_path / "four_bit" / "model.onnx")
+    assert [n.op_type for n in four_bit.graph.node].count("GatherBlockQuantized") == 2
+    codes = {t.name: tuple(t.dims) for t in four_bit.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    assert codes["bert.embeddings.word_embeddings.weight_q4"] == (31, 16)  # 31 words x 32 wide, two codes per byte
+    np.testing.assert_allclose(
+        load_predictor(tmp_path / "four_bit", "onnx").logits(TEXTS), load_predictor(tmp_path / "float_grid", "onnx").logits(TEXTS), atol=1e-5
+    )
+
+
+def test_4bit_blocks_are_a_fixed_point_so_qat_can_train_on_them():
+    from squeezeflow.tasks.quantize import dequantized_blocks
+
+    table = np.random.default_rng(0).normal(0, 0.05, (50, 64)).astype(np.float32)
+    table[3, :16] = 0.0  # an all-zero block
+    grid = dequantized_blocks(table, 16)
+    assert 0 < np.abs(grid - table).max() < 0.05 / 2
+    assert len(np.unique(grid[7, :16])) <= 16
+    np.testing.assert_allclose(dequantized_blocks(grid, 16), grid, atol=1e-7)
+
+
+def test_4bit_embeddings_shrink_the_model_further_and_agree(trained, tmp_path):
+    teacher, fused, ctx = trained
+    eight = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True), ctx, tmp_path)
+    four = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, tmp_path)
+    assert {"GatherBlockQuantized", "QAttention"} <= ops(four) and "EmbedLayerNormalization" not in ops(four)
+    word_table_bytes = lambda v: sum(
+        len(t.raw_data) for t in onnx.load(f"{v.path}/model.onnx").graph.initializer if t.name.startswith("bert.embeddings.word_embeddings")
+    )
+    assert word_table_bytes(four) < 0.8 * word_table_bytes(eight)  # codes, scales and zero points vs INT8 codes and a scale
+    assert agreement(fused, four) >= 0.9
+    cfg = QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16, qat={"epochs": 1, "max_examples": 64})
+    qat = quantize(fused, "qat", cfg, ctx, tmp_path, source=teacher)
+    assert "GatherBlockQuantized" in ops(qat) and agreement(fused, qat) >= 0.8
+
+
+def test_4bit_block_size_must_fit_the_embedding(trained, tmp_path):
+    _, fused, ctx = trained
+    with pytest.raises(ValueError, match="power of two"):
+        QuantizeConfig(embedding_block_size=48)
+    with pytest.raises(ModelError, match="embedding_block_size: 64 does not divide the embedding width 32"):
+        quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=64), ctx, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_static_int8_runs_integer_matmuls_and_agrees(trained, tmp_path):
