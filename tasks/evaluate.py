@@ -42,7 +42,13 @@ def count_params(variant: Variant) -> int:
     import onnx
 
     def graph_params(graph) -> int:  # subgraphs too: an early-exit model keeps later layers inside If branches
-        own = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        # a 4-bit table holds two values per byte; its block scales and zero points are not parameters
+        packed, block_metadata = set(), set()
+        for node in graph.node:
+            if node.op_type == "GatherBlockQuantized":
+                packed |= {node.input[0]} if any(a.name == "bits" and a.i == 4 for a in node.attribute) else set()
+                block_metadata |= set(node.input[2:])
+        own = sum(int(np.prod(t.dims)) * (2 if t.name in packed else 1) for t in graph.initializer if t.name not in block_metadata)
         return own + sum(graph_params(attr.g) for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
 
     return sum(graph_params(onnx.load(str(file)).graph) for file in weight_files(variant.path) if file.suffix == ".onnx")

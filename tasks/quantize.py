@@ -159,6 +159,8 @@ def four_bit_blocks(table, block_size: int):
     import numpy as np
 
     rows, width = table.shape
+    if width % block_size:
+        raise ModelError(f"quantize.embedding_block_size: {block_size} does not divide the embedding width {width}")
     blocks = table.reshape(rows, width // block_size, block_size)
     low, high = np.minimum(blocks.min(axis=2), 0), np.maximum(blocks.max(axis=2), 0)
     scales = ((high - low) / 15).astype(np.float32)
@@ -200,10 +202,7 @@ def _four_bit_embeddings(path: Path, block_size: int) -> None:
     if not targets:
         return
     for node in targets:
-        table = numpy_helper.to_array(tables[node.input[0]])
-        if table.shape[1] % block_size:
-            raise ModelError(f"quantize.embedding_block_size: {block_size} does not divide the embedding width {table.shape[1]}")
-        codes, scales, zero = four_bit_blocks(table, block_size)
+        codes, scales, zero = four_bit_blocks(numpy_helper.to_array(tables[node.input[0]]), block_size)
         name = node.input[0]
         graph.initializer.remove(tables[name])
         graph.initializer.extend([
@@ -422,6 +421,8 @@ def _freeze_on_four_bit_grid(embeddings, block_size: int) -> None:
     import torch
 
     for name in ("word_embeddings", "position_embeddings"):
+        if getattr(embeddings, name, None) is None:
+            continue
         table = getattr(embeddings, name).weight
         with torch.no_grad():
             table.copy_(torch.from_numpy(dequantized_blocks(table.detach().numpy(), block_size)))
@@ -446,14 +447,14 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     pick = sample_indices(len(train_split), q.max_examples, ctx.seed)
     texts = [train_split.texts[i] for i in pick]
     labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
-    # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
-    targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, ctx.cache_dir or out.parent / ".cache")
     model = AutoModelForSequenceClassification.from_pretrained(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     encoder = getattr(model, model.base_model_prefix)
     _swap_linears(encoder.encoder, cfg)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
     if cfg.quantize_embeddings and cfg.embedding_bits == 4:
         _freeze_on_four_bit_grid(encoder.embeddings, cfg.embedding_block_size)
+    # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
+    targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, ctx.cache_dir or out.parent / ".cache")
     figures = train(
         model, tokenizer, texts, labels,
         TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1),

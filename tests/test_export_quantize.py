@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from squeezeflow.tasks.base import DataError, ModelError
+from squeezeflow.tasks.evaluate import count_params
 from squeezeflow.tasks.export import ExportConfig, export
 from squeezeflow.tasks.quantize import QuantizeConfig, quantize
 from squeezeflow.tasks.runtime import load_predictor
@@ -139,6 +140,7 @@ def test_4bit_embeddings_shrink_the_model_further_and_agree(trained, tmp_path):
         len(t.raw_data) for t in onnx.load(f"{v.path}/model.onnx").graph.initializer if t.name.startswith("bert.embeddings.word_embeddings")
     )
     assert word_table_bytes(four) < 0.8 * word_table_bytes(eight)  # codes, scales and zero points vs INT8 codes and a scale
+    assert count_params(four) == pytest.approx(count_params(eight), rel=1e-3)  # the same values, fewer bits each
     assert agreement(fused, four) >= 0.9
     cfg = QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16, qat={"epochs": 1, "max_examples": 64})
     qat = quantize(fused, "qat", cfg, ctx, tmp_path, source=teacher)
@@ -146,11 +148,13 @@ def test_4bit_embeddings_shrink_the_model_further_and_agree(trained, tmp_path):
 
 
 def test_4bit_block_size_must_fit_the_embedding(trained, tmp_path):
-    _, fused, ctx = trained
+    teacher, fused, ctx = trained
     with pytest.raises(ValueError, match="power of two"):
         QuantizeConfig(embedding_block_size=48)
-    with pytest.raises(ModelError, match="embedding_block_size: 64 does not divide the embedding width 32"):
-        quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=64), ctx, tmp_path)
+    too_wide = QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=64)
+    for mode in ("dynamic", "qat"):
+        with pytest.raises(ModelError, match="embedding_block_size: 64 does not divide the embedding width 32"):
+            quantize(fused, mode, too_wide, ctx, tmp_path, source=teacher)
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
