@@ -145,6 +145,8 @@ def _unfuse_embeddings(model) -> None:
         total = p + "sum_all"
     nodes.append(helper.make_node("LayerNormalization", [total, gamma, beta], [out], name=p + "norm", axis=-1, epsilon=epsilon))
     if mask_index:
+        if not mask:
+            raise ModelError("quantize.embedding_bits: 4 needs the embedding's attention-mask input to rebuild its mask index; this graph has none")
         graph.initializer.append(helper.make_tensor(p + "axes", TensorProto.INT64, [1], [1]))
         nodes.append(helper.make_node("ReduceSum", [mask, p + "axes"], [mask_index], name=p + "mask_index", keepdims=0))
     at = list(graph.node).index(fused)
