@@ -71,6 +71,10 @@ class QuantizeConfig(StageBase):
             raise ValueError(f"must be a power of two (16, 32, 64, ...), got {value}")
         return value
 
+    @property
+    def four_bit_embeddings(self) -> bool:
+        return self.quantize_embeddings and self.embedding_bits == 4
+
     def preflight(self, train_examples: int) -> None:
         if "static" in self.modes and self.calibration_examples > train_examples:
             raise DataError(
@@ -93,8 +97,8 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    eight_bit_embeddings = cfg.quantize_embeddings and cfg.embedding_bits == 8
     # the word embedding sits in a Gather, or inside the fused EmbedLayerNormalization (-> QEmbedLayerNormalization)
+    eight_bit_embeddings = cfg.quantize_embeddings and not cfg.four_bit_embeddings
     op_types = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if eight_bit_embeddings else [])
     quantize_dynamic(
         src, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
@@ -102,8 +106,16 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig) -> None:
         # shape inference cannot type the outputs of fused com.microsoft ops; they are all float
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    if cfg.quantize_embeddings and cfg.embedding_bits == 4:
+    if cfg.four_bit_embeddings:
         _four_bit_embeddings(dst, cfg.embedding_block_size)
+
+
+def _replace_node(graph, old, new_nodes: list) -> None:
+    """`new_nodes` where `old` was, in order (the graph's node list stays topologically sorted)."""
+    at = list(graph.node).index(old)
+    graph.node.remove(old)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(at + offset, node)
 
 
 def _unfuse_embeddings(model) -> None:
@@ -149,10 +161,7 @@ def _unfuse_embeddings(model) -> None:
             raise ModelError("quantize.embedding_bits: 4 needs the embedding's attention-mask input to rebuild its mask index; this graph has none")
         graph.initializer.append(helper.make_tensor(p + "axes", TensorProto.INT64, [1], [1]))
         nodes.append(helper.make_node("ReduceSum", [mask, p + "axes"], [mask_index], name=p + "mask_index", keepdims=0))
-    at = list(graph.node).index(fused)
-    graph.node.remove(fused)
-    for offset, node in enumerate(nodes):
-        graph.node.insert(at + offset, node)
+    _replace_node(graph, fused, nodes)
 
 
 def four_bit_blocks(table, block_size: int):
@@ -216,9 +225,7 @@ def _four_bit_embeddings(path: Path, block_size: int) -> None:
             "GatherBlockQuantized", [name + "_q4", node.input[1], name + "_scales", name + "_zero_points"], list(node.output),
             name=(node.name or name) + "_q4", domain="com.microsoft", bits=4, block_size=block_size, gather_axis=0, quantize_axis=1,
         )
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(at, quantized)
+        _replace_node(graph, node, [quantized])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(path))
@@ -423,9 +430,9 @@ def _freeze_on_four_bit_grid(embeddings, block_size: int) -> None:
     import torch
 
     for name in ("word_embeddings", "position_embeddings"):
-        if getattr(embeddings, name, None) is None:
+        if (module := getattr(embeddings, name, None)) is None:
             continue
-        table = getattr(embeddings, name).weight
+        table = module.weight
         with torch.no_grad():
             table.copy_(torch.from_numpy(dequantized_blocks(table.detach().numpy(), block_size)))
         table.requires_grad_(False)
@@ -453,7 +460,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     encoder = getattr(model, model.base_model_prefix)
     _swap_linears(encoder.encoder, cfg)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
-    if cfg.quantize_embeddings and cfg.embedding_bits == 4:
+    if cfg.four_bit_embeddings:
         _freeze_on_four_bit_grid(encoder.embeddings, cfg.embedding_block_size)
     # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
     targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, ctx.cache_dir or out.parent / ".cache")
