@@ -495,6 +495,18 @@ def torch_dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, 
     return Produced({}, {})
 
 
+# the knobs each mode reads: a variant's id and logged params hold only these, so that changing, say, the QAT
+# budget does not make the dynamic and static variants (calibration, fallback) anew
+_WEIGHT_KNOBS = ("per_channel", "reduce_range")
+_EMBEDDING_KNOBS = ("quantize_embeddings", "embedding_bits", "embedding_block_size")
+_CALIBRATION_KNOBS = ("calibration_examples", "calibration_method", "exclude_nodes", "accuracy_tolerance", "max_fallback_nodes")
+MODE_KNOBS: dict[str, tuple[str, ...]] = {
+    "dynamic": _WEIGHT_KNOBS + _EMBEDDING_KNOBS,
+    "static": _WEIGHT_KNOBS + _CALIBRATION_KNOBS,
+    "qat": _WEIGHT_KNOBS + _EMBEDDING_KNOBS + ("qat",),
+    "torch-dynamic": (),
+}
+
 # mode -> (lineage token, output format, which parent it takes, strategy)
 MODES: dict[str, tuple[str, str, str, Strategy]] = {
     "dynamic": ("int8-dynamic", "onnx", "onnx", dynamic),
@@ -512,7 +524,7 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
         parent_format = fmt = "onnx-exit"
     if parent.format != parent_format:
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
-    knobs = {"mode": mode, **cfg.knobs("modes")}
+    knobs = {"mode": mode, **{k: v for k, v in cfg.knobs("modes").items() if k in MODE_KNOBS[mode]}}
     child = derive(parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root)
     if done := finished(child):
         return done

@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from squeezeflow.tasks.base import DataError, ModelError
+from squeezeflow.tasks.base import DataError, ModelError, StageBase
 from squeezeflow.tasks.evaluate import count_params
 from squeezeflow.tasks.export import ExportConfig, export
-from squeezeflow.tasks.quantize import QuantizeConfig, quantize
+from squeezeflow.tasks.quantize import MODE_KNOBS, QATConfig, QuantizeConfig, quantize
 from squeezeflow.tasks.runtime import load_predictor
 from squeezeflow.tasks.variant import StageContext, Variant
 
@@ -60,6 +60,22 @@ def test_dynamic_int8_has_integer_ops_and_agrees(trained, tmp_path):
     assert ops(int8) & INTEGER_OPS
     assert any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(f"{int8.path}/model.onnx").graph.initializer)
     assert agreement(onnx_variant, int8) >= 0.9
+
+
+def test_a_mode_is_made_anew_only_when_a_knob_it_reads_changes(trained, tmp_path):
+    teacher, onnx_variant, ctx = trained
+    first = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
+    other_modes_knobs = QuantizeConfig(calibration_method="entropy", qat=QATConfig(max_examples=50))
+    assert quantize(onnx_variant, "dynamic", other_modes_knobs, ctx, tmp_path).id == first.id
+    assert "qat" not in first.params and "calibration_method" not in first.params
+    assert quantize(onnx_variant, "dynamic", QuantizeConfig(per_channel=True), ctx, tmp_path).id != first.id
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_every_quantize_knob_belongs_to_a_mode():
+    # a knob no mode lists would be left out of every variant id: changing it would reuse stale variants
+    knobs = set(QuantizeConfig.model_fields) - set(StageBase.model_fields) - {"kind", "modes"}
+    assert knobs == {k for listed in MODE_KNOBS.values() for k in listed}
 
 
 def test_int8_embeddings_shrink_the_word_embedding(trained, tmp_path):
