@@ -64,7 +64,7 @@ def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dic
 
 
 def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    """ORT modes quantize the ONNX parent (static and QAT rebuild it from its PyTorch source); torch-dynamic
+    """ORT modes quantize the ONNX parent (QAT fine-tunes its PyTorch source first); torch-dynamic
     quantizes that PyTorch source itself."""
     source = by_id.get(parent.parent_id) if parent.format == "onnx" else parent
     task = quantize_task.with_options(retries=cfg.retries)
