@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
-from .training import TrainConfig, kd_loss, sample_indices, train
+from .training import TrainConfig, accuracy_on, held_out_split, kd_loss, sample_indices, train
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
@@ -173,36 +173,27 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     if cfg.attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
         raise ModelError("distill.attention_weight needs the student and teacher to have the same number of heads")
 
-    n_val = min(2000, int(len(train_split) * cfg.validation_fraction))
-    held_out = set(sample_indices(len(train_split), n_val, ctx.seed + 1)) if n_val else set()
-    rest = [i for i in range(len(train_split)) if i not in held_out]
+    held_out, rest = held_out_split(len(train_split), cfg.validation_fraction, ctx.seed)
     # sample before computing teacher logits, so only the examples actually trained on are scored
     fit = [rest[j] for j in sample_indices(len(rest), cfg.training.max_examples, ctx.seed)]
     texts = [train_split.texts[i] for i in fit]
     labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
     targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
-    validation = [train_split.texts[i] for i in sorted(held_out)]
+    validation = [train_split.texts[i] for i in held_out]
     val_truth = (
-        np.asarray([train_split.labels[i] for i in sorted(held_out)]) if train_split.labels is not None
+        np.asarray([train_split.labels[i] for i in held_out]) if train_split.labels is not None
         else teacher_logits(parent.path, validation, ctx.max_length, cache_dir).argmax(-1)
     )
 
     def evaluate() -> float:
-        import torch
-
-        with torch.inference_mode():
-            preds = np.concatenate([
-                student(**tokenizer(validation[i : i + 64], padding=True, truncation=True, max_length=ctx.max_length, return_tensors="pt")).logits.argmax(-1).numpy()
-                for i in range(0, len(validation), 64)
-            ])
-        return float((preds == val_truth).mean())
+        return accuracy_on(student, tokenizer, validation, val_truth, ctx.max_length)
 
     wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
     log.info("distilling %s from %s on %d examples (%d held out)", token, parent.id, len(texts), len(validation))
     figures = train(
         student, tokenizer, texts, labels, cfg.training.model_copy(update={"max_examples": None}), max_length=ctx.max_length, seed=ctx.seed,
         loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
-        evaluate=evaluate if validation else None,
+        evaluate=evaluate if held_out else None,
     )
     return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
 

@@ -43,6 +43,10 @@ class QATConfig(StrictModel):
     max_examples: int | None = Field(2000, ge=1, description="Training examples used (seeded sample); None = all.")
     temperature: float = Field(2.0, gt=0, description="Distillation temperature.")
     soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the teacher's soft targets vs the labels.")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Share of the train split (at most 2,000 examples) held out to score the fake-quant "
+        "model before and after fine-tuning; the better weights are exported (0: always the fine-tuned ones).",
+    )
 
 
 class QuantizeConfig(StageBase):
@@ -518,16 +522,18 @@ def qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stage
 
 
 def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .distill import teacher_logits
-    from .training import TrainConfig, kd_loss, sample_indices, train
+    from .training import TrainConfig, accuracy_on, held_out_split, kd_loss, sample_indices, train
 
     if source is None or ctx.teacher is None:
         raise ModelError(f"QAT of {parent.id} needs its PyTorch source model and the teacher")
     train_split, _ = load_splits(ctx.data, ctx.num_labels)
     q = cfg.qat
-    pick = sample_indices(len(train_split), q.max_examples, ctx.seed)
+    held_out, rest = held_out_split(len(train_split), q.validation_fraction, ctx.seed)
+    pick = [rest[j] for j in sample_indices(len(rest), q.max_examples, ctx.seed)]
     texts = [train_split.texts[i] for i in pick]
     labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
     model = AutoModelForSequenceClassification.from_pretrained(source.path)
@@ -537,7 +543,13 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     if cfg.four_bit_embeddings:
         _freeze_on_four_bit_grid(encoder.embeddings, cfg.embedding_block_size)
     # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
-    targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, ctx.cache_dir or out.parent / ".cache")
+    cache_dir = ctx.cache_dir or out.parent / ".cache"
+    targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, cache_dir)
+    validation = [train_split.texts[i] for i in held_out]
+    val_truth = (
+        np.asarray([train_split.labels[i] for i in held_out]) if train_split.labels is not None
+        else teacher_logits(ctx.teacher.path, validation, ctx.max_length, cache_dir).argmax(-1)
+    )
     figures = train(
         model, tokenizer, texts, labels,
         TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1),
@@ -545,6 +557,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
         loss_fn=lambda outputs, batch: kd_loss(
             outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=q.temperature, soft_weight=q.soft_weight
         ),
+        evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if held_out else None,
     )
     _swap_linears(encoder.encoder, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -553,7 +566,10 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
         export_onnx(Path(tmp) / "hf", Path(tmp) / "onnx", ExportConfig(**parent.params))
         _ort_dynamic(Path(tmp) / "onnx" / "model.onnx", out / "model.onnx", cfg)
     copy_tokenizer(parent.path, out)
-    return Produced({"qat_train_seconds": figures["train_seconds"], "qat_train_loss": figures["train_loss"]}, {})
+    metrics = {"qat_train_seconds": figures["train_seconds"], "qat_train_loss": figures["train_loss"]}
+    if held_out:  # the fake-quant model on the held-out examples, before fine-tuning (PTQ) and as exported
+        metrics |= {"qat_initial_validation_accuracy": figures["initial_validation_score"], "qat_validation_accuracy": figures["best_validation_score"]}
+    return Produced(metrics, {})
 
 
 # ---------------------------------------------------------------------------------------------- torch

@@ -53,6 +53,25 @@ def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out, rest) example indices: `fraction` of `n` (at most 2,000) set aside for validation, seeded."""
+    held = set(sample_indices(n, min(2000, int(n * fraction)), seed + 1)) if fraction else set()
+    return sorted(held), [i for i in range(n) if i not in held]
+
+
+def accuracy_on(model, tokenizer, texts: list[str], truth: np.ndarray, max_length: int) -> float:
+    """Share of `texts` whose argmax logit equals `truth`, scored in batches of 64."""
+    import numpy as np
+    import torch
+
+    with torch.inference_mode():
+        preds = np.concatenate([
+            model(**tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")).logits.argmax(-1).numpy()
+            for i in range(0, len(texts), 64)
+        ])
+    return float((preds == truth).mean())
+
+
 def batch_order(order: list[int], texts: list[str], batch_size: int, group_by_length: bool, generator) -> list[list[int]]:
     """`order` cut into batches. Grouped by length: chunks of 64 batches are each sorted by text length before
     cutting, then the batches are shuffled, so a batch pads to a similar length and the order stays random."""
@@ -93,7 +112,8 @@ def train(
 
     `labels` may be None (unlabelled data: the loss must use `targets`); `targets` (e.g. cached teacher logits)
     are aligned with `texts` and reach the loss as batch["teacher_logits"]. With `evaluate` (higher is
-    better), the model is scored after each epoch and the best epoch's weights are kept.
+    better), the model is scored before training and after each epoch, and the best of those weights are kept
+    (so fine-tuning that makes the model worse on held-out data is undone).
     Returns a few figures: final loss, steps, seconds, and the best score when evaluated."""
     import copy
 
@@ -120,6 +140,11 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     figures: dict[str, float] = {}
     best_score, best_state = -math.inf, None
+    if evaluate is not None:
+        model.eval()
+        best_score, best_state = evaluate(), copy.deepcopy(model.state_dict())
+        progress(f"before training: validation score {best_score:.4f}")
+        figures["initial_validation_score"] = best_score
     started, step, running, epoch = time.perf_counter(), 0, 0.0, 0
     while step < total_steps:
         model.train()

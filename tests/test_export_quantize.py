@@ -253,6 +253,23 @@ def test_qat_exports_an_integer_graph_close_to_its_parent(trained, tmp_path):
     assert agreement(onnx_variant, int8) >= 0.8
 
 
+def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(trained, tmp_path):
+    """A learning rate that wrecks the model: scored on held-out training examples before and after, QAT must
+    export its starting point, which is exactly the dynamic INT8 of the same parent."""
+    teacher, onnx_variant, ctx = trained
+    wrecking = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "learning_rate": 0.5, "soft_weight": 0.0, "validation_fraction": 0.25})
+    kept = quantize(onnx_variant, "qat", wrecking, ctx, tmp_path, source=teacher)
+    assert kept.metrics["qat_validation_accuracy"] == kept.metrics["qat_initial_validation_accuracy"] >= 0.9
+    dynamic = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
+    np.testing.assert_allclose(
+        load_predictor(kept.path, "onnx").logits(TEXTS), load_predictor(dynamic.path, "onnx").logits(TEXTS), atol=1e-5
+    )
+    gentle = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "validation_fraction": 0.25})
+    tuned = quantize(onnx_variant, "qat", gentle, ctx, tmp_path, source=teacher)
+    assert tuned.metrics["qat_validation_accuracy"] >= tuned.metrics["qat_initial_validation_accuracy"]
+    assert agreement(onnx_variant, tuned) >= 0.8
+
+
 # 7-bit weights: with 8-bit ones, CPUs without VNNI add pairs of uint8 x int8 products in saturating int16 and
 # drift from the exact integer result the simulation computes
 @pytest.mark.parametrize("per_channel", [False, True])
