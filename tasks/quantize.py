@@ -415,6 +415,12 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[cfg.calibration_method]
     fp32 = Path(parent.path) / "model.onnx"
     graph = onnx.load(str(fp32)).graph
+    quantizable = sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Attention"))
+    if unknown := [name for name in cfg.exclude_nodes if name not in quantizable]:
+        raise ModelError(
+            f"quantize.exclude_nodes: {unknown} are not MatMul or Attention nodes of {parent.id}'s graph "
+            f"({len(quantizable)} are, e.g. {quantizable[:2]})"
+        )
     feeds = _encoded(parent.path, calibration, [i.name for i in graph.input])
     copy_tokenizer(parent.path, out)
 

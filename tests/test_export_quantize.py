@@ -239,6 +239,17 @@ def test_static_calibration_count_beyond_the_data_is_a_clear_error(trained, tmp_
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_static_exclude_nodes_must_name_nodes_of_the_graph(trained, tmp_path):
+    teacher, onnx_variant, ctx = trained
+    typo = QuantizeConfig(calibration_examples=16, exclude_nodes=["/bert/encoder/layer.0/output/dense/MatMull"])
+    with pytest.raises(ModelError, match=r"quantize.exclude_nodes: \['/bert/encoder/layer.0/output/dense/MatMull'\] are not MatMul or Attention nodes"):
+        quantize(onnx_variant, "static", typo, ctx, tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+    kept = QuantizeConfig(calibration_examples=16, exclude_nodes=["/bert/encoder/layer.0/output/dense/MatMul"], accuracy_tolerance=None)
+    int8 = quantize(onnx_variant, "static", kept, ctx, tmp_path / "out")
+    assert "/bert/encoder/layer.0/output/dense/MatMul" in {n.name for n in onnx.load(f"{int8.path}/model.onnx").graph.node if n.op_type == "MatMul"}
+
+
 def test_calibration_count_of_zero_is_rejected_by_the_config():
     with pytest.raises(ValueError, match="calibration_examples"):
         QuantizeConfig(calibration_examples=0)
