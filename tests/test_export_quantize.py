@@ -329,14 +329,15 @@ def test_failed_stage_leaves_no_partial_directory(root, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained, tmp_path):
+@pytest.mark.parametrize("latency_texts", [5, None])
+def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained, tmp_path, latency_texts):
     from squeezeflow.tasks.data import load_splits
     from squeezeflow.tasks.evaluate import BenchmarkConfig, benchmark
 
     teacher, onnx_variant, ctx = trained
     int8 = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
-    # 5 timed texts: the rest of the eval split is still scored, one text per call
-    cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=1, rounds=1, latency_texts=5, measure_rss=False)
+    # 5 timed texts: the rest of the eval split is still scored, one text per call; all 60: timed in two turns
+    cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=1, rounds=1, latency_texts=latency_texts, measure_rss=False)
     measured = {v.id: v.metrics for v in benchmark([teacher, onnx_variant, int8], ctx.data, 2, cfg)}
     _, eval_split = load_splits(ctx.data, 2)
 
