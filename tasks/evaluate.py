@@ -1,6 +1,5 @@
 """Measuring every variant the same way: accuracy, batch-1 latency on real eval texts, batch throughput,
-size, parameters and peak memory; rounds are interleaved across variants (batch-1 latency in turns of a few
-texts per variant) so machine drift hits all alike."""
+size, parameters and peak memory; rounds are interleaved across variants, batch-1 latency in turns of a few texts, so machine drift hits all alike."""
 
 from __future__ import annotations
 
