@@ -1,5 +1,5 @@
 """Measuring every variant the same way: accuracy, batch-1 latency on real eval texts, batch throughput,
-size, parameters and peak memory; rounds are interleaved across variants, batch-1 latency in turns of a few texts, so machine drift hits all alike."""
+size, parameters and peak memory; rounds are interleaved across variants so machine drift hits all alike."""
 
 from __future__ import annotations
 
@@ -19,10 +19,6 @@ from .runtime import load_predictor
 from .variant import Variant, size_on_disk_mb, weight_files
 
 log = logging.getLogger("squeezeflow.evaluate")
-
-
-INTERLEAVE_TEXTS = 40  # batch-1 texts a variant runs per turn
-TURN_WARMUP = 2  # untimed calls at the start of each turn
 
 
 class BenchmarkConfig(StrictModel):
@@ -102,25 +98,15 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
                 if round_no == 0 and hasattr(predictor, "last_exit_layers"):  # early exit: where each input left
                     exit_layers.setdefault(v.id, []).append(predictor.last_exit_layers)
             batch_seconds[v.id].append(time.perf_counter() - started)
-        # batch-1 latency in turns of INTERLEAVE_TEXTS texts per variant (the order reversed every other turn):
-        # this machine's speed drifts within minutes, and a whole pass per variant let it favour some variants
-        samples: dict[str, list[float]] = {v.id: [] for v in variants}
-        served: dict[str, list[np.ndarray]] = {v.id: [] for v in variants}
-        for turn, start in enumerate(range(0, len(timed_texts), INTERLEAVE_TEXTS)):
-            block = timed_texts[start : start + INTERLEAVE_TEXTS]
-            for v in order if turn % 2 == 0 else order[::-1]:
-                predictor = predictors[v.id]
-                for text in block[:TURN_WARMUP]:  # the previous variant has just had the caches
-                    predictor.logits([text])
-                for text in block:
-                    started = time.perf_counter()
-                    served[v.id].append(predictor.logits([text]))
-                    samples[v.id].append((time.perf_counter() - started) * 1000)
-        for v in variants:
-            latencies[v.id].append(samples[v.id])
+            samples, served = [], []
+            for text in timed_texts:
+                started = time.perf_counter()
+                served.append(predictor.logits([text]))
+                samples.append((time.perf_counter() - started) * 1000)
+            latencies[v.id].append(samples)
             if round_no == 0:
-                rest = [predictors[v.id].logits([text]) for text in texts[len(timed_texts) :]]
-                logits[v.id] = np.concatenate(served[v.id] + rest)
+                served += [predictor.logits([text]) for text in texts[len(timed_texts) :]]
+                logits[v.id] = np.concatenate(served)
         log.info("benchmark round %d/%d done", round_no + 1, cfg.rounds)
 
     reference = next(v for v in variants if v.stage == "teacher")
