@@ -336,7 +336,7 @@ def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained
 
     teacher, onnx_variant, ctx = trained
     int8 = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
-    # 5 timed texts: the rest of the eval split is still scored, one text per call; all 60: timed in two turns
+    # 5 timed texts: the rest of the eval split is still scored, one text per call; or all 60 timed
     cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=1, rounds=1, latency_texts=latency_texts, measure_rss=False)
     measured = {v.id: v.metrics for v in benchmark([teacher, onnx_variant, int8], ctx.data, 2, cfg)}
     _, eval_split = load_splits(ctx.data, 2)
