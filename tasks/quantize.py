@@ -328,11 +328,15 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
+    def only_consumer(tensor: str, op_type: str):
+        found = consumers.get(tensor, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
     for matmul in [n for n in graph.node if n.op_type == "MatMulInteger"]:
-        cast = consumers[matmul.output[0]][0]
-        scale = consumers[cast.output[0]][0]
-        product = producer.get(next(i for i in scale.input if i != cast.output[0]))
-        if cast.op_type != "Cast" or scale.op_type != "Mul" or product is None or product.op_type != "Mul":
+        cast = only_consumer(matmul.output[0], "Cast")
+        scale = cast and only_consumer(cast.output[0], "Mul")
+        product = scale and producer.get(next(i for i in scale.input if i != cast.output[0]))
+        if product is None or product.op_type != "Mul":
             continue  # not the chain ORT's quantizer writes: leave it unfused
         fused = helper.make_node(
             "MatMulIntegerToFloat", [matmul.input[0], matmul.input[1], *product.input, *matmul.input[2:4]], [scale.output[0]],
