@@ -123,6 +123,15 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
     return logits
 
 
+def held_out_truth(split, held_out: list[int], teacher_dir: str | Path, max_length: int, cache_dir: Path) -> tuple[list[str], np.ndarray]:
+    """The held-out texts of `split` and what a model should predict on them: their labels, or where the split
+    has none, the teacher's labels."""
+    texts = [split.texts[i] for i in held_out]
+    if split.labels is not None:
+        return texts, np.asarray([split.labels[i] for i in held_out])
+    return texts, teacher_logits(teacher_dir, texts, max_length, cache_dir).argmax(-1)
+
+
 def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
     import torch
     import torch.nn.functional as F
@@ -179,11 +188,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     texts = [train_split.texts[i] for i in fit]
     labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
     targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
-    validation = [train_split.texts[i] for i in held_out]
-    val_truth = (
-        np.asarray([train_split.labels[i] for i in held_out]) if train_split.labels is not None
-        else teacher_logits(parent.path, validation, ctx.max_length, cache_dir).argmax(-1)
-    )
+    validation, val_truth = held_out_truth(train_split, held_out, parent.path, ctx.max_length, cache_dir)
 
     def evaluate() -> float:
         return accuracy_on(student, tokenizer, validation, val_truth, ctx.max_length)

@@ -355,12 +355,12 @@ def _weight_sqnr(weight, cfg: QuantizeConfig) -> float:
     stores it: symmetric int8 ([-127, 127], or [-64, 64] with reduce_range), one scale per output column with
     per_channel, else one for the tensor."""
     import numpy as np
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
     levels = 64.0 if cfg.reduce_range else 127.0
     peak = np.abs(weight).max(axis=0 if cfg.per_channel else None, keepdims=True)
     scale = np.maximum(peak / levels, 1e-12)
-    error = weight - np.round(weight / scale) * scale
-    return float(10 * np.log10(max((weight**2).sum(), 1e-30) / max((error**2).sum(), 1e-30)))
+    return float(compute_signal_to_quantization_noice_ratio(weight, np.round(weight / scale) * scale))
 
 
 def _calibrated_ranges(dynamic_graph: Path, feeds: list[dict], method) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
@@ -433,7 +433,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
     ranges, activation_sqnr = _calibrated_ranges(out / "model.onnx", feeds, method)
 
     def attempt() -> float:
-        _ort_dynamic(fp32, out / "model.onnx", cfg, excluded)
+        """Makes the dynamic INT8 graph in out/model.onnx static and scores it."""
         _static_activations(out / "model.onnx", ranges)
         return _accuracy(out, eval_.texts, eval_.labels)
 
@@ -453,6 +453,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
         while parent_accuracy - accuracy > cfg.accuracy_tolerance and len(excluded) < cfg.max_fallback_nodes and ranked:
             take, ranked = ranked[:step], ranked[step:]
             excluded += take[: cfg.max_fallback_nodes - len(excluded)]
+            _ort_dynamic(fp32, out / "model.onnx", cfg, excluded)
             accuracy = attempt()
             log.info("static fallback: %d nodes in float, accuracy %.4f (fp32 parent %.4f)", len(excluded), accuracy, parent_accuracy)
             step *= 2
@@ -532,10 +533,9 @@ def qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stage
 
 
 def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
-    import numpy as np
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .distill import teacher_logits
+    from .distill import held_out_truth, teacher_logits
     from .training import TrainConfig, accuracy_on, held_out_split, kd_loss, sample_indices, train
 
     if source is None or ctx.teacher is None:
@@ -555,11 +555,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
     cache_dir = ctx.cache_dir or out.parent / ".cache"
     targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, cache_dir)
-    validation = [train_split.texts[i] for i in held_out]
-    val_truth = (
-        np.asarray([train_split.labels[i] for i in held_out]) if train_split.labels is not None
-        else teacher_logits(ctx.teacher.path, validation, ctx.max_length, cache_dir).argmax(-1)
-    )
+    validation, val_truth = held_out_truth(train_split, held_out, ctx.teacher.path, ctx.max_length, cache_dir)
     figures = train(
         model, tokenizer, texts, labels,
         TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1),
