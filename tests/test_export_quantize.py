@@ -48,9 +48,13 @@ def test_export_matches_pytorch(root, tmp_path, optimize):
     if optimize == "fusion":
         assert "Attention" in ops(child)  # ORT's fused attention
     torch_logits = load_predictor(root.path, "hf").logits(TEXTS)
-    ort_logits = load_predictor(child.path, "onnx").logits(TEXTS)
+    predictor = load_predictor(child.path, "onnx")
+    ort_logits = predictor.logits(TEXTS)
     assert ort_logits.shape == (len(TEXTS), 2)
     np.testing.assert_allclose(ort_logits, torch_logits, atol=1e-4)
+    # one text per call (as served) is tokenized on its own path: the same rows, unpadded
+    one_at_a_time = np.concatenate([predictor.logits([text]) for text in TEXTS])
+    np.testing.assert_allclose(one_at_a_time, torch_logits, atol=1e-4)
 
 
 def test_dynamic_int8_has_integer_ops_and_agrees(trained, tmp_path):
