@@ -328,6 +328,7 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
+
     def only_consumer(tensor: str, op_type: str):
         found = consumers.get(tensor, [])
         return found[0] if len(found) == 1 and found[0].op_type == op_type else None
