@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
-from .training import TrainConfig, accuracy_on, held_out_split, kd_loss, sample_indices, train
+from .training import TrainConfig, accuracy_on, cross_entropy, held_out_split, kd_loss, sample_indices, train
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
@@ -138,7 +138,7 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
 
     def loss(outputs, batch):
         if cfg.from_labels_only:
-            return F.cross_entropy(outputs.logits, batch["labels"])
+            return cross_entropy(outputs, batch)
         total = kd_loss(outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=cfg.temperature, soft_weight=cfg.soft_weight)
         if cfg.hidden_weight or cfg.attention_weight:
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
@@ -147,12 +147,12 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
             mask = batch["attention_mask"].unsqueeze(-1).float()
             for s_index, t_index in enumerate(layer_map):
                 if cfg.hidden_weight:
-                    diff = (outputs.hidden_states[s_index + 1] - t_out.hidden_states[t_index + 1]) ** 2
+                    diff = (outputs.hidden_states[s_index + 1].float() - t_out.hidden_states[t_index + 1].float()) ** 2
                     total = total + cfg.hidden_weight * (diff * mask).sum() / (mask.sum() * diff.shape[-1])
                 if cfg.attention_weight:
                     s_att, t_att = outputs.attentions[s_index], t_out.attentions[t_index]
                     total = total + cfg.attention_weight * F.kl_div(
-                        torch.log(s_att.clamp_min(1e-9)), t_att, reduction="batchmean"
+                        torch.log(s_att.float().clamp_min(1e-9)), t_att.float(), reduction="batchmean"
                     ) / s_att.shape[1]
         return total
 

@@ -559,7 +559,8 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     validation, val_truth = held_out_truth(train_split, held_out, ctx.teacher.path, ctx.max_length, cache_dir)
     figures = train(
         model, tokenizer, texts, labels,
-        TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1),
+        # fp32: the fake quantization must see the values ORT's integer kernels will see, not bf16 roundings of them
+        TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1, precision="fp32"),
         max_length=ctx.max_length, seed=ctx.seed, targets=targets,
         loss_fn=lambda outputs, batch: kd_loss(
             outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=q.temperature, soft_weight=q.soft_weight

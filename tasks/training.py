@@ -8,7 +8,8 @@ import random
 import time
 from collections.abc import Callable
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -35,6 +36,19 @@ class TrainConfig(StrictModel):
     group_by_length: bool = Field(
         False, description="Batch texts of similar length together (less padding: faster on short, varied texts).",
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Forward and backward in bfloat16 autocast (weights and optimizer stay fp32). auto: bf16 where the CPU has "
+        "AMX-BF16 units, which run it about twice as fast; fp32 elsewhere, where bf16 is emulated and slower.",
+    )
+
+    def uses_bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and cpu_has_amx_bf16())
+
+
+def cpu_has_amx_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and " amx_bf16" in cpuinfo.read_text()
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +104,7 @@ def batch_order(order: list[int], texts: list[str], batch_size: int, group_by_le
 def cross_entropy(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     import torch
 
-    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])
+    return torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"])
 
 
 def train(
@@ -129,10 +143,13 @@ def train(
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
+    # fused: one kernel per step instead of one per parameter tensor (~5x faster steps on CPU, same update)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate,
+        fused=True,
     )
+    bf16 = cfg.uses_bf16()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
@@ -153,13 +170,14 @@ def train(
             if step >= total_steps:
                 break
             inputs = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-            outputs = model(**inputs, **(model_kwargs or {}))
             batch = dict(inputs)
             if labels is not None:
                 batch["labels"] = torch.tensor([labels[i] for i in idx])
             if targets is not None:
                 batch["teacher_logits"] = torch.as_tensor(targets[idx], dtype=torch.float32)
-            loss = loss_fn(outputs, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(**inputs, **(model_kwargs or {}))
+                loss = loss_fn(outputs, batch).float()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -180,7 +198,8 @@ def train(
         model.load_state_dict(best_state)
         figures["best_validation_score"] = best_score
     model.eval()
-    return {**figures, "train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started}
+    return {**figures, "train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started,
+            "train_bf16": float(bf16)}
 
 
 def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_weight: float):
@@ -188,6 +207,7 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_
     The T² factor keeps the soft term's gradients on the scale of the hard term's as T grows."""
     import torch.nn.functional as F
 
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # bf16 logits lose the soft targets' detail
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.log_softmax(teacher_logits / temperature, dim=-1),
