@@ -105,12 +105,17 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str] |
     # the word embedding sits in a Gather, or inside the fused EmbedLayerNormalization (-> QEmbedLayerNormalization)
     eight_bit_embeddings = cfg.quantize_embeddings and not cfg.four_bit_embeddings
     op_types = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if eight_bit_embeddings else [])
-    quantize_dynamic(
-        src, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
-        reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
-        # shape inference cannot type the outputs of fused com.microsoft ops; they are all float
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    # ORT writes <input>-inferred.onnx beside its input and deletes it afterwards: two modes quantizing one parent at
+    # once raced on that file (FileNotFoundError), so each quantizes a private copy next to its own output
+    with tempfile.TemporaryDirectory(dir=dst.parent) as private:
+        local = Path(private) / src.name
+        shutil.copyfile(src, local)
+        quantize_dynamic(
+            local, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
+            # shape inference cannot type the outputs of fused com.microsoft ops; they are all float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     if cfg.four_bit_embeddings:
         _four_bit_embeddings(dst, cfg.embedding_block_size)
 

@@ -147,3 +147,24 @@ def test_length_grouped_batches_cover_every_example_once_with_less_padding():
     assert padded_tokens(grouped) < 0.6 * padded_tokens(plain)
     # still shuffled: the batches do not come out in length order
     assert [max(len(texts[i]) for i in b) for b in grouped] != sorted(max(len(texts[i]) for i in b) for b in grouped)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_learns_the_known_answer_in_either_precision(tiny_model_dir, precision):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from squeezeflow.tasks.training import accuracy_on, train
+
+    from .conftest import sentiment_rows
+
+    fit, held = sentiment_rows(240, seed=1), sentiment_rows(60, seed=2)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    figures = train(
+        model, tokenizer, [t for t, _ in fit], [y for _, y in fit],
+        TrainConfig(epochs=6, learning_rate=3e-3, batch_size=16, precision=precision), max_length=32, seed=7,
+    )
+    assert figures["train_bf16"] == float(precision == "bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+    truth = np.array([y for _, y in held])
+    assert accuracy_on(model, tokenizer, [t for t, _ in held], truth, 32) >= 0.9

@@ -66,6 +66,22 @@ def test_dynamic_int8_has_integer_ops_and_agrees(trained, tmp_path):
     assert agreement(onnx_variant, int8) >= 0.9
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_quantizing_writes_nothing_into_the_parent_directory(trained, tmp_path, monkeypatch, mode):
+    """Modes of one parent run at once: a scratch file in the parent's directory would be shared between them."""
+    from onnx import shape_inference
+
+    teacher, onnx_variant, ctx = trained
+    written = []
+    real = shape_inference.infer_shapes_path
+    monkeypatch.setattr(shape_inference, "infer_shapes_path", lambda src, dst="", *a, **k: (written.append(Path(dst or src)), real(src, dst, *a, **k))[1])
+    before = sorted(p.name for p in Path(onnx_variant.path).iterdir())
+    quantize(onnx_variant, mode, QuantizeConfig(calibration_examples=16), ctx, tmp_path)
+    assert written, "ORT's shape inference was not reached"
+    assert not [p for p in written if p.parent == Path(onnx_variant.path)]
+    assert sorted(p.name for p in Path(onnx_variant.path).iterdir()) == before
+
+
 def test_a_mode_is_made_anew_only_when_a_knob_it_reads_changes(trained, tmp_path):
     teacher, onnx_variant, ctx = trained
     first = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
