@@ -7,7 +7,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
