@@ -355,7 +355,7 @@ def _self_distillation(cfg: EarlyExitConfig):
             if "teacher_logits" in batch:
                 total = total + kd_loss(final, batch["teacher_logits"], labels, temperature=cfg.temperature, soft_weight=cfg.soft_weight)
             elif labels is not None:
-                total = total + F.cross_entropy(final.float(), labels)
+                total = total + F.cross_entropy(final, labels)
         return total
 
     return loss

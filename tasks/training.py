@@ -103,7 +103,7 @@ def batch_order(order: list[int], texts: list[str], batch_size: int, group_by_le
 def cross_entropy(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     import torch
 
-    return torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"])
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])
 
 
 def train(
@@ -176,7 +176,7 @@ def train(
                 batch["teacher_logits"] = torch.as_tensor(targets[idx], dtype=torch.float32)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 outputs = model(**inputs, **(model_kwargs or {}))
-                loss = loss_fn(outputs, batch).float()
+                loss = loss_fn(outputs, batch)  # autocast runs the cross-entropy and KL losses in fp32
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -206,7 +206,8 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_
     The T² factor keeps the soft term's gradients on the scale of the hard term's as T grows."""
     import torch.nn.functional as F
 
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # bf16 logits lose the soft targets' detail
+    # autocast leaves log_softmax in bf16, which would blur the soft targets
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.log_softmax(teacher_logits / temperature, dim=-1),

@@ -74,7 +74,12 @@ def test_quantizing_writes_nothing_into_the_parent_directory(trained, tmp_path, 
     teacher, onnx_variant, ctx = trained
     written = []
     real = shape_inference.infer_shapes_path
-    monkeypatch.setattr(shape_inference, "infer_shapes_path", lambda src, dst="", *a, **k: (written.append(Path(dst or src)), real(src, dst, *a, **k))[1])
+
+    def recording(src, dst="", *args, **kwargs):  # ORT's shape inference, run as usual, its output path noted
+        written.append(Path(dst or src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "infer_shapes_path", recording)
     before = sorted(p.name for p in Path(onnx_variant.path).iterdir())
     quantize(onnx_variant, mode, QuantizeConfig(calibration_examples=16), ctx, tmp_path)
     assert written, "ORT's shape inference was not reached"
