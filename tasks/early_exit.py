@@ -243,36 +243,32 @@ def _exit_rule_nodes(k: int, logits: str, criterion: str):
     from onnx import helper
 
     p = f"s{k}/rule/"
-    if criterion == "entropy":  # normalised entropy of softmax(logits) below the threshold
-        nodes = [
+    if criterion == "entropy":
+        # normalised entropy H / log(classes) below the threshold, for every row: min over rows of -H above
+        # -threshold * log(classes), a constant (rule/neg_entropy_bound). Few ops: they run at every exit
+        return [
             helper.make_node("Softmax", [logits], [p + "probs"], axis=-1),
             helper.make_node("LogSoftmax", [logits], [p + "log_probs"], axis=-1),
             helper.make_node("Mul", [p + "probs", p + "log_probs"], [p + "terms"]),
             helper.make_node("ReduceSum", [p + "terms", "rule/last_axis"], [p + "neg_entropy"], keepdims=0),
-            helper.make_node("Shape", [logits], [p + "classes"], start=-1),
-            helper.make_node("Cast", [p + "classes"], [p + "classes_f"], to=1),
-            helper.make_node("Log", [p + "classes_f"], [p + "log_classes"]),
-            helper.make_node("Div", [p + "neg_entropy", p + "log_classes"], [p + "neg_normalized"]),
-            helper.make_node("Neg", [p + "neg_normalized"], [p + "entropy"]),
-            helper.make_node("Less", [p + "entropy", "rule/threshold"], [p + "fires"]),
+            helper.make_node("ReduceMin", [p + "neg_entropy"], [p + "least_neg_entropy"], keepdims=0),
+            helper.make_node("Greater", [p + "least_neg_entropy", "rule/neg_entropy_bound"], [p + "exit"]),
+        ], p + "exit"
+    # patience: the predicted label has stayed the same for `threshold` successive exits
+    nodes = [helper.make_node("ArgMax", [logits], [p + "label"], axis=-1, keepdims=0)]
+    if k == 0:
+        nodes.append(helper.make_node("Sub", [p + "label", p + "label"], [p + "streak"]))
+    else:
+        before = f"s{k - 1}/rule/"
+        nodes += [
+            helper.make_node("Equal", [p + "label", before + "label"], [p + "same"]),
+            helper.make_node("Add", [before + "streak", "rule/one"], [p + "longer"]),
+            helper.make_node("Where", [p + "same", p + "longer", "rule/zero"], [p + "streak"]),
         ]
-    else:  # patience: the predicted label has stayed the same for `threshold` successive exits
-        nodes = [helper.make_node("ArgMax", [logits], [p + "label"], axis=-1, keepdims=0)]
-        if k == 0:
-            nodes.append(helper.make_node("Sub", [p + "label", p + "label"], [p + "streak"]))
-        else:
-            before = f"s{k - 1}/rule/"
-            nodes += [
-                helper.make_node("Equal", [p + "label", before + "label"], [p + "same"]),
-                helper.make_node("Add", [before + "streak", "rule/one"], [p + "longer"]),
-                helper.make_node("Where", [p + "same", p + "longer", "rule/zero"], [p + "streak"]),
-            ]
-        nodes.append(helper.make_node("GreaterOrEqual", [p + "streak", "rule/patience"], [p + "fires"]))
     # the whole batch leaves together (ONNX control flow is per graph, not per row): served at batch 1
     nodes += [
-        helper.make_node("Cast", [p + "fires"], [p + "fires_f"], to=1),
-        helper.make_node("ReduceMin", [p + "fires_f"], [p + "all_fire"], keepdims=0),
-        helper.make_node("Greater", [p + "all_fire", "rule/half"], [p + "exit"]),
+        helper.make_node("ReduceMin", [p + "streak"], [p + "least_streak"], keepdims=0),
+        helper.make_node("GreaterOrEqual", [p + "least_streak", "rule/patience"], [p + "exit"]),
     ]
     return nodes, p + "exit"
 
@@ -288,11 +284,14 @@ def write_exit_graph(variant_dir: Path) -> None:
     variant_dir = Path(variant_dir)
     spec = json.loads((variant_dir / EARLY_EXIT_FILE).read_text())
     segments = [onnx.load(str(variant_dir / SEGMENTS_DIR / name)) for name in spec["segments"]]
-    constants = {"half": np.array(0.5, dtype=np.float32)} | (
-        {"last_axis": np.array([-1], dtype=np.int64), "threshold": np.array(spec["threshold"], dtype=np.float32)}
-        if spec["criterion"] == "entropy" else
-        {"patience": np.array(int(spec["threshold"]), dtype=np.int64), "one": np.array(1, dtype=np.int64), "zero": np.array(0, dtype=np.int64)}
-    )
+    if spec["criterion"] == "entropy":
+        logits = next(o for o in segments[0].graph.output if o.name == "logits")
+        classes = logits.type.tensor_type.shape.dim[-1].dim_value
+        if classes < 2:
+            raise ModelError(f"{variant_dir}: the first segment's logits have no fixed number of classes (got {classes or 'a symbolic size'})")
+        constants = {"last_axis": np.array([-1], dtype=np.int64), "neg_entropy_bound": np.array(-spec["threshold"] * np.log(classes), dtype=np.float32)}
+    else:
+        constants = {"patience": np.array(int(spec["threshold"]), dtype=np.int64), "one": np.array(1, dtype=np.int64), "zero": np.array(0, dtype=np.int64)}
     initializers = [numpy_helper.from_array(value, f"rule/{name}") for name, value in constants.items()]
 
     # each segment's weights live in the (sub)graph that uses them: ONNX Runtime pre-packs MatMul weights only

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from .base import StrictModel
 from .data import DataConfig, load_splits
-from .runtime import load_predictor
+from .runtime import FOUR_BIT_CODES, load_predictor
 from .variant import Variant, size_on_disk_mb, weight_files
 
 log = logging.getLogger("squeezeflow.evaluate")
@@ -42,13 +42,10 @@ def count_params(variant: Variant) -> int:
     import onnx
 
     def graph_params(graph) -> int:  # subgraphs too: an early-exit model keeps later layers inside If branches
-        # a 4-bit table holds two values per byte; its block scales and zero points are not parameters
-        packed, block_metadata = set(), set()
-        for node in graph.node:
-            if node.op_type == "GatherBlockQuantized":
-                packed |= {node.input[0]} if any(a.name == "bits" and a.i == 4 for a in node.attribute) else set()
-                block_metadata |= set(node.input[2:])
-        own = sum(int(np.prod(t.dims)) * (2 if t.name in packed else 1) for t in graph.initializer if t.name not in block_metadata)
+        # a 4-bit table holds two values per byte; its block scales, zero points and shapes are not parameters
+        own = sum(
+            int(np.prod(t.dims)) * (2 if t.name.endswith(FOUR_BIT_CODES) else 1) for t in graph.initializer if FOUR_BIT_CODES + "/" not in t.name
+        )
         return own + sum(graph_params(attr.g) for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
 
     return sum(graph_params(onnx.load(str(file)).graph) for file in weight_files(variant.path) if file.suffix == ".onnx")

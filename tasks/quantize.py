@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx
-from .runtime import EARLY_EXIT_FILE, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
+from .runtime import EARLY_EXIT_FILE, FOUR_BIT_CODES, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
 from .variant import StageContext, Variant, derive, finished, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.quantize")
@@ -57,7 +57,8 @@ class QuantizeConfig(StageBase):
     quantize_embeddings: bool = Field(False, description="ONNX Runtime modes: also store the word-embedding Gather in INT8 (smaller file).")
     embedding_bits: Literal[8, 4] = Field(
         8, description="With quantize_embeddings: 8 (fused QEmbedLayerNormalization) or 4 (the word and position tables "
-        "as GatherBlockQuantized: about half the bytes of 8, in blocks that each keep a scale and zero point).",
+        "stored in 4 bits, about half the bytes of 8, in blocks that each keep a scale and zero point; ONNX Runtime decodes "
+        "them to float once, when the session is created).",
     )
     embedding_block_size: int = Field(64, ge=16, le=1024, description="4-bit embeddings: values per scale (a power of two).")
     calibration_examples: int = Field(128, ge=1, description="static: training examples used for calibration.")
@@ -128,52 +129,6 @@ def _replace_node(graph, old, new_nodes: list) -> None:
         graph.node.insert(at + offset, node)
 
 
-def _unfuse_embeddings(model) -> None:
-    """Replaces a fused EmbedLayerNormalization (which reads its tables as float) with the plain graph it stands
-    for — word, position and token-type Gathers, their sum, LayerNormalization, and the attention mask's row
-    sums as the mask index — so the tables sit in Gathers a 4-bit quantizer can take."""
-    from onnx import TensorProto, helper
-
-    graph = model.graph
-    fused = next((n for n in graph.node if n.op_type == "EmbedLayerNormalization"), None)
-    if fused is None:
-        return
-    ids, types, word, position, token_type, gamma, beta, mask, position_ids = (list(fused.input) + [""] * 9)[:9]
-    out, mask_index = (list(fused.output) + ["", ""])[:2]
-    epsilon = next((a.f for a in fused.attribute if a.name == "epsilon"), 1e-12)
-    p = "squeeze_embeddings_"
-    nodes = [helper.make_node("Gather", [word, ids], [p + "word"], name=p + "word")]
-    if not position_ids:  # positions 0 .. sequence length - 1
-        graph.initializer.extend([
-            helper.make_tensor(p + "zero", TensorProto.INT64, [], [0]),
-            helper.make_tensor(p + "one", TensorProto.INT64, [], [1]),
-        ])
-        nodes += [
-            helper.make_node("Shape", [ids], [p + "shape"], name=p + "shape"),
-            helper.make_node("Gather", [p + "shape", p + "one"], [p + "length"], name=p + "length", axis=0),
-            helper.make_node("Range", [p + "zero", p + "length", p + "one"], [p + "positions"], name=p + "positions"),
-        ]
-        position_ids = p + "positions"
-    nodes += [
-        helper.make_node("Gather", [position, position_ids], [p + "position"], name=p + "position"),
-        helper.make_node("Add", [p + "word", p + "position"], [p + "sum"], name=p + "sum"),
-    ]
-    total = p + "sum"
-    if types and token_type:
-        nodes += [
-            helper.make_node("Gather", [token_type, types], [p + "token_type"], name=p + "token_type"),
-            helper.make_node("Add", [total, p + "token_type"], [p + "sum_all"], name=p + "sum_all"),
-        ]
-        total = p + "sum_all"
-    nodes.append(helper.make_node("LayerNormalization", [total, gamma, beta], [out], name=p + "norm", axis=-1, epsilon=epsilon))
-    if mask_index:
-        if not mask:
-            raise ModelError("quantize.embedding_bits: 4 needs the embedding's attention-mask input to rebuild its mask index; this graph has none")
-        graph.initializer.append(helper.make_tensor(p + "axes", TensorProto.INT64, [1], [1]))
-        nodes.append(helper.make_node("ReduceSum", [mask, p + "axes"], [mask_index], name=p + "mask_index", keepdims=0))
-    _replace_node(graph, fused, nodes)
-
-
 def four_bit_blocks(table, block_size: int):
     """Asymmetric 4-bit quantization of a [rows, width] float table in blocks of `block_size` along each row:
     (codes 0..15 as uint8 [rows, width], float32 scales [rows, blocks], zero points uint8 [rows, blocks])."""
@@ -207,37 +162,88 @@ def _two_per_byte(codes):
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
+def _unpacked(packed: str, rows: int, pairs: int, width: int, prefix: str):
+    """Nodes turning `packed` ([rows, pairs] uint8, two 4-bit codes per byte, low nibble first) into float
+    `prefix + "codes"` [rows, width] (width <= 2 * pairs); returns (nodes, constants)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = {"sixteen": np.array(16, np.int32), "half_shape": np.array([rows, pairs, 1], np.int64),
+                 "shape": np.array([rows, 2 * pairs], np.int64)}
+    c = {name: f"{prefix}{name}" for name in constants}
+    nodes = [
+        helper.make_node("Cast", [packed], [prefix + "int"], to=TensorProto.INT32),
+        helper.make_node("Div", [prefix + "int", c["sixteen"]], [prefix + "high"]),
+        helper.make_node("Mul", [prefix + "high", c["sixteen"]], [prefix + "high_x16"]),
+        helper.make_node("Sub", [prefix + "int", prefix + "high_x16"], [prefix + "low"]),
+        helper.make_node("Reshape", [prefix + "low", c["half_shape"]], [prefix + "low_3d"]),
+        helper.make_node("Reshape", [prefix + "high", c["half_shape"]], [prefix + "high_3d"]),
+        helper.make_node("Concat", [prefix + "low_3d", prefix + "high_3d"], [prefix + "pairs"], axis=2),
+        helper.make_node("Reshape", [prefix + "pairs", c["shape"]], [prefix + "codes_int"]),
+    ]
+    if width < 2 * pairs:  # an odd width was padded with one code per row
+        constants["kept"] = np.arange(width, dtype=np.int64)
+        c["kept"] = prefix + "kept"
+        nodes.append(helper.make_node("Gather", [prefix + "codes_int", c["kept"]], [prefix + "codes_kept"], axis=1))
+    nodes.append(helper.make_node("Cast", [nodes[-1].output[0]], [prefix + "codes"], to=TensorProto.FLOAT))
+    for node in nodes:
+        node.name = node.output[0]
+    return nodes, [numpy_helper.from_array(value, c[name]) for name, value in constants.items()]
+
+
 def _four_bit_embeddings(path: Path, block_size: int) -> None:
-    """The word and position tables of the model at `path` in 4 bits, in place: each Gather from such a table
-    becomes a GatherBlockQuantized over two codes per byte (ONNX Runtime's uint8 `bits=4` form runs ~3x faster
-    per row here than its int4 tensor type). The token-type table (a couple of rows) stays float; a graph
-    without embeddings (an inner early-exit segment) is left as it is."""
+    """The word and position tables of the model at `path` in 4 bits, in place. Each is stored as two codes per
+    byte with a scale and zero point per block of `block_size` values (`<table>` + FOUR_BIT_CODES, its other
+    constants under `<table>` + FOUR_BIT_CODES + "/"), and decoded back to float by standard ops on those
+    constants alone. ONNX Runtime's constant folding runs them once, when a session is created (at any graph
+    optimisation level but disabled), so the file holds 4-bit tables while the fused EmbedLayerNormalization reads
+    a float table on every call, as in the float model (a 4-bit Gather per call, GatherBlockQuantized, made the
+    3-layer student 2-4 % slower; the float tables cost memory instead). The token-type table (a couple of rows)
+    stays float; a graph without embedding tables (an inner early-exit segment) is left as it is."""
+    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
-    _unfuse_embeddings(model)
     graph = model.graph
     tables = {t.name: t for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] >= 16}
-    targets = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
-    if not targets:
+    read = [(node, slot) for node in graph.node for slot, name in enumerate(node.input) if name in tables and (
+        (node.op_type == "Gather" and slot == 0) or (node.op_type == "EmbedLayerNormalization" and slot in (2, 3, 4)))]
+    if not read:
         return
-    for node in targets:
-        codes, scales, zero = four_bit_blocks(numpy_helper.to_array(tables[node.input[0]]), block_size)
-        name = node.input[0]
+    first_reader = min(list(graph.node).index(node) for node, _ in read)
+    decoders = []
+    for name in sorted({node.input[slot] for node, slot in read}):
+        table = numpy_helper.to_array(tables[name])
+        rows, width = table.shape
+        codes, scales, zero = four_bit_blocks(table, block_size)
+        blocks = width // block_size
+        packed, p = name + FOUR_BIT_CODES, name + FOUR_BIT_CODES + "/"
+        code_nodes, code_constants = _unpacked(packed, rows, (width + 1) // 2, width, p + "codes/")
+        zero_nodes, zero_constants = _unpacked(p + "zero_points", rows, (blocks + 1) // 2, blocks, p + "zero_points/")
         graph.initializer.remove(tables[name])
         graph.initializer.extend([
-            numpy_helper.from_array(_two_per_byte(codes), name + "_q4"),
-            numpy_helper.from_array(scales, name + "_scales"),
-            numpy_helper.from_array(_two_per_byte(zero), name + "_zero_points"),
+            numpy_helper.from_array(_two_per_byte(codes), packed),
+            numpy_helper.from_array(_two_per_byte(zero), p + "zero_points"),
+            numpy_helper.from_array(scales[..., None], p + "scales"),
+            numpy_helper.from_array(np.array([rows, blocks, block_size], np.int64), p + "blocked_shape"),
+            numpy_helper.from_array(np.array([rows, blocks, 1], np.int64), p + "block_shape"),
+            numpy_helper.from_array(np.array([rows, width], np.int64), p + "table_shape"),
+            *code_constants, *zero_constants,
         ])
-        quantized = helper.make_node(
-            "GatherBlockQuantized", [name + "_q4", node.input[1], name + "_scales", name + "_zero_points"], list(node.output),
-            name=(node.name or name) + "_q4", domain="com.microsoft", bits=4, block_size=block_size, gather_axis=0, quantize_axis=1,
-        )
-        _replace_node(graph, node, [quantized])
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        decoded = name + "_decoded"
+        decoders += code_nodes + zero_nodes + [
+            helper.make_node("Reshape", [p + "codes/codes", p + "blocked_shape"], [p + "blocked"], name=p + "blocked"),
+            helper.make_node("Reshape", [p + "zero_points/codes", p + "block_shape"], [p + "zero"], name=p + "zero"),
+            helper.make_node("Sub", [p + "blocked", p + "zero"], [p + "centred"], name=p + "centred"),
+            helper.make_node("Mul", [p + "centred", p + "scales"], [p + "values"], name=p + "values"),
+            helper.make_node("Reshape", [p + "values", p + "table_shape"], [decoded], name=decoded),
+        ]
+        for node, slot in read:
+            if node.input[slot] == name:
+                node.input[slot] = decoded
+    for offset, node in enumerate(decoders):
+        graph.node.insert(first_reader + offset, node)
     onnx.save(model, str(path))
 
 

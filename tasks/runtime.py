@@ -12,6 +12,7 @@ from .base import TORCH_LOCK, ModelError
 TORCH_DYNAMIC_MARKER = "squeezeflow-torch-dynamic.json"  # written by the quantize stage's torch-dynamic mode
 EARLY_EXIT_FILE = "early_exit.json"  # written by the early_exit stage: the exit rule and the segment files
 SEGMENTS_DIR = "segments"  # an early-exit variant's per-layer graphs, what its model.onnx is chained from
+FOUR_BIT_CODES = "_q4"  # suffix of a 4-bit embedding table's packed codes; its decoding constants sit under "<codes>/"
 
 # torch and transformers are imported only by the PyTorch predictor, so that an ONNX variant is served (and
 # its memory measured) without them: that is part of what an ONNX variant buys.

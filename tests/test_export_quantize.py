@@ -11,7 +11,7 @@ from squeezeflow.tasks.base import DataError, ModelError, StageBase
 from squeezeflow.tasks.evaluate import count_params
 from squeezeflow.tasks.export import ExportConfig, export
 from squeezeflow.tasks.quantize import MODE_KNOBS, QATConfig, QuantizeConfig, quantize
-from squeezeflow.tasks.runtime import load_predictor
+from squeezeflow.tasks.runtime import FOUR_BIT_CODES, load_predictor
 from squeezeflow.tasks.variant import StageContext, Variant
 
 from .conftest import sentiment_rows
@@ -35,6 +35,11 @@ def trained(trained_tiny, tmp_path_factory):
 
 def ops(variant: Variant) -> set[str]:
     return {n.op_type for n in onnx.load(f"{variant.path}/model.onnx").graph.node}
+
+
+def four_bit_tables(model) -> dict[str, tuple]:
+    """{packed codes: dims} of the 4-bit tables in an ONNX model."""
+    return {t.name: tuple(t.dims) for t in model.graph.initializer if t.name.endswith(FOUR_BIT_CODES) and t.data_type == onnx.TensorProto.UINT8}
 
 
 def agreement(a: Variant, b: Variant, texts=TEXTS) -> float:
@@ -115,36 +120,22 @@ def test_int8_embeddings_shrink_the_word_embedding(trained, tmp_path):
     assert agreement(fused, small) >= 0.9
 
 
-def test_unfused_embeddings_compute_what_the_fused_op_computes(trained, tmp_path):
-    import shutil
-
-    from squeezeflow.tasks.quantize import _unfuse_embeddings
-
-    _, fused, _ = trained
-    shutil.copytree(fused.path, tmp_path / "unfused")
-    model = onnx.load(f"{fused.path}/model.onnx")
-    _unfuse_embeddings(model)
-    onnx.save(model, tmp_path / "unfused" / "model.onnx")
-    assert "EmbedLayerNormalization" not in {n.op_type for n in model.graph.node}
-    # one padded batch: the mask index (row sums of the mask) must reach the attention as before
-    np.testing.assert_allclose(
-        load_predictor(tmp_path / "unfused", "onnx").logits(TEXTS), load_predictor(fused.path, "onnx").logits(TEXTS), atol=1e-5
-    )
-
-
-def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tmp_path):
-    """The packed codes, scales and zero points, read by ONNX Runtime's GatherBlockQuantized, give exactly the
-    4-bit values `dequantized_blocks` computes: the fp32 model holding those values in float agrees to 1e-5."""
+@pytest.mark.parametrize("optimize", ["fusion", "none"])
+def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tmp_path, optimize):
+    """The packed codes, scales and zero points, decoded by the graph's own ops, give exactly the 4-bit values
+    `dequantized_blocks` computes: the fp32 model holding those values in float agrees to 1e-5. Fused, the tables
+    feed EmbedLayerNormalization; unfused, plain Gathers."""
     import shutil
 
     from onnx import numpy_helper
 
     from squeezeflow.tasks.quantize import _four_bit_embeddings, dequantized_blocks
 
-    _, fused, _ = trained
+    teacher, fused, _ = trained
+    parent = fused if optimize == "fusion" else export(teacher, ExportConfig(optimize="none"), tmp_path / "plain")
     for name in ("float_grid", "four_bit"):
-        shutil.copytree(fused.path, tmp_path / name)
-    model = onnx.load(f"{fused.path}/model.onnx")
+        shutil.copytree(parent.path, tmp_path / name)
+    model = onnx.load(f"{parent.path}/model.onnx")
     tables = [t for t in model.graph.initializer if "word_embeddings" in t.name or "position_embeddings" in t.name]
     assert len(tables) == 2
     for table in tables:
@@ -153,12 +144,30 @@ def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tm
     _four_bit_embeddings(tmp_path / "four_bit" / "model.onnx", 16)
 
     four_bit = onnx.load(tmp_path / "four_bit" / "model.onnx")
-    assert [n.op_type for n in four_bit.graph.node].count("GatherBlockQuantized") == 2
-    codes = {t.name: tuple(t.dims) for t in four_bit.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
-    assert codes["bert.embeddings.word_embeddings.weight_q4"] == (31, 16)  # 31 words x 32 wide, two codes per byte
+    assert four_bit_tables(four_bit) == {"bert.embeddings.word_embeddings.weight_q4": (31, 16), "bert.embeddings.position_embeddings.weight_q4": (64, 16)}
+    assert ("EmbedLayerNormalization" in {n.op_type for n in four_bit.graph.node}) == (optimize == "fusion")
+    float_tables = {t.name for t in four_bit.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[1] == 32}
+    assert not {name for name in float_tables if "word_embeddings" in name or "position_embeddings" in name}
     np.testing.assert_allclose(
         load_predictor(tmp_path / "four_bit", "onnx").logits(TEXTS), load_predictor(tmp_path / "float_grid", "onnx").logits(TEXTS), atol=1e-5
     )
+
+
+def test_onnx_runtime_decodes_4bit_tables_once_when_the_session_is_created(trained, tmp_path):
+    """The decoding ops read constants only, so ONNX Runtime's constant folding runs them at session creation:
+    the optimised graph it runs holds float tables again and no decoding op."""
+    import onnxruntime as ort
+
+    _, fused, ctx = trained
+    four = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, tmp_path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(f"{four.path}/model.onnx", options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx").graph
+    embed = next(n for n in optimized.node if n.op_type == "EmbedLayerNormalization")
+    floats = {t.name: tuple(t.dims) for t in optimized.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert floats[embed.input[2]] == (31, 32) and floats[embed.input[3]] == (64, 32)  # word and position tables
+    assert not {"Div", "Concat", "Reshape"} & {n.op_type for n in optimized.node}
 
 
 def test_4bit_blocks_are_a_fixed_point_so_qat_can_train_on_them():
@@ -176,16 +185,18 @@ def test_4bit_embeddings_shrink_the_model_further_and_agree(trained, tmp_path):
     teacher, fused, ctx = trained
     eight = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True), ctx, tmp_path)
     four = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, tmp_path)
-    assert {"GatherBlockQuantized", "QAttention"} <= ops(four) and "EmbedLayerNormalization" not in ops(four)
+    assert {"EmbedLayerNormalization", "QAttention"} <= ops(four) and four_bit_tables(onnx.load(f"{four.path}/model.onnx"))
+    # per-row data (codes, scales, zero points vs INT8 codes), not the few fixed-size shapes the decoding reads
     word_table_bytes = lambda v: sum(
-        len(t.raw_data) for t in onnx.load(f"{v.path}/model.onnx").graph.initializer if t.name.startswith("bert.embeddings.word_embeddings")
+        len(t.raw_data) for t in onnx.load(f"{v.path}/model.onnx").graph.initializer
+        if t.name.startswith("bert.embeddings.word_embeddings") and t.data_type != onnx.TensorProto.INT64
     )
-    assert word_table_bytes(four) < 0.8 * word_table_bytes(eight)  # codes, scales and zero points vs INT8 codes and a scale
+    assert word_table_bytes(four) < 0.8 * word_table_bytes(eight)
     assert count_params(four) == pytest.approx(count_params(eight), rel=1e-3)  # the same values, fewer bits each
     assert agreement(fused, four) >= 0.9
     cfg = QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16, qat={"epochs": 1, "max_examples": 64})
     qat = quantize(fused, "qat", cfg, ctx, tmp_path, source=teacher)
-    assert "GatherBlockQuantized" in ops(qat) and agreement(fused, qat) >= 0.8
+    assert four_bit_tables(onnx.load(f"{qat.path}/model.onnx")) and agreement(fused, qat) >= 0.8
 
 
 def test_4bit_block_size_must_fit_the_embedding(trained, tmp_path):
