@@ -22,7 +22,8 @@ class ExportConfig(StageBase):
     kind: Literal["export"] = "export"
     opset: int = Field(18, ge=14, le=21, description="ONNX opset of the exported graph.")
     optimize: Literal["none", "fusion"] = Field(
-        "fusion", description="fusion: ORT transformer fusions (Attention, SkipLayerNorm, FastGelu); none: the plain export."
+        "fusion", description="fusion: ORT transformer fusions (EmbedLayerNorm, Attention, BiasGelu; residual LayerNorms "
+        "kept as Add + LayerNormalization, faster on CPU); none: the plain export."
     )
 
 
@@ -33,10 +34,42 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
 
 
 def fuse(onnx_path: Path, num_heads: int, hidden_size: int) -> None:
+    """ONNX Runtime's BERT fusions (EmbedLayerNormalization, Attention, BiasGelu), in place, with each residual
+    LayerNorm then split again (`split_skip_layer_norms`)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     optimized = optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    split_skip_layer_norms(optimized.model)
     optimized.save_model_to_file(str(onnx_path))
+
+
+def split_skip_layer_norms(model) -> None:
+    """Each SkipLayerNormalization becomes Add (+ Add of its bias) + LayerNormalization, in place. ONNX Runtime's
+    CPU kernel for the fused op took 34.5 µs for 25 rows of 384 where the pair took 15 µs (2 threads); six of them
+    were ~0.13 ms of a 3-layer INT8 student's 0.92 ms. Sessions made by `runtime.ort_session` keep ONNX Runtime
+    from fusing the pair back when it loads the model."""
+    from onnx import helper
+
+    graph = model.graph
+    for fused in [n for n in graph.node if n.op_type == "SkipLayerNormalization"]:
+        x, skip, gamma, beta, bias = (list(fused.input) + [""] * 5)[:5]
+        out, mean, inv_std, total = (list(fused.output) + [""] * 4)[:4]
+        epsilon = next((a.f for a in fused.attribute if a.name == "epsilon"), 1e-12)
+        p = (fused.name or out) + "/"
+        nodes = []
+        if bias:
+            nodes.append(helper.make_node("Add", [x, bias], [p + "biased"], name=p + "biased"))
+            x = p + "biased"
+        total = total or p + "sum"
+        nodes += [
+            helper.make_node("Add", [x, skip], [total], name=p + "sum"),
+            helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []), [out, mean, inv_std] if inv_std else
+                             [out, mean] if mean else [out], name=p + "norm", axis=-1, epsilon=epsilon),
+        ]
+        at = list(graph.node).index(fused)
+        graph.node.remove(fused)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(at + offset, node)
 
 
 def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None:

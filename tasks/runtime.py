@@ -59,7 +59,9 @@ def ort_session(file: Path, threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
-        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        # ORT would fuse each residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is
+        # 2-3x slower per row here (export.split_skip_layer_norms); graphs that already hold it keep it
+        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
         raise ModelError(f"{file}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
 

@@ -60,12 +60,12 @@ class StageContext(BaseModel):
 
 @lru_cache(maxsize=1)
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape a variant's bytes: part of every variant id, so an upgrade
-    recomputes instead of reusing stale results."""
+    """Versions of the libraries that shape a variant's bytes, squeezeflow's own included (its version goes up when
+    a stage writes different graphs): part of every variant id, so an upgrade recomputes instead of reusing stale results."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning"):
+    for name in ("squeezeflow", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

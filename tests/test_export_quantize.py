@@ -37,6 +37,10 @@ def ops(variant: Variant) -> set[str]:
     return {n.op_type for n in onnx.load(f"{variant.path}/model.onnx").graph.node}
 
 
+def ops_count(variant: Variant, op_type: str) -> int:
+    return [n.op_type for n in onnx.load(f"{variant.path}/model.onnx").graph.node].count(op_type)
+
+
 def four_bit_tables(model) -> dict[str, tuple]:
     """{packed codes: dims} of the 4-bit tables in an ONNX model."""
     return {t.name: tuple(t.dims) for t in model.graph.initializer if t.name.endswith(FOUR_BIT_CODES) and t.data_type == onnx.TensorProto.UINT8}
@@ -60,6 +64,28 @@ def test_export_matches_pytorch(root, tmp_path, optimize):
     # one text per call (as served) is tokenized on its own path: the same rows, unpadded
     one_at_a_time = np.concatenate([predictor.logits([text]) for text in TEXTS])
     np.testing.assert_allclose(one_at_a_time, torch_logits, atol=1e-4)
+
+
+def test_residual_layer_norms_stay_split_when_onnx_runtime_loads_the_model(root, tmp_path, monkeypatch):
+    """The fused export keeps each residual LayerNorm as Add + LayerNormalization, and the sessions squeezeflow
+    makes do not fuse them back into SkipLayerNormalization (the graph ONNX Runtime runs is read back)."""
+    import onnxruntime as ort
+
+    from squeezeflow.tasks.runtime import ort_session
+
+    child = export(root, ExportConfig(optimize="fusion"), tmp_path)
+    assert "SkipLayerNormalization" not in ops(child) and "LayerNormalization" in ops(child)
+    plain_options = ort.SessionOptions
+
+    def options_that_save_the_graph_run():
+        options = plain_options()
+        options.optimized_model_filepath = str(tmp_path / "as_run.onnx")
+        return options
+
+    monkeypatch.setattr(ort, "SessionOptions", options_that_save_the_graph_run)
+    ort_session(Path(child.path) / "model.onnx", threads=1)
+    as_run = [n.op_type for n in onnx.load(tmp_path / "as_run.onnx").graph.node]
+    assert "SkipLayerNormalization" not in as_run and as_run.count("LayerNormalization") == ops_count(child, "LayerNormalization")
 
 
 def test_dynamic_int8_has_integer_ops_and_agrees(trained, tmp_path):
