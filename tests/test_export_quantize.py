@@ -179,6 +179,28 @@ def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tm
     )
 
 
+def test_4bit_decoding_of_a_plain_gather_with_an_odd_number_of_blocks(tmp_path):
+    """48 values a row in blocks of 16: three zero points a row, packed into two bytes, the last half empty."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from squeezeflow.tasks.quantize import _four_bit_embeddings, dequantized_blocks
+
+    table = np.random.default_rng(1).normal(0, 0.1, (20, 48)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])], [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "lookup.onnx")
+    _four_bit_embeddings(tmp_path / "lookup.onnx", 16)
+    model = onnx.load(tmp_path / "lookup.onnx")
+    assert four_bit_tables(model) == {"table_q4": (20, 24)} and "table" not in {t.name for t in model.graph.initializer}
+    ids = np.array([0, 7, 19, 7], dtype=np.int64)
+    rows = ort.InferenceSession(str(tmp_path / "lookup.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(rows, dequantized_blocks(table, 16)[ids], atol=1e-7)
+
+
 def test_onnx_runtime_decodes_4bit_tables_once_when_the_session_is_created(trained, tmp_path):
     """The decoding ops read constants only, so ONNX Runtime's constant folding runs them at session creation:
     the optimised graph it runs holds float tables again and no decoding op."""
