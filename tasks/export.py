@@ -66,10 +66,15 @@ def split_skip_layer_norms(model) -> None:
             helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []), [out, mean, inv_std] if inv_std else
                              [out, mean] if mean else [out], name=p + "norm", axis=-1, epsilon=epsilon),
         ]
-        at = list(graph.node).index(fused)
-        graph.node.remove(fused)
-        for offset, node in enumerate(nodes):
-            graph.node.insert(at + offset, node)
+        replace_node(graph, fused, nodes)
+
+
+def replace_node(graph, old, new_nodes: list) -> None:
+    """`new_nodes` where `old` was, in order (the graph's node list stays topologically sorted)."""
+    at = list(graph.node).index(old)
+    graph.node.remove(old)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(at + offset, node)
 
 
 def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None:

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
-from .export import ExportConfig, copy_tokenizer, export_onnx
+from .export import ExportConfig, copy_tokenizer, export_onnx, replace_node
 from .runtime import EARLY_EXIT_FILE, FOUR_BIT_CODES, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
 from .variant import StageContext, Variant, derive, finished, save_record, staged_dir
 
@@ -119,14 +119,6 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str] |
         )
     if cfg.four_bit_embeddings:
         _four_bit_embeddings(dst, cfg.embedding_block_size)
-
-
-def _replace_node(graph, old, new_nodes: list) -> None:
-    """`new_nodes` where `old` was, in order (the graph's node list stays topologically sorted)."""
-    at = list(graph.node).index(old)
-    graph.node.remove(old)
-    for offset, node in enumerate(new_nodes):
-        graph.node.insert(at + offset, node)
 
 
 def four_bit_blocks(table, block_size: int):
@@ -333,7 +325,7 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
             numpy_helper.from_array(np.asarray(scale, dtype=np.float32), scale_name),
             numpy_helper.from_array(np.asarray(zero, dtype=np.uint8), zero_name),
         ])
-        _replace_node(graph, node, [helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized], name=node.name + "_static")])
+        replace_node(graph, node, [helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized], name=node.name + "_static")])
     producer = {out: n for n in graph.node for out in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
@@ -354,7 +346,7 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
             "MatMulIntegerToFloat", [matmul.input[0], matmul.input[1], *product.input, *matmul.input[2:4]], [scale.output[0]],
             name=matmul.name + "_to_float", domain="com.microsoft",
         )
-        _replace_node(graph, matmul, [fused])
+        replace_node(graph, matmul, [fused])
         graph.node.remove(cast)
         graph.node.remove(scale)
         if len(consumers[product.output[0]]) == 1:

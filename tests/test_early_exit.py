@@ -135,7 +135,7 @@ def test_int8_segments_run_and_agree(made, trained_tiny):
     got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     assert (got == fp32).mean() >= 0.9
 
-    # 4-bit embeddings: only the first segment holds them; the chained graph runs them inside its branches
+    # 4-bit embeddings: only the first segment holds the embedding tables
     four = quantize(variants[0.5], "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, out)
     packed = [{t.name for t in onnx.load(graph).graph.initializer if t.name.endswith(FOUR_BIT_CODES)}
               for graph in sorted(Path(four.path, "segments").glob("*.onnx"))]
