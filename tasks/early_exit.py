@@ -91,8 +91,11 @@ def _torch_modules():
             if self.pooling == "cls":
                 pooled = hidden[:, 0]
             else:
-                weights = attention_mask[:, :, None].to(hidden.dtype)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+                # mask / token count, applied as one [1, T] x [T, H] product per row: the weights depend on the mask
+                # alone, which the chained graph computes once for every exit (write_exit_graph)
+                weights = attention_mask[:, None, :].to(hidden.dtype)
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
+                pooled = torch.matmul(weights, hidden).squeeze(1)
             return self.classifier(torch.tanh(self.dense(pooled)))
 
     class FinalHead(nn.Module):
@@ -216,19 +219,25 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     return names
 
 
-def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list):
+def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list, shared: dict[str, str]):
     """Segment k's nodes with every value renamed `s{k}/...` (one namespace for the chained model), its graph
-    inputs wired to `feeds`; its initializers are appended to `initializers`. Returns (nodes, outputs by name)."""
+    inputs wired to `feeds`; the nodes computing values in `shared` are left out and those values read under
+    their shared names. Its initializers still in use are appended to `initializers`. Returns (nodes, outputs by name)."""
     import onnx
 
-    rename = {i.name: feeds[i.name] for i in graph.input}
+    rename = {i.name: feeds[i.name] for i in graph.input} | shared
+    kept = [node for node in graph.node if not all(x in shared for x in node.output if x)]
+    used = {x for node in kept for x in node.input} | {o.name for o in graph.output}
+    kept = [node for node in kept if node.op_type != "Constant" or node.output[0] in used]  # those only the mask work read
     for init in graph.initializer:
+        if init.name not in used:
+            continue
         moved = onnx.TensorProto()
         moved.CopyFrom(init)
         moved.name = rename[init.name] = f"s{k}/{init.name}"
         initializers.append(moved)
     nodes = []
-    for i, node in enumerate(graph.node):
+    for i, node in enumerate(kept):
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"s{k}/{i}/{node.name}"
@@ -236,6 +245,60 @@ def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list):
         copy.output[:] = [rename.setdefault(x, f"s{k}/{x}") if x else "" for x in node.output]
         nodes.append(copy)
     return nodes, {o.name: rename.get(o.name, f"s{k}/{o.name}") for o in graph.output}
+
+
+def _mask_work(segments):
+    """What every segment computes from the attention mask alone (its casts, the sums the fused attention and the
+    mean pooling read, the clipped token count): the same values in every segment, so each is computed once, in
+    the scope of the first segment that needs it, where the later (nested) segments read it too.
+    Returns, per segment, {value name: shared name} and the nodes and constants to add to that segment's scope."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    def copied(node, name: str, inputs: list[str], outputs: list[str]):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name, copy.input[:], copy.output[:] = name, inputs, outputs
+        return copy
+
+    def digest(*parts) -> str:
+        return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+
+    placed: set[str] = set()
+    per_segment = []
+    for graph in segments:
+        small = {i.name: i for i in graph.initializer if np.prod(i.dims, dtype=np.int64) <= 64}
+        constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and not n.input}
+        keys = {"attention_mask": "mask"}  # value name -> what it computes, for the mask's values and their constants
+        for name, init in small.items():
+            value = numpy_helper.to_array(init)
+            keys[name] = digest("init", value.dtype.str, value.shape, value.tobytes())
+        for name, node in constants.items():
+            keys[name] = digest("constant", [a.SerializeToString() for a in node.attribute])
+        shared, nodes, added = {}, [], []
+        for node in graph.node:
+            inputs = [x for x in node.input if x]
+            if not inputs or not all(x in keys for x in inputs) or not any(x == "attention_mask" or x in shared for x in inputs):
+                continue
+            key = digest(node.domain, node.op_type, sorted(a.SerializeToString() for a in node.attribute), [keys.get(x) for x in node.input])
+            outputs = [f"mask/{key}/{j}" for j in range(len(node.output))]
+            for x in inputs:  # the constants it reads, under shared names too
+                if x != "attention_mask" and x not in shared and f"mask/{keys[x]}" not in placed:
+                    placed.add(f"mask/{keys[x]}")
+                    if x in small:
+                        added.append(numpy_helper.from_array(numpy_helper.to_array(small[x]), f"mask/{keys[x]}"))  # a renamed copy
+                    else:
+                        nodes.append(copied(constants[x], f"mask/{keys[x]}", [], [f"mask/{keys[x]}"]))
+            if key not in placed:
+                placed.add(key)
+                reads = [x if x in ("", "attention_mask") else shared.get(x, f"mask/{keys[x]}") for x in node.input]
+                nodes.append(copied(node, f"mask/{key}", reads, outputs))
+            for x, out in zip(node.output, outputs):
+                keys[x], shared[x] = out, out
+        per_segment.append((shared, nodes, added))
+    return per_segment
 
 
 def _exit_rule_nodes(k: int, logits: str, criterion: str):
@@ -294,13 +357,17 @@ def write_exit_graph(variant_dir: Path) -> None:
         constants = {"patience": np.array(int(spec["threshold"]), dtype=np.int64), "one": np.array(1, dtype=np.int64), "zero": np.array(0, dtype=np.int64)}
     initializers = [numpy_helper.from_array(value, f"rule/{name}") for name, value in constants.items()]
 
+    mask_work = _mask_work([segment.graph for segment in segments])
+
     # each segment's weights live in the (sub)graph that uses them: ONNX Runtime pre-packs MatMul weights only
     # for initializers of the node's own graph, and outer-scope weights ran ~50 % slower
     def level(k: int, hidden: str | None):
         feeds = {i.name: i.name for i in segments[0].graph.input} if k == 0 else {"hidden_states": hidden, "attention_mask": "attention_mask"}
-        weights = []
-        nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, weights)
-        result = (f"s{k}/result_logits", f"s{k}/result_layer")
+        shared, mask_nodes, weights = mask_work[k]
+        weights = list(weights)
+        nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, weights, shared)
+        nodes = mask_nodes + nodes
+        result = ("logits", "exit_layer") if k == 0 else (f"s{k}/result_logits", f"s{k}/result_layer")
         layer = numpy_helper.from_array(np.array([k + 1], dtype=np.int64))
         if k == len(segments) - 1:
             return nodes + [
@@ -325,8 +392,7 @@ def write_exit_graph(variant_dir: Path) -> None:
         branch = helper.make_node("If", [condition], list(result), name=f"s{k}/exit", then_branch=then_branch, else_branch=else_branch)
         return nodes + rule + [branch], weights, result
 
-    nodes, weights, result = level(0, None)
-    nodes += [helper.make_node("Identity", [result[0]], ["logits"]), helper.make_node("Identity", [result[1]], ["exit_layer"])]
+    nodes, weights, _ = level(0, None)
     graph = helper.make_graph(
         nodes, "early_exit", list(segments[0].graph.input),
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None), helper.make_tensor_value_info("exit_layer", TensorProto.INT64, None)],

@@ -165,3 +165,38 @@ def test_params_of_the_chained_graph_count_every_layer(made):
     )
     assert count_params(variant) >= in_segments  # plus the few constants of the exit rules
     assert count_params(variant) - in_segments < 10
+
+
+def _mask_only_nodes(graph, outer_constants: set[str] = frozenset()) -> list:
+    """The nodes of `graph` (not its subgraphs) that read the attention mask, directly or through such nodes,
+    and nothing else but constants."""
+    constants = set(outer_constants) | {t.name for t in graph.initializer}
+    derived, found = {"attention_mask"}, []
+    for node in graph.node:
+        inputs = [x for x in node.input if x]
+        if node.op_type == "Constant":
+            constants.update(node.output)
+        elif inputs and all(x in derived or x in constants for x in inputs) and any(x in derived for x in inputs):
+            derived.update(node.output)
+            found.append(node)
+    return found
+
+
+def test_the_chained_graph_derives_each_mask_value_once(three_layers):
+    """Every segment derives the same values from the attention mask (its casts, its sums, the token count the
+    pooling divides by); the chained graph computes each once, where it is first needed, and the deeper
+    segments read it from the enclosing graph."""
+    teacher, data, root = three_layers
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
+    variant = early_exit(teacher, 0.5, EarlyExitConfig(thresholds=[0.5], **CFG), ctx, root / "variants")
+    segments = [onnx.load(str(f)).graph for f in sorted(Path(variant.path, "segments").glob("*.onnx"))]
+    assert len(segments) == 3 and all(_mask_only_nodes(g) for g in segments)
+
+    scopes, graph = [], onnx.load(str(Path(variant.path) / "model.onnx")).graph
+    while graph is not None:  # the top graph, then each exit's else-branch: the rest of the network
+        scopes.append(graph)
+        branch = next((n for n in graph.node if n.op_type == "If"), None)
+        graph = next((a.g for a in branch.attribute if a.name == "else_branch"), None) if branch else None
+    assert len(scopes) == 3
+    assert not _mask_only_nodes(scopes[2]), "the last segment recomputes what the middle one derived from the mask"
+    assert len(_mask_only_nodes(scopes[1])) < len(_mask_only_nodes(segments[1]))
