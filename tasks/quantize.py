@@ -6,7 +6,8 @@
   keeps the most quantization-sensitive MatMul / Attention nodes in float until the drop versus the fp32
   parent is within tolerance.
 - `qat`: fake-quant fine-tuning of the PyTorch source with distillation from the teacher, then exported and
-  dynamically quantized the same way it was simulated.
+  quantized the way it was simulated: by default with activation ranges fixed by calibration (the static graph),
+  or measured on every call (the dynamic graph).
 - `torch-dynamic`: PyTorch `quantize_dynamic` of the source's Linear layers (the optimisation guide's method).
 """
 
@@ -47,6 +48,11 @@ class QATConfig(StrictModel):
         0.0, ge=0, lt=0.5, description="Share of the train split (at most 2,000 examples) held out to score the fake-quant "
         "model before and after fine-tuning; the better weights are exported (0: always the fine-tuned ones).",
     )
+    activations: Literal["static", "dynamic"] = Field(
+        "static", description="static: each Linear's input is fake-quantized with a fixed uint8 range, its min and max over "
+        "the calibration examples (calibration_examples), and the fine-tuned model is exported as the static INT8 graph, "
+        "calibrated anew (calibration_method); dynamic: ranges measured on every batch, exported as the dynamic INT8 graph.",
+    )
 
 
 class QuantizeConfig(StageBase):
@@ -61,8 +67,8 @@ class QuantizeConfig(StageBase):
         "them to float once, when the session is created).",
     )
     embedding_block_size: int = Field(64, ge=16, le=1024, description="4-bit embeddings: values per scale (a power of two).")
-    calibration_examples: int = Field(128, ge=1, description="static: training examples used for calibration.")
-    calibration_method: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="static: how activation ranges are chosen.")
+    calibration_examples: int = Field(128, ge=1, description="static (and QAT with static activations): training examples used for calibration.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="static (and QAT with static activations): how activation ranges are chosen.")
     exclude_nodes: list[str] = Field([], description="static: MatMul / Attention node names (of the ONNX parent) to keep in float.")
     accuracy_tolerance: float | None = Field(
         0.005, ge=0, le=1, description="static: largest accepted accuracy drop vs the fp32 parent before nodes fall back to float (None: no fallback)."
@@ -81,8 +87,12 @@ class QuantizeConfig(StageBase):
     def four_bit_embeddings(self) -> bool:
         return self.quantize_embeddings and self.embedding_bits == 4
 
+    @property
+    def calibrates(self) -> bool:
+        return "static" in self.modes or ("qat" in self.modes and self.qat.activations == "static")
+
     def preflight(self, train_examples: int) -> None:
-        if "static" in self.modes and self.calibration_examples > train_examples:
+        if self.calibrates and self.calibration_examples > train_examples:
             raise DataError(
                 f"quantize.calibration_examples is {self.calibration_examples} but the train split has only {train_examples} examples"
             )
@@ -406,21 +416,29 @@ def _calibrated_ranges(dynamic_graph: Path, feeds: list[dict], method) -> tuple[
     return ranges, noise
 
 
+def _calibration_texts(train, cfg: QuantizeConfig, seed: int) -> list[str]:
+    if cfg.calibration_examples > len(train):
+        raise DataError(
+            f"quantize.calibration_examples is {cfg.calibration_examples} but the train split ({train.path}) has only {len(train)} examples"
+        )
+    return random.Random(seed).sample(train.texts, cfg.calibration_examples)
+
+
+def _calibration_method(cfg: QuantizeConfig):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[cfg.calibration_method]
+
+
 def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
     """Static INT8 on the same integer kernels as dynamic (QAttention, MatMulIntegerToFloat), with every
     activation range fixed by calibration. Without VNNI, QOperator/QDQ static graphs (QLinearMatMul, and
     Attention left in float) measured 1.2-1.3x slower than dynamic here (QDQ was not faster); this form runs at
     dynamic's speed."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod
 
     train, eval_ = load_splits(ctx.data, ctx.num_labels)
-    if cfg.calibration_examples > len(train):
-        raise DataError(
-            f"quantize.calibration_examples is {cfg.calibration_examples} but the train split ({train.path}) has only {len(train)} examples"
-        )
-    calibration = random.Random(ctx.seed).sample(train.texts, cfg.calibration_examples)
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[cfg.calibration_method]
+    calibration = _calibration_texts(train, cfg, ctx.seed)
     fp32 = Path(parent.path) / "model.onnx"
     graph = onnx.load(str(fp32)).graph
     quantizable = sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Attention"))
@@ -434,7 +452,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
 
     excluded = list(cfg.exclude_nodes)
     _ort_dynamic(fp32, out / "model.onnx", cfg, excluded)
-    ranges, activation_sqnr = _calibrated_ranges(out / "model.onnx", feeds, method)
+    ranges, activation_sqnr = _calibrated_ranges(out / "model.onnx", feeds, _calibration_method(cfg))
 
     def attempt() -> float:
         """Makes the dynamic INT8 graph in out/model.onnx static and scores it."""
@@ -472,13 +490,14 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
 # ---------------------------------------------------------------------------------------------- QAT
 
 
-def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool):
-    """Wraps an nn.Linear so training sees what ORT's dynamic INT8 kernels compute: uint8 activations with
-    a per-batch range, int8 symmetric weights, per tensor or per output channel, 7-bit with `reduce_range`
-    (straight-through gradients)."""
+def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool, activation_range: tuple[float, float] | None = None):
+    """Wraps an nn.Linear so training sees what ORT's INT8 kernels compute: uint8 activations with a per-batch
+    range (dynamic) or the fixed `activation_range` (static), int8 symmetric weights, per tensor or per output
+    channel, 7-bit with `reduce_range` (straight-through gradients)."""
     import torch
 
     levels = 64.0 if reduce_range else 127.0  # ORT's symmetric int8 range: [-127, 127], reduced [-64, 64]
+    fixed = None if activation_range is None else _uint8_scale_zero(*activation_range)
 
     class FakeQuantLinear(torch.nn.Module):
         def __init__(self, inner):
@@ -486,11 +505,14 @@ def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool):
             self.inner = inner
 
         def forward(self, x):
-            lo = torch.clamp(x.detach().min(), max=0.0)
-            hi = torch.clamp(x.detach().max(), min=0.0)
-            scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
-            zero = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32)
-            xq = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+            if fixed is not None:
+                xq = torch.fake_quantize_per_tensor_affine(x, float(fixed[1]), int(fixed[0]), 0, 255)
+            else:
+                lo = torch.clamp(x.detach().min(), max=0.0)
+                hi = torch.clamp(x.detach().max(), min=0.0)
+                scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
+                zero = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32)
+                xq = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
             w = self.inner.weight
             if per_channel:  # one scale per output feature: a row of the Linear's weight, a column of ORT's MatMul
                 w_scale = torch.clamp(w.detach().abs().amax(dim=1) / levels, min=1e-8)
@@ -504,17 +526,47 @@ def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool):
     return FakeQuantLinear(linear)
 
 
-def _swap_linears(module, cfg: QuantizeConfig | None) -> None:
-    """With a config, wraps every Linear under `module` in fake quantization matching it; without, unwraps them."""
+def _swap_linears(module, cfg: QuantizeConfig | None, ranges: dict[str, tuple[float, float]] | None = None) -> None:
+    """With a config, wraps every Linear under `module` in fake quantization matching it (with `ranges`, each
+    Linear's input range by its name under `module`, fixed); without, unwraps them."""
     import torch
 
-    for name, child in module.named_children():
-        if cfg is not None and isinstance(child, torch.nn.Linear):
-            setattr(module, name, _fake_quant_linear(child, cfg.per_channel, cfg.reduce_range))
-        elif cfg is None and child.__class__.__name__ == "FakeQuantLinear":
-            setattr(module, name, child.inner)
-        else:
-            _swap_linears(child, cfg)
+    if cfg is None:
+        found = [(name, m.inner) for name, m in module.named_modules() if m.__class__.__name__ == "FakeQuantLinear"]
+    else:
+        found = [
+            (name, _fake_quant_linear(m, cfg.per_channel, cfg.reduce_range, None if ranges is None else ranges[name]))
+            for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+        ]
+    for name, replacement in found:
+        owner, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, replacement)
+
+
+def _linear_input_ranges(module, model, tokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
+    """The min and max of every Linear input under `module` (by name) over `texts`, one text per call, as the
+    static mode calibrates its graph."""
+    import torch
+
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def observe(name: str):
+        def hook(_, args):
+            low, high = float(args[0].min()), float(args[0].max())
+            seen = ranges.get(name, (low, high))
+            ranges[name] = (min(seen[0], low), max(seen[1], high))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(observe(name)) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for text in texts:
+                model(**tokenizer([text], truncation=True, return_tensors="pt"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ranges
 
 
 def _freeze_on_four_bit_grid(embeddings, block_size: int) -> None:
@@ -537,6 +589,7 @@ def qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stage
 
 
 def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    import onnx
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .distill import held_out_truth, teacher_logits
@@ -550,12 +603,16 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     pick = [rest[j] for j in sample_indices(len(rest), q.max_examples, ctx.seed)]
     texts = [train_split.texts[i] for i in pick]
     labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
-    model = AutoModelForSequenceClassification.from_pretrained(source.path)
+    model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     encoder = getattr(model, model.base_model_prefix)
-    _swap_linears(encoder.encoder, cfg)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
     if cfg.four_bit_embeddings:
         _freeze_on_four_bit_grid(encoder.embeddings, cfg.embedding_block_size)
+    ranges = calibration = None
+    if q.activations == "static":
+        calibration = _calibration_texts(train_split, cfg, ctx.seed)  # the static mode's examples
+        ranges = _linear_input_ranges(encoder.encoder, model, tokenizer, calibration)
+    _swap_linears(encoder.encoder, cfg, ranges)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
     # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
     cache_dir = ctx.cache_dir or out.parent / ".cache"
     targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, cache_dir)
@@ -576,6 +633,9 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
         tokenizer.save_pretrained(Path(tmp) / "hf")
         export_onnx(Path(tmp) / "hf", Path(tmp) / "onnx", ExportConfig(**parent.params))
         _ort_dynamic(Path(tmp) / "onnx" / "model.onnx", out / "model.onnx", cfg)
+        if calibration is not None:  # the ranges of the fine-tuned model, calibrated as the static mode does
+            feeds = _encoded(parent.path, calibration, [i.name for i in onnx.load(str(out / "model.onnx")).graph.input])
+            _static_activations(out / "model.onnx", _calibrated_ranges(out / "model.onnx", feeds, _calibration_method(cfg))[0])
     copy_tokenizer(parent.path, out)
     metrics = {"qat_train_seconds": figures["train_seconds"], "qat_train_loss": figures["train_loss"]}
     if held_out:  # the fake-quant model on the held-out examples, before fine-tuning (PTQ) and as exported
@@ -604,7 +664,7 @@ _CALIBRATION_KNOBS = ("calibration_examples", "calibration_method", "exclude_nod
 MODE_KNOBS: dict[str, tuple[str, ...]] = {
     "dynamic": _WEIGHT_KNOBS + _EMBEDDING_KNOBS,
     "static": _WEIGHT_KNOBS + _EMBEDDING_KNOBS + _CALIBRATION_KNOBS,
-    "qat": _WEIGHT_KNOBS + _EMBEDDING_KNOBS + ("qat",),
+    "qat": _WEIGHT_KNOBS + _EMBEDDING_KNOBS + ("calibration_examples", "calibration_method", "qat"),
     "torch-dynamic": (),
 }
 

@@ -339,27 +339,32 @@ def test_calibration_count_of_zero_is_rejected_by_the_config():
         QuantizeConfig(calibration_examples=0)
 
 
-def test_qat_exports_an_integer_graph_close_to_its_parent(trained, tmp_path):
+@pytest.mark.parametrize("activations, range_op", [("static", "QuantizeLinear"), ("dynamic", "DynamicQuantizeLinear")])
+def test_qat_exports_an_integer_graph_close_to_its_parent(trained, tmp_path, activations, range_op):
     teacher, onnx_variant, ctx = trained
-    cfg = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "batch_size": 16})
+    cfg = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "batch_size": 16, "activations": activations})
     int8 = quantize(onnx_variant, "qat", cfg, ctx, tmp_path, source=teacher)
     assert int8.lineage == "teacher>onnx>int8-qat" and int8.metrics["qat_train_seconds"] > 0
     assert ops(int8) & INTEGER_OPS
+    assert range_op in ops(int8) and not ops(int8) & ({"QuantizeLinear", "DynamicQuantizeLinear"} - {range_op})
     assert agreement(onnx_variant, int8) >= 0.8
 
 
-def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(trained, tmp_path):
+# static activations: the calibrated ranges of the (unchanged) source are those of the static mode's graph
+@pytest.mark.parametrize("activations, same_as", [("static", "static"), ("dynamic", "dynamic")])
+def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(trained, tmp_path, activations, same_as):
     """A learning rate that wrecks the model: scored on held-out training examples before and after, QAT must
-    export its starting point, which is exactly the dynamic INT8 of the same parent."""
+    export its starting point, which is exactly the static (or dynamic) INT8 of the same parent."""
     teacher, onnx_variant, ctx = trained
-    wrecking = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "learning_rate": 0.5, "soft_weight": 0.0, "validation_fraction": 0.25})
+    wrecking = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "learning_rate": 0.5, "soft_weight": 0.0,
+                                   "validation_fraction": 0.25, "activations": activations})
     kept = quantize(onnx_variant, "qat", wrecking, ctx, tmp_path, source=teacher)
     assert kept.metrics["qat_validation_accuracy"] == kept.metrics["qat_initial_validation_accuracy"] >= 0.9
-    dynamic = quantize(onnx_variant, "dynamic", QuantizeConfig(), ctx, tmp_path)
+    start = quantize(onnx_variant, same_as, QuantizeConfig(accuracy_tolerance=None), ctx, tmp_path)
     np.testing.assert_allclose(
-        load_predictor(kept.path, "onnx").logits(TEXTS), load_predictor(dynamic.path, "onnx").logits(TEXTS), atol=1e-5
+        load_predictor(kept.path, "onnx").logits(TEXTS), load_predictor(start.path, "onnx").logits(TEXTS), atol=1e-5
     )
-    gentle = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "validation_fraction": 0.25})
+    gentle = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "validation_fraction": 0.25, "activations": activations})
     tuned = quantize(onnx_variant, "qat", gentle, ctx, tmp_path, source=teacher)
     assert tuned.metrics["qat_validation_accuracy"] >= tuned.metrics["qat_initial_validation_accuracy"]
     assert agreement(onnx_variant, tuned) >= 0.8
@@ -367,13 +372,14 @@ def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(
 
 # 7-bit weights: with 8-bit ones, CPUs without VNNI add pairs of uint8 x int8 products in saturating int16 and
 # drift from the exact integer result the simulation computes
+@pytest.mark.parametrize("activation_range", [None, (-2.5, 9.0)], ids=["dynamic", "static"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_qat_fake_quantization_computes_what_ort_dynamic_int8_computes(tmp_path, per_channel):
+def test_qat_fake_quantization_computes_what_ort_int8_computes(tmp_path, per_channel, activation_range):
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from squeezeflow.tasks.quantize import _fake_quant_linear, _ort_dynamic
+    from squeezeflow.tasks.quantize import _fake_quant_linear, _ort_dynamic, _static_activations
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8)
@@ -389,8 +395,11 @@ def test_qat_fake_quantization_computes_what_ort_dynamic_int8_computes(tmp_path,
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
     cfg = QuantizeConfig(per_channel=per_channel, reduce_range=True)
     _ort_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cfg)
+    if activation_range is not None:  # a range narrower than x's: clipping is simulated too
+        _static_activations(tmp_path / "int8.onnx", {"x": activation_range})
+        assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node}
     int8 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    simulated = _fake_quant_linear(linear, per_channel, reduce_range=True)(x).detach().numpy()
+    simulated = _fake_quant_linear(linear, per_channel, reduce_range=True, activation_range=activation_range)(x).detach().numpy()
     exact = linear(x).detach().numpy()
     np.testing.assert_allclose(simulated, int8, atol=1e-3 * np.abs(exact).max())
     assert np.abs(simulated - exact).max() > 1e-3 * np.abs(exact).max()  # and quantization did change the result
