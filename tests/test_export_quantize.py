@@ -273,6 +273,10 @@ def test_static_int8_runs_integer_kernels_with_fixed_ranges_and_agrees(trained, 
     assert "DynamicQuantizeLinear" not in ops(int8) and quantizers
     assert all(n.input[1] in constants and n.input[2] in constants for n in quantizers)
     assert "MatMulIntegerToFloat" in ops(int8) and ("QAttention" in ops(int8)) == (optimize == "fusion")
+    # each bias Add after an integer MatMul is folded into it (input 6): no Add adds a constant vector to its output
+    to_float = {n.output[0] for n in graph.node if n.op_type == "MatMulIntegerToFloat"}
+    assert any(len(n.input) == 7 for n in graph.node if n.op_type == "MatMulIntegerToFloat")
+    assert not [n.name for n in graph.node if n.op_type == "Add" and set(n.input) & to_float and set(n.input) & constants]
     assert agreement(parent, int8) >= 0.9
     assert sorted(p.name for p in Path(int8.path).iterdir()) == sorted(p.name for p in Path(parent.path).iterdir())
 
