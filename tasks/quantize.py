@@ -359,7 +359,7 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
         # the bias Add after it goes into the kernel too, as ORT fuses it into the dynamic graph's DynamicQuantizeMatMul:
         # a separate Add over the whole output was ~10 % of the static 3-layer student's kernel time
         add = only_consumer(scale.output[0], "Add")
-        bias = add and next(i for i in add.input if i != scale.output[0])
+        bias = add and next((i for i in add.input if i != scale.output[0]), None)
         if bias in vectors and vectors[bias] == widths.get(matmul.input[1]):
             fused.input.append(bias)
             fused.output[0] = add.output[0]
