@@ -219,6 +219,16 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     return names
 
 
+def _copied_node(node, name: str, inputs: list[str], outputs: list[str]):
+    """A copy of `node` (op, domain, attributes) under a new name, reading `inputs` and writing `outputs`."""
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name, copy.input[:], copy.output[:] = name, inputs, outputs
+    return copy
+
+
 def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list, shared: dict[str, str]):
     """Segment k's nodes with every value renamed `s{k}/...` (one namespace for the chained model), its graph
     inputs wired to `feeds`; the nodes computing values in `shared` are left out and those values read under
@@ -238,12 +248,9 @@ def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list, s
         initializers.append(moved)
     nodes = []
     for i, node in enumerate(kept):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"s{k}/{i}/{node.name}"
-        copy.input[:] = [rename.get(x, f"s{k}/{x}") if x else "" for x in node.input]
-        copy.output[:] = [rename.setdefault(x, f"s{k}/{x}") if x else "" for x in node.output]
-        nodes.append(copy)
+        inputs = [rename.get(x, f"s{k}/{x}") if x else "" for x in node.input]
+        outputs = [rename.setdefault(x, f"s{k}/{x}") if x else "" for x in node.output]
+        nodes.append(_copied_node(node, f"s{k}/{i}/{node.name}", inputs, outputs))
     return nodes, {o.name: rename.get(o.name, f"s{k}/{o.name}") for o in graph.output}
 
 
@@ -254,14 +261,7 @@ def _mask_work(segments):
     Returns, per segment, {value name: shared name} and the nodes and constants to add to that segment's scope."""
     import hashlib
 
-    import onnx
     from onnx import numpy_helper
-
-    def copied(node, name: str, inputs: list[str], outputs: list[str]):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name, copy.input[:], copy.output[:] = name, inputs, outputs
-        return copy
 
     def digest(*parts) -> str:
         return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
@@ -290,11 +290,11 @@ def _mask_work(segments):
                     if x in small:
                         added.append(numpy_helper.from_array(numpy_helper.to_array(small[x]), f"mask/{keys[x]}"))  # a renamed copy
                     else:
-                        nodes.append(copied(constants[x], f"mask/{keys[x]}", [], [f"mask/{keys[x]}"]))
+                        nodes.append(_copied_node(constants[x], f"mask/{keys[x]}", [], [f"mask/{keys[x]}"]))
             if key not in placed:
                 placed.add(key)
                 reads = [x if x in ("", "attention_mask") else shared.get(x, f"mask/{keys[x]}") for x in node.input]
-                nodes.append(copied(node, f"mask/{key}", reads, outputs))
+                nodes.append(_copied_node(node, f"mask/{key}", reads, outputs))
             for x, out in zip(node.output, outputs):
                 keys[x], shared[x] = out, out
         per_segment.append((shared, nodes, added))
@@ -363,8 +363,8 @@ def write_exit_graph(variant_dir: Path) -> None:
     # for initializers of the node's own graph, and outer-scope weights ran ~50 % slower
     def level(k: int, hidden: str | None):
         feeds = {i.name: i.name for i in segments[0].graph.input} if k == 0 else {"hidden_states": hidden, "attention_mask": "attention_mask"}
-        shared, mask_nodes, weights = mask_work[k]
-        weights = list(weights)
+        shared, mask_nodes, mask_constants = mask_work[k]
+        weights = list(mask_constants)
         nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, weights, shared)
         nodes = mask_nodes + nodes
         result = ("logits", "exit_layer") if k == 0 else (f"s{k}/result_logits", f"s{k}/result_layer")

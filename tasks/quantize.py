@@ -357,7 +357,7 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
         inputs = [matmul.input[0], matmul.input[1], *product.input, *(list(matmul.input[2:4]) + ["", ""])[:2]]
         fused = helper.make_node("MatMulIntegerToFloat", inputs, [scale.output[0]], name=matmul.name + "_to_float", domain="com.microsoft")
         # the bias Add after it goes into the kernel too, as ORT fuses it into the dynamic graph's DynamicQuantizeMatMul:
-        # a separate Add over the whole output was ~10 % of the static 3-layer student's kernel time
+        # (profiled on the 3-layer student, the Adds took 122 µs a call in the static graph, 53 in the dynamic one)
         add = only_consumer(scale.output[0], "Add")
         bias = add and next((i for i in add.input if i != scale.output[0]), None)
         if bias in vectors and vectors[bias] == widths.get(matmul.input[1]):

@@ -167,10 +167,10 @@ def test_params_of_the_chained_graph_count_every_layer(made):
     assert count_params(variant) - in_segments < 10
 
 
-def _mask_only_nodes(graph, outer_constants: set[str] = frozenset()) -> list:
+def _mask_only_nodes(graph) -> list:
     """The nodes of `graph` (not its subgraphs) that read the attention mask, directly or through such nodes,
     and nothing else but constants."""
-    constants = set(outer_constants) | {t.name for t in graph.initializer}
+    constants = {t.name for t in graph.initializer}
     derived, found = {"attention_mask"}, []
     for node in graph.node:
         inputs = [x for x in node.input if x]
