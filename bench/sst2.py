@@ -56,7 +56,7 @@ def machine(threads: int) -> dict:
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
     libraries = {}
-    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning", "prefect", "mlflow", "olive-ai"):
+    for name in ("squeezeflow", "torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning", "prefect", "mlflow", "olive-ai"):
         try:
             libraries[name] = version(name)
         except PackageNotFoundError:

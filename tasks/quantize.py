@@ -269,15 +269,11 @@ def dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: S
 
 
 def _encoded(tokenizer_dir: str | Path, texts: list[str], input_names: list[str]) -> list[dict]:
-    import numpy as np
+    from .runtime import TextEncoder
 
-    from .runtime import fast_tokenizer
-
-    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
-    return [
-        {name: np.asarray([getattr(e, fields[name])], dtype=np.int64) for name in input_names}
-        for e in fast_tokenizer(Path(tokenizer_dir)).encode_batch(texts)
-    ]
+    # one row per feed, all padded to the longest text (ORT's QDQ debugging concatenates the feeds)
+    columns = TextEncoder(Path(tokenizer_dir))(texts)
+    return [{name: columns[name][row : row + 1] for name in input_names} for row in range(len(texts))]
 
 
 def _reader(feeds: list[dict]):

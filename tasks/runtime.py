@@ -121,7 +121,10 @@ class PlainWordPiece:
         return cls(spec, truncation and truncation["max_length"]) if usual else None
 
     def handles(self, text: str) -> bool:
-        return text.isascii() and text.isprintable() and not any(t in text or t in text.lower() for t in self.added)
+        if not (text.isascii() and text.isprintable()):
+            return False
+        lowered = text.lower()  # the library finds added tokens in the raw text and, for some, in the normalised one
+        return not any(t in text or t in lowered for t in self.added)
 
     def __call__(self, text: str) -> list[int]:
         ids = []
