@@ -256,14 +256,12 @@ class EarlyExitPredictor:
         self.last_exit_layers = np.zeros(0, dtype=np.int64)
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        rows, layers = [], []
+        runs = []
         for text in texts:
             columns = self.encoder([text])
-            logits, exit_layer = self.session.run(None, {name: columns[name] for name in self.input_names})
-            rows.append(logits[0])
-            layers.append(int(exit_layer[0]))
-        self.last_exit_layers = np.asarray(layers, dtype=np.int64)
-        return np.stack(rows)
+            runs.append(self.session.run(None, {name: columns[name] for name in self.input_names}))
+        self.last_exit_layers = np.concatenate([layers for _, layers in runs]).astype(np.int64, copy=False)
+        return runs[0][0] if len(runs) == 1 else np.concatenate([logits for logits, _ in runs])
 
 
 def load_predictor(path: str | Path, fmt: str, threads: int = 1) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:
