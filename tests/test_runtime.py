@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import string
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 AWKWARD = [
     "", "   ", "HELLO, World!!", "don't -- stop ... (really)?", "a [CLS] in the text", "[MASK]", "#hash ##tag",
-    "x" * 150, "tab\tinside", "line\nbreak", "café au lait", "naïve résumé", "emoji 🙂 here", "ok " * 300,
+    "x" * 150, "1,000.50 $ + <=> ^_^ |~` @home", "".join(f"w{c}" for c in string.punctuation), "tab\tinside", "line\nbreak", "café au lait", "naïve résumé", "emoji 🙂 here", "ok " * 300,
 ]
 
 
