@@ -24,6 +24,7 @@ from squeezeflow.tasks.early_exit import early_exit_task
 from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.prune import prune_task
+from squeezeflow.tasks.quantize import EXIT_MODES
 from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
@@ -71,7 +72,7 @@ def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: d
     submitted = []
     for mode in cfg.modes:
         token, _, wants, _ = QUANTIZE_MODES[mode]
-        if parent.format == "onnx-exit" and mode == "dynamic":
+        if parent.format == "onnx-exit" and mode in EXIT_MODES:
             wants = "onnx-exit"
         target = parent if wants == parent.format else source if source is not None and wants == source.format else None
         if target is not None:

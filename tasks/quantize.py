@@ -289,10 +289,10 @@ def _reader(feeds: list[dict]):
     return Feeds()
 
 
-def _accuracy(model_dir: Path, texts: list[str], labels: list[int]) -> float:
+def _accuracy(model_dir: Path, texts: list[str], labels: list[int], fmt: str = "onnx") -> float:
     from .runtime import load_predictor
 
-    predictor = load_predictor(model_dir, "onnx", threads=2)
+    predictor = load_predictor(model_dir, fmt, threads=2)
     hits = sum(
         int(p == y)
         for i in range(0, len(texts), 32)
@@ -441,6 +441,8 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
     dynamic's speed."""
     import onnx
 
+    if parent.format == "onnx-exit":
+        return _static_segments(parent, cfg, ctx, out)
     train, eval_ = load_splits(ctx.data, ctx.num_labels)
     calibration = _calibration_texts(train, cfg, ctx.seed)
     fp32 = Path(parent.path) / "model.onnx"
@@ -489,6 +491,42 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
                         parent.id, parent_accuracy - accuracy, cfg.accuracy_tolerance, len(excluded))
         metrics = {"fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)), "fallback_tolerance_met": float(met)}
     return Produced(metrics, {"excluded_nodes": excluded})
+
+
+def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+    """Static INT8 of an early-exit variant: each segment graph made static as a whole graph is, calibrated on what
+    reaches it at inference (the calibration texts for the first; the previous static segment's hidden states for
+    the rest), then chained again. The accuracy-aware fallback excludes nodes of single graphs only: here the drop
+    against the fp32 parent is measured and reported, and nothing is excluded."""
+    import onnxruntime as ort
+
+    from .early_exit import write_exit_graph
+
+    if cfg.exclude_nodes:
+        raise ModelError(f"quantize.exclude_nodes names nodes of single graphs; {parent.id} is an early-exit variant (per-layer segments)")
+    train, eval_ = load_splits(ctx.data, ctx.num_labels)
+    calibration = _calibration_texts(train, cfg, ctx.seed)
+    segments = json.loads((Path(parent.path) / EARLY_EXIT_FILE).read_text())["segments"]
+    copy_tokenizer(parent.path, out)
+    (out / SEGMENTS_DIR).mkdir()
+    feeds = None
+    for name in segments:
+        fp32, int8 = Path(parent.path) / SEGMENTS_DIR / name, out / SEGMENTS_DIR / name
+        if feeds is None:
+            feeds = _encoded(parent.path, calibration, [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()])
+        _ort_dynamic(fp32, int8, cfg)
+        ranges, _ = _calibrated_ranges(int8, feeds, _calibration_method(cfg))
+        _static_activations(int8, ranges)
+        session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+        feeds = [{"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]} for feed in feeds]
+    shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
+    write_exit_graph(out)
+    if cfg.accuracy_tolerance is None:
+        return Produced({}, {})
+    drop = _accuracy(Path(parent.path), eval_.texts, eval_.labels, "onnx-exit") - _accuracy(out, eval_.texts, eval_.labels, "onnx-exit")
+    if drop > cfg.accuracy_tolerance:
+        log.warning("static INT8 of %s: drop %.4f above tolerance %.4f (early-exit segments: no fallback)", parent.id, drop, cfg.accuracy_tolerance)
+    return Produced({"fallback_excluded_nodes": 0.0, "fallback_tolerance_met": float(drop <= cfg.accuracy_tolerance)}, {})
 
 
 # ---------------------------------------------------------------------------------------------- QAT
@@ -672,6 +710,8 @@ MODE_KNOBS: dict[str, tuple[str, ...]] = {
     "torch-dynamic": (),
 }
 
+EXIT_MODES = ("dynamic", "static")  # the modes that also take an early-exit variant (its segments quantized one by one)
+
 # mode -> (lineage token, output format, which parent it takes, strategy)
 MODES: dict[str, tuple[str, str, str, Strategy]] = {
     "dynamic": ("int8-dynamic", "onnx", "onnx", dynamic),
@@ -685,7 +725,7 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
     """`parent` is the variant the mode works on (ONNX for ORT modes, PyTorch for torch-dynamic); `source` is the
     PyTorch model an ONNX parent was exported from (QAT fine-tunes it)."""
     token, fmt, parent_format, strategy = MODES[mode]
-    if mode == "dynamic" and parent.format == "onnx-exit":  # each segment graph is quantized
+    if mode in EXIT_MODES and parent.format == "onnx-exit":  # each segment graph is quantized
         parent_format = fmt = "onnx-exit"
     if parent.format != parent_format:
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")

@@ -8,6 +8,7 @@ import onnx
 import pytest
 from transformers import AutoTokenizer
 
+from squeezeflow.tasks.base import ModelError
 from squeezeflow.tasks.data import load_splits
 from squeezeflow.tasks.early_exit import EarlyExitConfig, early_exit, load_exit_model, reference_logits
 from squeezeflow.tasks.quantize import QuantizeConfig, quantize
@@ -142,6 +143,24 @@ def test_int8_segments_run_and_agree(made, trained_tiny):
     assert len(packed[0]) == 2 and not packed[1]  # word and position tables
     got = load_predictor(four.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     assert (got == fp32).mean() >= 0.9
+
+
+def test_static_segments_are_calibrated_one_by_one(made, trained_tiny):
+    """Static INT8 of an early-exit variant: every segment runs with fixed activation ranges (no range measured per
+    call), the chained graph agrees with its fp32 parent, and the drop against it is reported."""
+    _, variants, eval_split, out = made
+    ctx = StageContext(data=trained_tiny[1], num_labels=2, max_length=32, seed=7)
+    int8 = quantize(variants[0.5], "static", QuantizeConfig(modes=["static"], calibration_examples=16, accuracy_tolerance=0.05), ctx, out)
+    assert int8.format == "onnx-exit" and int8.lineage == "teacher>early_exit[0.5]>int8-static"
+    for graph in sorted(Path(int8.path, "segments").glob("*.onnx")):
+        ops = {n.op_type for n in onnx.load(str(graph)).graph.node}
+        assert "DynamicQuantizeLinear" not in ops and {"QuantizeLinear", "MatMulIntegerToFloat"} <= ops, graph.name
+    fp32 = load_predictor(variants[0.5].path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    assert (got == fp32).mean() >= 0.9
+    assert int8.metrics["fallback_tolerance_met"] == 1.0 and int8.metrics["fallback_excluded_nodes"] == 0.0
+    with pytest.raises(ModelError, match="exclude_nodes names nodes of single graphs"):
+        quantize(variants[0.5], "static", QuantizeConfig(modes=["static"], calibration_examples=16, exclude_nodes=["MatMul_1"]), ctx, out)
 
 
 @pytest.mark.parametrize("knobs, message", [
