@@ -498,6 +498,7 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
     reaches it at inference (the calibration texts for the first; the previous static segment's hidden states for
     the rest), then chained again. The accuracy-aware fallback excludes nodes of single graphs only: here the drop
     against the fp32 parent is measured and reported, and nothing is excluded."""
+    import onnx
     import onnxruntime as ort
 
     from .early_exit import write_exit_graph
@@ -506,19 +507,18 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
         raise ModelError(f"quantize.exclude_nodes names nodes of single graphs; {parent.id} is an early-exit variant (per-layer segments)")
     train, eval_ = load_splits(ctx.data, ctx.num_labels)
     calibration = _calibration_texts(train, cfg, ctx.seed)
-    segments = json.loads((Path(parent.path) / EARLY_EXIT_FILE).read_text())["segments"]
+    segments = [Path(parent.path) / SEGMENTS_DIR / name for name in json.loads((Path(parent.path) / EARLY_EXIT_FILE).read_text())["segments"]]
     copy_tokenizer(parent.path, out)
     (out / SEGMENTS_DIR).mkdir()
-    feeds = None
-    for name in segments:
-        fp32, int8 = Path(parent.path) / SEGMENTS_DIR / name, out / SEGMENTS_DIR / name
-        if feeds is None:
-            feeds = _encoded(parent.path, calibration, [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()])
+    feeds = _encoded(parent.path, calibration, [i.name for i in onnx.load(str(segments[0])).graph.input])
+    for k, fp32 in enumerate(segments):
+        int8 = out / SEGMENTS_DIR / fp32.name
         _ort_dynamic(fp32, int8, cfg)
         ranges, _ = _calibrated_ranges(int8, feeds, _calibration_method(cfg))
         _static_activations(int8, ranges)
-        session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
-        feeds = [{"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]} for feed in feeds]
+        if k + 1 < len(segments):  # what the next segment is calibrated on: this static segment's hidden states
+            session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+            feeds = [{"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]} for feed in feeds]
     shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
     write_exit_graph(out)
     if cfg.accuracy_tolerance is None:
