@@ -29,7 +29,7 @@ from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
-from squeezeflow.tasks.select import beats, select_task
+from squeezeflow.tasks.select import beats, same_variant, select_task
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import close_abandoned_runs, fetch_incumbent, log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
 from squeezeflow.tasks.variant import StageContext, Variant
@@ -190,7 +190,10 @@ def compress(config: SqueezeConfig) -> dict:
             log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
         selection = select_task(measured, cfg.selection)
         champion = selection.champion
-        if incumbent and not beats(champion, incumbent_measured, cfg.selection):
+        if incumbent and same_variant(champion, incumbent_measured):
+            version = incumbent[1]
+            selection = replace(selection, reason=f"{selection.reason}; it is registered champion v{version} already")
+        elif incumbent and not beats(champion, incumbent_measured, cfg.selection):
             version = incumbent[1]
             selection = replace(selection, reason=f"{selection.reason}; it does not beat registered champion v{version} "
                                 f"({incumbent_measured.lineage}, p50 {incumbent_measured.metrics['latency_p50_ms']:.2f} ms, "

@@ -80,8 +80,16 @@ def select(variants: list[Variant], cfg: SelectionConfig) -> Selection:
 PROMOTION_MARGIN = 0.03
 
 
+def same_variant(challenger: Variant, incumbent: Variant) -> bool:
+    """Whether the registered champion (`incumbent`, tagged with the variant id it was registered from) is `challenger`."""
+    return incumbent.params.get("variant_id") == challenger.id
+
+
 def beats(challenger: Variant, incumbent: Variant, cfg: SelectionConfig) -> bool:
-    """Whether the new candidate should replace the registered champion, both measured in the same benchmark."""
+    """Whether the new candidate should replace the registered champion, both measured in the same benchmark.
+    The variant that is registered already never replaces itself: two timings of one model differ only by noise."""
+    if same_variant(challenger, incumbent):
+        return False
     if violations(incumbent, cfg) and not violations(challenger, cfg):
         return True
     if violations(challenger, cfg) and not violations(incumbent, cfg):

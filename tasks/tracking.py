@@ -148,7 +148,7 @@ def fetch_incumbent(registered_model: str, dst: Path, label_names: list[str]) ->
     variant = Variant(
         id=f"champion-v{version.version}", stage=tags.get("squeeze.stage", "export"),
         lineage=f"champion v{version.version}: {tags.get('squeeze.lineage', '?')}", format=config["format"],
-        path=str(local / flavor["artifacts"]["model"]["path"]), params={"registered_version": str(version.version)},
+        path=str(local / flavor["artifacts"]["model"]["path"]), params={"registered_version": str(version.version), "variant_id": tags.get("squeeze.variant_id")},
     )
     return variant, str(version.version)
 

@@ -153,6 +153,12 @@ def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefec
     assert "stays champion" in third["selection"]
     assert len(client.search_model_versions("name='tiny-classifier'")) == 2
 
+    fourth = compress(with_int8)  # the registered champion wins again: it is not registered a second time
+    assert not fourth["promoted"] and fourth["model_version"] == "2"
+    assert fourth["selection"].endswith("it is registered champion v2 already")
+    assert client.get_model_version_by_alias("tiny-classifier", "previous").version in (1, "1")
+    assert len(client.search_model_versions("name='tiny-classifier'")) == 2
+
 
 def test_unchanged_rerun_reuses_every_stage_and_one_changed_knob_recomputes_only_its_subtree(finished):
     import os

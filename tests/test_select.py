@@ -1,4 +1,4 @@
-from squeezeflow.tasks.select import SelectionConfig, pareto_front, select
+from squeezeflow.tasks.select import SelectionConfig, beats, pareto_front, select
 from squeezeflow.tasks.variant import Variant
 
 
@@ -39,3 +39,16 @@ def test_nothing_feasible_keeps_best_so_far_with_reason():
     assert not chosen.feasible
     assert chosen.champion.id == "int8"  # one violation (size), the fastest of those
     assert "no variant meets the constraints" in chosen.reason and "size_mb" in chosen.reason
+
+
+def test_a_challenger_must_beat_the_registered_champion_by_a_margin_and_never_replaces_itself():
+    cfg = SelectionConfig(max_accuracy_drop=0.01, objective="latency")
+    registered = v("champion-v3", 0.9, 1.0, 10).model_copy(update={"params": {"registered_version": "3", "variant_id": "int8-a"}})
+    assert beats(v("int8-b", 0.9, 0.9, 10), registered, cfg)
+    assert not beats(v("int8-b", 0.9, 0.99, 10), registered, cfg)  # 1 % faster is within timing noise
+    assert not beats(v("int8-b", 0.9, 1.2, 10), registered, cfg)
+    # the same variant, timed faster this once, is not a better model
+    assert not beats(v("int8-a", 0.9, 0.5, 10), registered, cfg)
+    # a feasible challenger replaces an incumbent that breaks the accuracy budget, even if slower
+    broken = registered.model_copy(update={"metrics": {**registered.metrics, "accuracy_drop": 0.05}})
+    assert beats(v("int8-b", 0.9, 2.0, 10), broken, cfg)
