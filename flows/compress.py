@@ -190,14 +190,13 @@ def compress(config: SqueezeConfig) -> dict:
             log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
         selection = select_task(measured, cfg.selection)
         champion = selection.champion
-        if incumbent and same_variant(champion, incumbent_measured):
+        if incumbent and not beats(champion, incumbent_measured, cfg.selection):
             version = incumbent[1]
-            selection = replace(selection, reason=f"{selection.reason}; it is registered champion v{version} already")
-        elif incumbent and not beats(champion, incumbent_measured, cfg.selection):
-            version = incumbent[1]
-            selection = replace(selection, reason=f"{selection.reason}; it does not beat registered champion v{version} "
-                                f"({incumbent_measured.lineage}, p50 {incumbent_measured.metrics['latency_p50_ms']:.2f} ms, "
-                                f"accuracy {incumbent_measured.metrics['accuracy']:.4f}) on this eval set, which stays champion")
+            kept = (f"it is registered champion v{version} already" if same_variant(champion, incumbent_measured) else
+                    f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
+                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, accuracy {incumbent_measured.metrics['accuracy']:.4f}) "
+                    "on this eval set, which stays champion")
+            selection = replace(selection, reason=f"{selection.reason}; {kept}")
         else:
             version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads,
                                         previous=incumbent[1] if incumbent else None)
