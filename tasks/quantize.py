@@ -35,6 +35,7 @@ from .variant import StageContext, Variant, derive, finished, save_record, stage
 log = logging.getLogger("squeezeflow.quantize")
 
 Mode = Literal["dynamic", "static", "qat", "torch-dynamic"]
+QUANTIZABLE = ("MatMul", "Attention")  # the fp32 ops static INT8 runs on integer kernels (and the fallback keeps in float)
 
 
 class QATConfig(StrictModel):
@@ -69,7 +70,10 @@ class QuantizeConfig(StageBase):
     embedding_block_size: int = Field(64, ge=16, le=1024, description="4-bit embeddings: values per scale (a power of two).")
     calibration_examples: int = Field(128, ge=1, description="static (and QAT with static activations): training examples used for calibration.")
     calibration_method: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="static (and QAT with static activations): how activation ranges are chosen.")
-    exclude_nodes: list[str] = Field([], description="static: MatMul / Attention node names (of the ONNX parent) to keep in float.")
+    exclude_nodes: list[str] = Field(
+        [], description="static: MatMul / Attention node names (of the ONNX parent) to keep in float; of an early-exit parent, "
+        "`<segment>:<node>` (e.g. `segment_01:Attention_0`).",
+    )
     accuracy_tolerance: float | None = Field(
         0.005, ge=0, le=1, description="static: largest accepted accuracy drop vs the fp32 parent before nodes fall back to float (None: no fallback)."
     )
@@ -447,7 +451,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
     calibration = _calibration_texts(train, cfg, ctx.seed)
     fp32 = Path(parent.path) / "model.onnx"
     graph = onnx.load(str(fp32)).graph
-    quantizable = sorted(n.name for n in graph.node if n.op_type in ("MatMul", "Attention"))
+    quantizable = sorted(n.name for n in graph.node if n.op_type in QUANTIZABLE)
     if unknown := [name for name in cfg.exclude_nodes if name not in quantizable]:
         raise ModelError(
             f"quantize.exclude_nodes: {unknown} are not MatMul or Attention nodes of {parent.id}'s graph "
@@ -466,67 +470,118 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
         return _accuracy(out, eval_.texts, eval_.labels)
 
     accuracy = attempt()
-    metrics: dict[str, float] = {}
-    if cfg.accuracy_tolerance is not None:
-        parent_accuracy = _accuracy(Path(parent.path), eval_.texts, eval_.labels)
-        # a node's score is its worse signal-to-quantization-noise ratio: activation (static range) or weight.
-        # Outliers in either are how per-tensor INT8 breaks a layer; the worst go back to float first
-        weights = {t.name: t for t in graph.initializer}
-        scores = {
-            n.name: min(activation_sqnr[n.input[0]], _weight_sqnr(onnx.numpy_helper.to_array(weights[n.input[1]]), cfg))
-            for n in graph.node
-            if n.op_type in ("MatMul", "Attention") and n.input[0] in activation_sqnr and n.input[1] in weights and n.name not in excluded
-        }
-        ranked, step = sorted(scores, key=scores.get), 1
-        while parent_accuracy - accuracy > cfg.accuracy_tolerance and len(excluded) < cfg.max_fallback_nodes and ranked:
-            take, ranked = ranked[:step], ranked[step:]
-            excluded += take[: cfg.max_fallback_nodes - len(excluded)]
-            _ort_dynamic(fp32, out / "model.onnx", cfg, excluded)
-            accuracy = attempt()
-            log.info("static fallback: %d nodes in float, accuracy %.4f (fp32 parent %.4f)", len(excluded), accuracy, parent_accuracy)
-            step *= 2
-        met = parent_accuracy - accuracy <= cfg.accuracy_tolerance
-        if not met:
-            log.warning("static INT8 of %s: drop %.4f still above tolerance %.4f with %d nodes in float",
-                        parent.id, parent_accuracy - accuracy, cfg.accuracy_tolerance, len(excluded))
-        metrics = {"fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)), "fallback_tolerance_met": float(met)}
+    if cfg.accuracy_tolerance is None:
+        return Produced({}, {"excluded_nodes": excluded})
+
+    def rebuild(now: list[str]) -> float:
+        _ort_dynamic(fp32, out / "model.onnx", cfg, now)
+        return attempt()
+
+    scores = _sensitivity(graph, activation_sqnr, cfg)
+    ranked = sorted((name for name in scores if name not in excluded), key=scores.get)
+    excluded, metrics = _fall_back(parent, ranked, excluded, accuracy, _accuracy(Path(parent.path), eval_.texts, eval_.labels), rebuild, cfg)
     return Produced(metrics, {"excluded_nodes": excluded})
+
+
+def _sensitivity(graph, activation_sqnr: dict[str, float], cfg: QuantizeConfig) -> dict[str, float]:
+    """Each quantized MatMul / Attention node's score, lower = more sensitive: its worse signal-to-quantization-noise
+    ratio, activation (static range) or weight. Outliers in either are how per-tensor INT8 breaks a layer; the
+    worst go back to float first."""
+    import onnx
+
+    weights = {t.name: t for t in graph.initializer}
+    return {
+        n.name: min(activation_sqnr[n.input[0]], _weight_sqnr(onnx.numpy_helper.to_array(weights[n.input[1]]), cfg))
+        for n in graph.node
+        if n.op_type in QUANTIZABLE and n.input[0] in activation_sqnr and n.input[1] in weights
+    }
+
+
+def _fall_back(parent: Variant, ranked: list[str], excluded: list[str], accuracy: float, parent_accuracy: float,
+               rebuild: Callable[[list[str]], float], cfg: QuantizeConfig) -> tuple[list[str], dict[str, float]]:
+    """The accuracy-aware fallback: while the drop against the fp32 parent exceeds the tolerance, the next 1, 2, 4, ...
+    nodes of `ranked` stay in float (`rebuild(excluded)` makes the graph again and returns its accuracy), up to
+    max_fallback_nodes. Returns the excluded nodes and the fallback's metrics."""
+    step = 1
+    while parent_accuracy - accuracy > cfg.accuracy_tolerance and len(excluded) < cfg.max_fallback_nodes and ranked:
+        take, ranked = ranked[:step], ranked[step:]
+        excluded = excluded + take[: cfg.max_fallback_nodes - len(excluded)]
+        accuracy = rebuild(excluded)
+        log.info("static fallback: %d nodes in float, accuracy %.4f (fp32 parent %.4f)", len(excluded), accuracy, parent_accuracy)
+        step *= 2
+    met = parent_accuracy - accuracy <= cfg.accuracy_tolerance
+    if not met:
+        log.warning("static INT8 of %s: drop %.4f still above tolerance %.4f with %d nodes in float",
+                    parent.id, parent_accuracy - accuracy, cfg.accuracy_tolerance, len(excluded))
+    return excluded, {"fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)), "fallback_tolerance_met": float(met)}
 
 
 def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
     """Static INT8 of an early-exit variant: each segment graph made static as a whole graph is, calibrated on what
     reaches it at inference (the calibration texts for the first; the previous static segment's hidden states for
-    the rest), then chained again. The accuracy-aware fallback excludes nodes of single graphs only: here the drop
-    against the fp32 parent is measured and reported, and nothing is excluded."""
+    the rest), then chained again. Nodes are named `<segment>:<node>` (e.g. `segment_01:Attention_0`), in
+    exclude_nodes and in the fallback, which ranks the nodes of every segment together, scores the chained graph,
+    and makes a segment again (and those after it, whose calibration inputs it changes) when a node of it falls back."""
     import onnx
     import onnxruntime as ort
 
     from .early_exit import write_exit_graph
 
-    if cfg.exclude_nodes:
-        raise ModelError(f"quantize.exclude_nodes names nodes of single graphs; {parent.id} is an early-exit variant (per-layer segments)")
+    names = json.loads((Path(parent.path) / EARLY_EXIT_FILE).read_text())["segments"]
+    segments = [Path(parent.path) / SEGMENTS_DIR / name for name in names]
+    graphs = [onnx.load(str(segment)).graph for segment in segments]
+    quantizable = [f"{s.stem}:{n.name}" for s, g in zip(segments, graphs) for n in g.node if n.op_type in QUANTIZABLE]
+    if unknown := [name for name in cfg.exclude_nodes if name not in quantizable]:
+        raise ModelError(
+            f"quantize.exclude_nodes: {unknown} are not MatMul or Attention nodes of {parent.id}'s segments, named "
+            f"<segment>:<node> ({len(quantizable)} are, e.g. {quantizable[:2]})"
+        )
     train, eval_ = load_splits(ctx.data, ctx.num_labels)
     calibration = _calibration_texts(train, cfg, ctx.seed)
-    segments = [Path(parent.path) / SEGMENTS_DIR / name for name in json.loads((Path(parent.path) / EARLY_EXIT_FILE).read_text())["segments"]]
     copy_tokenizer(parent.path, out)
     (out / SEGMENTS_DIR).mkdir()
-    feeds = _encoded(parent.path, calibration, [i.name for i in onnx.load(str(segments[0])).graph.input])
-    for k, fp32 in enumerate(segments):
-        int8 = out / SEGMENTS_DIR / fp32.name
-        _ort_dynamic(fp32, int8, cfg)
-        ranges, _ = _calibrated_ranges(int8, feeds, _calibration_method(cfg))
-        _static_activations(int8, ranges)
-        if k + 1 < len(segments):  # what the next segment is calibrated on: this static segment's hidden states
-            session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
-            feeds = [{"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]} for feed in feeds]
     shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
-    write_exit_graph(out)
+    inputs = [_encoded(parent.path, calibration, [i.name for i in graphs[0].input])]  # what reaches each segment
+    noise: dict[int, dict[str, float]] = {}
+
+    def build(excluded: list[str], first: int = 0) -> None:
+        """Makes segments `first`... static, keeping `excluded` in float, and chains them again."""
+        for k in range(first, len(segments)):
+            int8 = out / SEGMENTS_DIR / segments[k].name
+            _ort_dynamic(segments[k], int8, cfg, [node for segment, node in map(_segment_node, excluded) if segment == segments[k].stem])
+            ranges, noise[k] = _calibrated_ranges(int8, inputs[k], _calibration_method(cfg))
+            _static_activations(int8, ranges)
+            if k + 1 < len(segments):
+                session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+                hidden = [{"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]} for feed in inputs[k]]
+                inputs[k + 1 :] = [hidden]  # later segments are all made again after this one
+        write_exit_graph(out)
+
+    excluded = list(cfg.exclude_nodes)
+    build(excluded)
     if cfg.accuracy_tolerance is None:
-        return Produced({}, {})
-    drop = _accuracy(Path(parent.path), eval_.texts, eval_.labels, "onnx-exit") - _accuracy(out, eval_.texts, eval_.labels, "onnx-exit")
-    if drop > cfg.accuracy_tolerance:
-        log.warning("static INT8 of %s: drop %.4f above tolerance %.4f (early-exit segments: no fallback)", parent.id, drop, cfg.accuracy_tolerance)
-    return Produced({"fallback_excluded_nodes": 0.0, "fallback_tolerance_met": float(drop <= cfg.accuracy_tolerance)}, {})
+        return Produced({}, {"excluded_nodes": excluded})
+
+    def score() -> float:
+        return _accuracy(out, eval_.texts, eval_.labels, "onnx-exit")
+
+    def rebuild(now: list[str]) -> float:
+        added = {_segment_node(name)[0] for name in now if name not in excluded}
+        build(now, first=min(k for k, segment in enumerate(segments) if segment.stem in added))
+        excluded[:] = now
+        return score()
+
+    scores = {f"{s.stem}:{name}": v for k, (s, g) in enumerate(zip(segments, graphs)) for name, v in _sensitivity(g, noise[k], cfg).items()}
+    ranked = sorted((name for name in scores if name not in excluded), key=scores.get)
+    parent_accuracy = _accuracy(Path(parent.path), eval_.texts, eval_.labels, "onnx-exit")
+    kept, metrics = _fall_back(parent, ranked, list(excluded), score(), parent_accuracy, rebuild, cfg)
+    return Produced(metrics, {"excluded_nodes": kept})
+
+
+def _segment_node(name: str) -> tuple[str, str]:
+    """`segment_01:Attention_0` -> ("segment_01", "Attention_0")."""
+    segment, _, node = name.partition(":")
+    return segment, node
 
 
 # ---------------------------------------------------------------------------------------------- QAT

@@ -281,29 +281,33 @@ def test_static_int8_runs_integer_kernels_with_fixed_ranges_and_agrees(trained, 
     assert sorted(p.name for p in Path(int8.path).iterdir()) == sorted(p.name for p in Path(parent.path).iterdir())
 
 
-def test_static_fallback_excludes_sensitive_nodes_until_within_tolerance(tmp_path):
-    """On the real packaged MiniLM with an untrained 3-class head the logit margins are small, so static INT8
-    flips labels. Labelling the texts with the fp32 model's own predictions makes its accuracy exactly 1.0:
-    the fallback must keep nodes in float until at most one of the 90 labels differs, then stop; held to zero
-    flips with room for only 3 nodes, it must say it could not."""
+@pytest.fixture(scope="module")
+def untrained_head(tmp_path_factory):
+    """The real packaged MiniLM with an untrained 3-class head: its logit margins are small, so static INT8 flips
+    labels. Returns (its ONNX export, 90 texts, a StageContext whose train and eval splits are those texts labelled
+    with the fp32 model's own predictions: its accuracy on them is exactly 1.0)."""
     import csv
-    from pathlib import Path
 
     from squeezeflow.tasks.data import DataConfig
     from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
 
     from .conftest import write_tsv
 
+    tmp = tmp_path_factory.mktemp("untrained-head")
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.tsv"
     texts = [row[0] for row in csv.reader(demo.open(), delimiter="\t")][1:91]
     placeholder = DataConfig(train=demo, eval=demo)
-    teacher = make_teacher(ModelConfig(num_labels=3, max_length=64), TeacherConfig(epochs=0.01), placeholder, tmp_path / "v", seed=7)
-    onnx_variant = export(teacher, ExportConfig(), tmp_path / "v")
-    own = load_predictor(onnx_variant.path, "onnx").logits(texts).argmax(-1).tolist()
-    rows = list(zip(texts, own))
-    data = DataConfig(train=write_tsv(tmp_path / "train.tsv", rows), eval=write_tsv(tmp_path / "eval.tsv", rows))
-    ctx = StageContext(data=data, num_labels=3, max_length=64, seed=7, teacher=teacher)
+    teacher = make_teacher(ModelConfig(num_labels=3, max_length=64), TeacherConfig(epochs=0.01), placeholder, tmp / "v", seed=7)
+    onnx_variant = export(teacher, ExportConfig(), tmp / "v")
+    rows = list(zip(texts, load_predictor(onnx_variant.path, "onnx").logits(texts).argmax(-1).tolist()))
+    data = DataConfig(train=write_tsv(tmp / "train.tsv", rows), eval=write_tsv(tmp / "eval.tsv", rows))
+    return onnx_variant, texts, StageContext(data=data, num_labels=3, max_length=64, seed=7, teacher=teacher)
 
+
+def test_static_fallback_excludes_sensitive_nodes_until_within_tolerance(untrained_head, tmp_path):
+    """The fallback must keep nodes in float until at most one of the 90 labels differs, then stop; held to zero
+    flips with room for only 3 nodes, it must say it could not."""
+    onnx_variant, texts, ctx = untrained_head
     naive = quantize(onnx_variant, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=None), ctx, tmp_path / "naive")
     assert agreement(onnx_variant, naive, texts) < 1 - 1.5 / 90  # plain static INT8 really flips 2+ labels here
     quantizable = {n.name for n in onnx.load(f"{onnx_variant.path}/model.onnx").graph.node if n.op_type in ("MatMul", "Attention")}
@@ -318,6 +322,45 @@ def test_static_fallback_excludes_sensitive_nodes_until_within_tolerance(tmp_pat
     strict = QuantizeConfig(calibration_examples=16, accuracy_tolerance=0.0, max_fallback_nodes=3)
     short = quantize(onnx_variant, "static", strict, ctx, tmp_path / "short")
     assert short.metrics["fallback_tolerance_met"] == 0.0 and len(short.params["excluded_nodes"]) == 3
+
+
+def test_static_fallback_of_early_exit_segments(untrained_head, tmp_path):
+    """The same model as per-layer early-exit segments (threshold 0: every input runs all six): the fallback ranks the
+    nodes of every segment together, names each `<segment>:<node>`, keeps those in float in their segment's graph
+    and stops once at most one label differs; exclude_nodes takes the same names."""
+    from squeezeflow.tasks.early_exit import EarlyExitConfig, early_exit
+
+    onnx_variant, texts, ctx = untrained_head
+    exits = EarlyExitConfig(thresholds=[0.0], training={"epochs": 0.2, "batch_size": 16})
+    fp32 = early_exit(ctx.teacher, 0.0, exits, ctx, tmp_path / "v")
+    segments = {path.stem: path for path in sorted(Path(fp32.path, "segments").glob("*.onnx"))}
+    assert len(segments) == 6
+
+    def float_nodes(variant: Variant) -> set[str]:
+        """The float MatMul / Attention nodes with a weight (the exits' mean pooling, mask x states, has none)."""
+        graphs = {stem: onnx.load(f"{variant.path}/segments/{stem}.onnx").graph for stem in segments}
+        return {f"{stem}:{n.name}" for stem, g in graphs.items() for n in g.node
+                if n.op_type in ("MatMul", "Attention") and n.input[1] in {t.name for t in g.initializer}}
+
+    quantizable = float_nodes(fp32)
+    naive = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=None), ctx, tmp_path / "v")
+    assert agreement(fp32, naive, texts) < 1 - 1.5 / 90 and not float_nodes(naive)
+
+    guarded = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=1.5 / 90), ctx, tmp_path / "v")
+    assert guarded.format == "onnx-exit" and guarded.metrics["fallback_tolerance_met"] == 1.0
+    excluded = guarded.params["excluded_nodes"]
+    assert 1 <= guarded.metrics["fallback_excluded_nodes"] == len(excluded) < len(quantizable)
+    assert float_nodes(guarded) == set(excluded) and set(excluded) <= quantizable
+    assert agreement(fp32, guarded, texts) >= 1 - 1.5 / 90
+
+    short = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=0.0, max_fallback_nodes=3), ctx, tmp_path / "v")
+    assert short.metrics["fallback_tolerance_met"] == 0.0 and len(short.params["excluded_nodes"]) == 3
+
+    chosen = sorted(quantizable)[-1]
+    kept = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, exclude_nodes=[chosen], accuracy_tolerance=None), ctx, tmp_path / "v")
+    assert float_nodes(kept) == {chosen}
+    with pytest.raises(ModelError, match=r"quantize.exclude_nodes: \['segment_09:Attention_0'\] are not MatMul or Attention nodes of .* <segment>:<node>"):
+        quantize(fp32, "static", QuantizeConfig(calibration_examples=16, exclude_nodes=["segment_09:Attention_0"]), ctx, tmp_path / "v")
 
 
 def test_static_calibration_count_beyond_the_data_is_a_clear_error(trained, tmp_path):
