@@ -544,11 +544,11 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
     inputs = [_encoded(parent.path, calibration, [i.name for i in graphs[0].input])]  # what reaches each segment
     noise: dict[int, dict[str, float]] = {}
 
-    def build(excluded: list[str], first: int = 0) -> None:
-        """Makes segments `first`... static, keeping `excluded` in float, and chains them again."""
+    def build(in_float: list[str], first: int = 0) -> None:
+        """Makes segments `first`... static, keeping the nodes `in_float` in float, and chains them again."""
         for k in range(first, len(segments)):
             int8 = out / SEGMENTS_DIR / segments[k].name
-            _ort_dynamic(segments[k], int8, cfg, [node for segment, node in map(_segment_node, excluded) if segment == segments[k].stem])
+            _ort_dynamic(segments[k], int8, cfg, [node for segment, node in map(_segment_node, in_float) if segment == segments[k].stem])
             ranges, noise[k] = _calibrated_ranges(int8, inputs[k], _calibration_method(cfg))
             _static_activations(int8, ranges)
             if k + 1 < len(segments):
