@@ -478,8 +478,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
         return attempt()
 
     scores = _sensitivity(graph, activation_sqnr, cfg)
-    ranked = sorted((name for name in scores if name not in excluded), key=scores.get)
-    excluded, metrics = _fall_back(parent, ranked, excluded, accuracy, _accuracy(Path(parent.path), eval_.texts, eval_.labels), rebuild, cfg)
+    excluded, metrics = _fall_back(parent, scores, excluded, accuracy, _accuracy(Path(parent.path), eval_.texts, eval_.labels), rebuild, cfg)
     return Produced(metrics, {"excluded_nodes": excluded})
 
 
@@ -497,12 +496,12 @@ def _sensitivity(graph, activation_sqnr: dict[str, float], cfg: QuantizeConfig) 
     }
 
 
-def _fall_back(parent: Variant, ranked: list[str], excluded: list[str], accuracy: float, parent_accuracy: float,
+def _fall_back(parent: Variant, scores: dict[str, float], excluded: list[str], accuracy: float, parent_accuracy: float,
                rebuild: Callable[[list[str]], float], cfg: QuantizeConfig) -> tuple[list[str], dict[str, float]]:
     """The accuracy-aware fallback: while the drop against the fp32 parent exceeds the tolerance, the next 1, 2, 4, ...
-    nodes of `ranked` stay in float (`rebuild(excluded)` makes the graph again and returns its accuracy), up to
-    max_fallback_nodes. Returns the excluded nodes and the fallback's metrics."""
-    step = 1
+    nodes not yet `excluded`, lowest score (most sensitive) first, stay in float (`rebuild(excluded)` makes the graph
+    again and returns its accuracy), up to max_fallback_nodes. Returns the excluded nodes and the fallback's metrics."""
+    ranked, step = sorted((name for name in scores if name not in excluded), key=scores.get), 1
     while parent_accuracy - accuracy > cfg.accuracy_tolerance and len(excluded) < cfg.max_fallback_nodes and ranked:
         take, ranked = ranked[:step], ranked[step:]
         excluded = excluded + take[: cfg.max_fallback_nodes - len(excluded)]
@@ -572,9 +571,8 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
         return score()
 
     scores = {f"{s.stem}:{name}": v for k, (s, g) in enumerate(zip(segments, graphs)) for name, v in _sensitivity(g, noise[k], cfg).items()}
-    ranked = sorted((name for name in scores if name not in excluded), key=scores.get)
     parent_accuracy = _accuracy(Path(parent.path), eval_.texts, eval_.labels, "onnx-exit")
-    kept, metrics = _fall_back(parent, ranked, list(excluded), score(), parent_accuracy, rebuild, cfg)
+    kept, metrics = _fall_back(parent, scores, list(excluded), score(), parent_accuracy, rebuild, cfg)
     return Produced(metrics, {"excluded_nodes": kept})
 
 
