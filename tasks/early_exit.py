@@ -1,6 +1,6 @@
-"""Dynamic pruning by early exit: a classifier after every encoder layer, trained by self-distillation from the
-final layer; at inference each input stops at the first layer whose exit is confident enough (entropy) or
-stable enough (patience). The runtime is per-segment ONNX run by ONNX Runtime (see runtime.EarlyExitPredictor)."""
+"""Dynamic pruning by early exit: a classifier after every encoder layer (and optionally one on the embeddings),
+trained by self-distillation from the final layer; at inference each input stops at the first exit that is confident
+enough (entropy) or stable enough (patience). The runtime is per-segment ONNX run by ONNX Runtime (see runtime.EarlyExitPredictor)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ class EarlyExitConfig(StageBase):
         "mean", description="What an exit reads: the mean of the layer's token states (what sentence encoders such as "
         "MiniLM are trained for; early layers' [CLS] carries little), or the [CLS] state like the final pooler.",
     )
+    embedding_exit: bool = Field(
+        False, description="Also an exit on the mean of the token embeddings, before the first layer: a bag-of-words "
+        "guess that lets inputs it is sure of skip every layer (layer 0 in exit_layer and mean_exit_layer). Needs pooling: mean.",
+    )
     training: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=5e-4, batch_size=32, max_examples=8000),
         description="Training of the exit classifiers (and the backbone when train_backbone).",
@@ -53,6 +57,8 @@ class EarlyExitConfig(StageBase):
 
     @model_validator(mode="after")
     def _thresholds_in_range(self) -> EarlyExitConfig:
+        if self.embedding_exit and self.pooling != "mean":
+            raise ValueError("embedding_exit needs pooling: mean (the [CLS] embedding is the same for every input)")
         if self.criterion == "entropy":
             bad = [t for t in self.thresholds if not 0.0 <= t <= 1.0]
             if bad:
@@ -119,6 +125,15 @@ def _torch_modules():
             hidden = self.layer(hidden, attention_mask=additive_mask(attention_mask, hidden.dtype))[0]
             return hidden, self.head(hidden, attention_mask)
 
+    class EmbeddingSegment(nn.Module):
+        def __init__(self, embeddings, head):
+            super().__init__()
+            self.embeddings, self.head = embeddings, head
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            return hidden, self.head(hidden, attention_mask)
+
     class InnerSegment(nn.Module):
         def __init__(self, layer, head):
             super().__init__()
@@ -131,9 +146,10 @@ def _torch_modules():
     class ExitModel(nn.Module):
         """The classifier plus its exit heads; forward gives the final logits and every exit's logits."""
 
-        def __init__(self, model, heads, train_backbone: bool):
+        def __init__(self, model, heads, train_backbone: bool, embedding_exit: bool):
             super().__init__()
             self.model, self.heads, self.train_backbone = model, nn.ModuleList(heads), train_backbone
+            self.embedding_exit = embedding_exit  # heads[0] then reads the embeddings, before the first layer
             for p in model.parameters():
                 p.requires_grad_(train_backbone)
 
@@ -145,13 +161,15 @@ def _torch_modules():
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
-            exits = [head(hidden, attention_mask) for head, hidden in zip(self.heads, out.hidden_states[1:-1])]
+            hidden_states = out.hidden_states[: -1] if self.embedding_exit else out.hidden_states[1:-1]
+            exits = [head(hidden, attention_mask) for head, hidden in zip(self.heads, hidden_states)]
             return SimpleNamespace(logits=out.logits, exit_logits=exits)
 
-    return SimpleNamespace(ExitHead=ExitHead, FinalHead=FinalHead, EntrySegment=EntrySegment, InnerSegment=InnerSegment, ExitModel=ExitModel)
+    return SimpleNamespace(ExitHead=ExitHead, FinalHead=FinalHead, EntrySegment=EntrySegment, EmbeddingSegment=EmbeddingSegment,
+                           InnerSegment=InnerSegment, ExitModel=ExitModel)
 
 
-def build_exit_model(model_dir: str | Path, train_backbone: bool = False, pooling: str = "mean"):
+def build_exit_model(model_dir: str | Path, train_backbone: bool = False, pooling: str = "mean", embedding_exit: bool = False):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
@@ -159,22 +177,23 @@ def build_exit_model(model_dir: str | Path, train_backbone: bool = False, poolin
     if getattr(base, "pooler", None) is None or not hasattr(model, "classifier"):
         raise ModelError(f"early_exit: {model_dir} has no pooler + classifier head to copy into the exits")
     modules = _torch_modules()
-    heads = [modules.ExitHead(base.pooler.dense, model.classifier, pooling) for _ in range(len(layers) - 1)]
-    return modules.ExitModel(model, heads, train_backbone)
+    heads = [modules.ExitHead(base.pooler.dense, model.classifier, pooling) for _ in range(len(layers) - 1 + embedding_exit)]
+    return modules.ExitModel(model, heads, train_backbone, embedding_exit)
 
 
 def load_exit_model(trained_dir: Path):
     from safetensors.torch import load_file
 
     made = json.loads((trained_dir / EARLY_EXIT_FILE).read_text())
-    exit_model = build_exit_model(trained_dir, pooling=made["pooling"])
+    exit_model = build_exit_model(trained_dir, pooling=made["pooling"], embedding_exit=made["embedding_exit"])
     exit_model.heads.load_state_dict(load_file(str(trained_dir / HEADS_FILE)))
     return exit_model.eval()
 
 
 def reference_logits(exit_model, inputs: dict, criterion: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """What early exit predicts, computed the slow way in PyTorch (every layer, then the rule applied row by
-    row): the reference the ONNX segments are checked against. Returns (logits, 1-based exit layers)."""
+    row): the reference the ONNX segments are checked against. Returns (logits, exit layers: 1-based, 0 for
+    the embedding exit)."""
     import torch
 
     with torch.inference_mode():
@@ -184,13 +203,14 @@ def reference_logits(exit_model, inputs: dict, criterion: str, threshold: float)
     rule = EXIT_RULES[criterion](threshold)
     rule.reset(rows)
     fired = [rule.fires(layer) for layer in per_layer[:-1]] + [np.ones(rows, dtype=bool)]
-    layer_of = np.argmax(np.stack(fired), axis=0)
-    return np.stack([per_layer[k][r] for r, k in enumerate(layer_of)]), layer_of + 1
+    exit_of = np.argmax(np.stack(fired), axis=0)
+    return np.stack([per_layer[k][r] for r, k in enumerate(exit_of)]), exit_of + (0 if exit_model.embedding_exit else 1)
 
 
 def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> list[str]:
-    """One ONNX graph per layer: the first takes token ids, the rest take the previous hidden states; each
-    returns its hidden states and its exit's logits (the last: the model's own head)."""
+    """One ONNX graph per exit: the first takes token ids, the rest take the previous hidden states; each returns
+    its hidden states and its exit's logits (the last: the model's own head). With the embedding exit the first
+    graph holds only the embeddings and their exit, and each layer is a graph of its own."""
     import torch
 
     modules = _torch_modules()
@@ -201,13 +221,15 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     mask = torch.ones(1, 8, dtype=torch.long)
     hidden = torch.zeros(1, 8, model.config.hidden_size)
     batch_seq = {0: "batch", 1: "sequence"}
+    entry_args, entry_inputs = (ids, mask, torch.zeros_like(ids)), ["input_ids", "attention_mask", "token_type_ids"]
+    if exit_model.embedding_exit:
+        parts = [modules.EmbeddingSegment(base.embeddings, heads[0])] + [modules.InnerSegment(l, h) for l, h in zip(layers, heads[1:])]
+    else:
+        parts = [modules.EntrySegment(base.embeddings, layers[0], heads[0])] + [modules.InnerSegment(l, h) for l, h in zip(layers[1:], heads[1:])]
     names = []
-    for k, (layer, head) in enumerate(zip(layers, heads)):
+    for k, segment in enumerate(parts):
         name = f"segment_{k:02d}.onnx"
-        if k == 0:
-            segment, args, inputs = modules.EntrySegment(base.embeddings, layer, head), (ids, mask, torch.zeros_like(ids)), ["input_ids", "attention_mask", "token_type_ids"]
-        else:
-            segment, args, inputs = modules.InnerSegment(layer, head), (hidden, mask), ["hidden_states", "attention_mask"]
+        args, inputs = (entry_args, entry_inputs) if k == 0 else ((hidden, mask), ["hidden_states", "attention_mask"])
         axes = {n: batch_seq for n in inputs} | {"hidden_out": batch_seq, "logits": {0: "batch"}}
         torch.onnx.export(
             segment.eval(), args, str(out_dir / name), input_names=inputs, output_names=["hidden_out", "logits"],
@@ -339,7 +361,7 @@ def _exit_rule_nodes(k: int, logits: str, criterion: str):
 def write_exit_graph(variant_dir: Path) -> None:
     """Chains `segments/*.onnx` into one `model.onnx` that stops at the first exit whose rule fires: each
     segment's exit decides an If whose else-branch holds the rest of the network, so ONNX Runtime runs only the
-    layers an input needs, in one session with one thread pool. Outputs: logits and exit_layer (1-based)."""
+    layers an input needs, in one session with one thread pool. Outputs: logits and exit_layer (1-based; 0: the embedding exit)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -358,6 +380,7 @@ def write_exit_graph(variant_dir: Path) -> None:
     initializers = [numpy_helper.from_array(value, f"rule/{name}") for name, value in constants.items()]
 
     mask_work = _mask_work([segment.graph for segment in segments])
+    first_layer = 0 if spec.get("embedding_exit") else 1  # what exit_layer reports for the first segment's exit
 
     # each segment's weights live in the (sub)graph that uses them: ONNX Runtime pre-packs MatMul weights only
     # for initializers of the node's own graph, and outer-scope weights ran ~50 % slower
@@ -368,7 +391,7 @@ def write_exit_graph(variant_dir: Path) -> None:
         nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, weights, shared)
         nodes = mask_nodes + nodes
         result = ("logits", "exit_layer") if k == 0 else (f"s{k}/result_logits", f"s{k}/result_layer")
-        layer = numpy_helper.from_array(np.array([k + 1], dtype=np.int64))
+        layer = numpy_helper.from_array(np.array([k + first_layer], dtype=np.int64))
         if k == len(segments) - 1:
             return nodes + [
                 helper.make_node("Identity", [outputs["logits"]], [result[0]]),
@@ -440,7 +463,7 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
     trained = exits_dir(parent, cfg, out_root)
     if (trained / EARLY_EXIT_FILE).is_file():
         return trained
-    exit_model = build_exit_model(parent.path, cfg.train_backbone, cfg.pooling)
+    exit_model = build_exit_model(parent.path, cfg.train_backbone, cfg.pooling, cfg.embedding_exit)
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
     train_split, _ = load_splits(ctx.data, ctx.num_labels)
     pick = sample_indices(len(train_split), cfg.training.max_examples, ctx.seed)
@@ -460,7 +483,8 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
         save_file({k: v.contiguous() for k, v in exit_model.heads.state_dict().items()}, str(scratch / HEADS_FILE))
         (scratch / SEGMENTS_DIR).mkdir()
         segments = export_segments(exit_model, scratch / SEGMENTS_DIR, cfg.opset, cfg.optimize)
-        (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "pooling": cfg.pooling, "train_seconds": figures["train_seconds"]}))
+        (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "pooling": cfg.pooling, "embedding_exit": cfg.embedding_exit,
+                                                         "train_seconds": figures["train_seconds"]}))
     return trained
 
 
@@ -479,10 +503,11 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
         for name in made["segments"]:
             shutil.copy2(trained / SEGMENTS_DIR / name, scratch / SEGMENTS_DIR / name)
         copy_tokenizer(trained, scratch)
-        spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"]}
+        spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"], "embedding_exit": made["embedding_exit"]}
         (scratch / EARLY_EXIT_FILE).write_text(json.dumps(spec, indent=2))
         write_exit_graph(scratch)
-        metrics = {"early_exit_train_seconds": made["train_seconds"], "early_exit_layers": float(len(made["segments"]))}
+        layers = len(made["segments"]) - made["embedding_exit"]
+        metrics = {"early_exit_train_seconds": made["train_seconds"], "early_exit_layers": float(layers)}
         child = save_record(scratch, child.model_copy(update={"metrics": metrics}))
     log.info("early exit %s at %s %g -> %s", parent.id, cfg.criterion, threshold, child.id)
     return child

@@ -40,7 +40,54 @@ def fuse(onnx_path: Path, num_heads: int, hidden_size: int) -> None:
 
     optimized = optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     split_skip_layer_norms(optimized.model)
+    if fuse_lone_embeddings(optimized.model):
+        optimized.prune_graph()
     optimized.save_model_to_file(str(onnx_path))
+
+
+def fuse_lone_embeddings(model) -> bool:
+    """ONNX Runtime's fusion makes EmbedLayerNormalization only where attention follows the embeddings. A graph
+    that holds the embeddings without a layer after them (an early-exit graph's embedding exit) gets it here: the
+    word, token-type and position lookups, their sum and its LayerNormalization become the one fused node, which
+    numbers positions 0..T-1 as BERT does. Returns whether it fused (the old nodes' leftovers are then dead)."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    made_by = {out: node for node in graph.node for out in node.output}
+    weights = {t.name for t in graph.initializer}
+
+    def lookup(value: str):
+        node = made_by.get(value)
+        return node if node is not None and node.op_type == "Gather" and node.input[0] in weights else None
+
+    for norm in [n for n in graph.node if n.op_type == "LayerNormalization"]:
+        total = made_by.get(norm.input[0])
+        if total is None or total.op_type != "Add" or len(norm.input) < 3:
+            continue
+        sides = [made_by.get(x) for x in total.input]
+        inner = next((s for s in sides if s is not None and s.op_type == "Add"), None)
+        position = next((lookup(x) for x in total.input if lookup(x) is not None and lookup(x).input[1] not in inputs), None)
+        if inner is None or position is None:
+            continue
+        by_input = {g.input[1]: g for g in map(lookup, inner.input) if g is not None}
+        if set(by_input) != {"input_ids", "token_type_ids"} or not inputs >= set(by_input):
+            continue
+        epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-12)
+        p = norm.name or norm.output[0]
+        fused = [
+            helper.make_node("Cast", ["input_ids"], [p + "/input_ids_int32"], name=p + "/ids", to=TensorProto.INT32),
+            helper.make_node("Cast", ["token_type_ids"], [p + "/token_type_ids_int32"], name=p + "/types", to=TensorProto.INT32),
+            helper.make_node(
+                "EmbedLayerNormalization",
+                [p + "/input_ids_int32", p + "/token_type_ids_int32", by_input["input_ids"].input[0], position.input[0],
+                 by_input["token_type_ids"].input[0], norm.input[1], norm.input[2]],
+                [norm.output[0], p + "/mask_index"], name=p + "/embed", domain="com.microsoft", epsilon=epsilon,
+            ),
+        ]
+        replace_node(graph, norm, fused)
+        return True
+    return False
 
 
 def split_skip_layer_norms(model) -> None:

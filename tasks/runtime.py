@@ -246,7 +246,7 @@ EXIT_RULES = {"entropy": EntropyRule, "patience": PatienceRule}
 class EarlyExitPredictor:
     """An early-exit variant's model.onnx: the per-layer segments chained by If nodes, so ONNX Runtime stops at
     the first exit that fires. Rows are run one at a time (each input leaves at its own layer);
-    `last_exit_layers` holds the 1-based layer each row of the last call left at."""
+    `last_exit_layers` holds the layer each row of the last call left at (1-based; 0: the embedding exit)."""
 
     def __init__(self, path: str | Path, threads: int):
         path = Path(path)

@@ -80,6 +80,60 @@ def test_chained_onnx_graph_agrees_with_pytorch(made):
 
 
 @pytest.fixture(scope="module")
+def with_embedding_exit(tmp_path_factory, trained_tiny):
+    """Early-exit variants with an exit on the embeddings too, at thresholds that never, sometimes and always fire."""
+    teacher, data = trained_tiny
+    out = tmp_path_factory.mktemp("embedding-exit")
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
+    cfg = EarlyExitConfig(thresholds=[0.0, 0.5, 1.0], embedding_exit=True, **CFG)
+    variants = {t: early_exit(teacher, t, cfg, ctx, out) for t in cfg.thresholds}
+    _, eval_split = load_splits(data, 2)
+    return teacher, variants, eval_split, out, ctx
+
+
+def test_embedding_exit_lets_inputs_skip_every_layer(with_embedding_exit):
+    teacher, variants, eval_split, out, _ = with_embedding_exit
+    segments = [onnx.load(str(f)).graph for f in sorted(Path(variants[0.5].path, "segments").glob("*.onnx"))]
+    assert len(segments) == 3  # the embeddings with their exit, then one graph per layer
+    assert "EmbedLayerNormalization" in {n.op_type for n in segments[0].node}
+    assert not {"Attention", "MatMul"} & {n.op_type for n in segments[0].node if "head" not in n.name}
+    assert all("Attention" in {n.op_type for n in g.node} for g in segments[1:])
+    assert variants[0.5].metrics["early_exit_layers"] == 2.0
+
+    exit_model = load_exit_model(next(p for p in out.iterdir() if p.name.startswith("exits-")))
+    inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(eval_split.texts, padding=True, return_tensors="pt"))
+    for threshold, variant in variants.items():
+        expected, expected_layers = reference_logits(exit_model, inputs, "entropy", threshold)
+        predictor = load_predictor(variant.path, "onnx-exit")
+        np.testing.assert_allclose(predictor.logits(eval_split.texts), expected, atol=1e-4)
+        assert predictor.last_exit_layers.tolist() == expected_layers.tolist()
+
+    always = load_predictor(variants[1.0].path, "onnx-exit")
+    guesses = always.logits(eval_split.texts).argmax(-1)
+    assert set(always.last_exit_layers.tolist()) == {0}
+    assert (guesses == np.asarray(eval_split.labels)).mean() >= 0.9  # the task's answer is in which words occur
+    never = load_predictor(variants[0.0].path, "onnx-exit")
+    np.testing.assert_allclose(never.logits(eval_split.texts), load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-4)
+    assert set(never.last_exit_layers.tolist()) == {2}
+
+
+def test_embedding_exit_segments_quantize(with_embedding_exit):
+    _, variants, eval_split, out, ctx = with_embedding_exit
+    fp32 = load_predictor(variants[0.5].path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+    for mode in ("dynamic", "static"):
+        int8 = quantize(variants[0.5], mode, QuantizeConfig(modes=[mode], calibration_examples=16), ctx, out)
+        embedding_ops = {n.op_type for n in onnx.load(str(Path(int8.path, "segments", "segment_00.onnx"))).graph.node}
+        assert {"EmbedLayerNormalization", "MatMulIntegerToFloat" if mode == "static" else "MatMulInteger"} <= embedding_ops, mode
+        got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
+        assert (got == fp32).mean() >= 0.9, mode
+
+
+def test_embedding_exit_needs_mean_pooling():
+    with pytest.raises(ValueError, match="embedding_exit needs pooling: mean"):
+        EarlyExitConfig(thresholds=[0.5], embedding_exit=True, pooling="cls")
+
+
+@pytest.fixture(scope="module")
 def three_layers(tmp_path_factory, tiny_model_dir, trained_tiny):
     """A 3-layer tiny classifier, so that a patience exit can fire before the last layer."""
     from transformers import BertConfig, BertForSequenceClassification
