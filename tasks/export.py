@@ -49,7 +49,8 @@ def fuse_lone_embeddings(model) -> bool:
     """ONNX Runtime's fusion makes EmbedLayerNormalization only where attention follows the embeddings. A graph
     that holds the embeddings without a layer after them (an early-exit graph's embedding exit) gets it here: the
     word, token-type and position lookups, their sum and its LayerNormalization become the one fused node, which
-    numbers positions 0..T-1 as BERT does. Returns whether it fused (the old nodes' leftovers are then dead)."""
+    numbers positions 0..T-1 as BERT does. Only position ids made from the input's shape and constants qualify (not,
+    e.g., RoBERTa's, counted from the token ids). Returns whether it fused (the old nodes' leftovers are then dead)."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -61,13 +62,18 @@ def fuse_lone_embeddings(model) -> bool:
         node = made_by.get(value)
         return node if node is not None and node.op_type == "Gather" and node.input[0] in weights else None
 
+    def reads_input_values(value: str) -> bool:
+        node = made_by.get(value)
+        if node is None:
+            return value in inputs
+        return node.op_type != "Shape" and any(reads_input_values(x) for x in node.input if x)
+
     for norm in [n for n in graph.node if n.op_type == "LayerNormalization"]:
         total = made_by.get(norm.input[0])
         if total is None or total.op_type != "Add" or len(norm.input) < 3:
             continue
-        sides = [made_by.get(x) for x in total.input]
-        inner = next((s for s in sides if s is not None and s.op_type == "Add"), None)
-        position = next((lookup(x) for x in total.input if lookup(x) is not None and lookup(x).input[1] not in inputs), None)
+        inner = next((made_by[x] for x in total.input if x in made_by and made_by[x].op_type == "Add"), None)
+        position = next((g for g in map(lookup, total.input) if g is not None and not reads_input_values(g.input[1])), None)
         if inner is None or position is None:
             continue
         by_input = {g.input[1]: g for g in map(lookup, inner.input) if g is not None}
@@ -86,6 +92,8 @@ def fuse_lone_embeddings(model) -> bool:
             ),
         ]
         replace_node(graph, norm, fused)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return True
     return False
 

@@ -9,7 +9,7 @@ import pytest
 
 from squeezeflow.tasks.base import DataError, ModelError, StageBase
 from squeezeflow.tasks.evaluate import count_params
-from squeezeflow.tasks.export import ExportConfig, export
+from squeezeflow.tasks.export import ExportConfig, export, fuse_lone_embeddings
 from squeezeflow.tasks.quantize import MODE_KNOBS, QATConfig, QuantizeConfig, quantize
 from squeezeflow.tasks.runtime import FOUR_BIT_CODES, load_predictor
 from squeezeflow.tasks.variant import StageContext, Variant
@@ -503,3 +503,48 @@ def test_peak_rss_is_measured_in_the_fresh_process(trained):
     torch_rss = peak_rss_mb(trained[0], TEXTS, threads=1)
     assert 20 < onnx_rss < torch_rss  # ONNX is served without importing torch
     assert onnx_rss < 600  # the probe must not inherit this (torch-laden) test process's peak
+
+
+def _lone_embeddings(positions: str):
+    """Word + token-type + position lookups, summed and layer-normed, as torch exports BERT's embeddings alone.
+    positions "shape": 0..T-1 from the input's shape (BERT); "ids": counted from the token ids (RoBERTa-like)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    tables = {"word": rng.normal(size=(20, 8)), "position": rng.normal(size=(16, 8)), "type": rng.normal(size=(2, 8)),
+              "gamma": rng.normal(size=8), "beta": rng.normal(size=8)}
+    weights = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tables.items()]
+    weights += [numpy_helper.from_array(np.array(x, dtype=np.int64), n) for n, x in (("zero", 0), ("one", 1), ("axis", 1), ("axes", [0]))]
+    if positions == "shape":
+        making = [helper.make_node("Shape", ["input_ids"], ["shape"]), helper.make_node("Gather", ["shape", "one"], ["length"]),
+                  helper.make_node("Range", ["zero", "length", "one"], ["range"]), helper.make_node("Unsqueeze", ["range", "axes"], ["position_ids"])]
+    else:
+        making = [helper.make_node("Greater", ["input_ids", "zero"], ["real"]), helper.make_node("Cast", ["real"], ["counted"], to=TensorProto.INT64),
+                  helper.make_node("CumSum", ["counted", "axis"], ["position_ids"])]
+    nodes = making + [
+        helper.make_node("Gather", ["word", "input_ids"], ["w"]), helper.make_node("Gather", ["type", "token_type_ids"], ["t"]),
+        helper.make_node("Add", ["w", "t"], ["wt"]), helper.make_node("Gather", ["position", "position_ids"], ["p"]),
+        helper.make_node("Add", ["wt", "p"], ["sum"]),
+        helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["hidden"], axis=-1, epsilon=1e-12),
+    ]
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, "T"]) for n in ("input_ids", "token_type_ids")]
+    graph = helper.make_graph(nodes, "embeddings", ids, [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("positions, fuses", [("shape", True), ("ids", False)])
+def test_lone_embeddings_fuse_only_where_positions_come_from_the_shape(positions, fuses):
+    """A graph holding only embeddings (an embedding exit's) gets EmbedLayerNormalization, which numbers positions
+    0..T-1: so only where the graph's own position ids do too, with the same output."""
+    import onnxruntime as ort
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {"input_ids": np.array([[3, 7, 1, 12, 5]], dtype=np.int64), "token_type_ids": np.array([[0, 0, 1, 1, 1]], dtype=np.int64)}
+        return session.run(None, feed)[0]
+
+    model = _lone_embeddings(positions)
+    before = run(model)
+    assert fuse_lone_embeddings(model) is fuses
+    assert ("EmbedLayerNormalization" in {n.op_type for n in model.graph.node}) is fuses
+    np.testing.assert_allclose(run(model), before, atol=1e-5)
