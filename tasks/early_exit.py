@@ -223,9 +223,10 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     batch_seq = {0: "batch", 1: "sequence"}
     entry_args, entry_inputs = (ids, mask, torch.zeros_like(ids)), ["input_ids", "attention_mask", "token_type_ids"]
     if exit_model.embedding_exit:
-        parts = [modules.EmbeddingSegment(base.embeddings, heads[0])] + [modules.InnerSegment(l, h) for l, h in zip(layers, heads[1:])]
+        entry, inner_layers = modules.EmbeddingSegment(base.embeddings, heads[0]), layers
     else:
-        parts = [modules.EntrySegment(base.embeddings, layers[0], heads[0])] + [modules.InnerSegment(l, h) for l, h in zip(layers[1:], heads[1:])]
+        entry, inner_layers = modules.EntrySegment(base.embeddings, layers[0], heads[0]), layers[1:]
+    parts = [entry] + [modules.InnerSegment(layer, head) for layer, head in zip(inner_layers, heads[1:])]
     names = []
     for k, segment in enumerate(parts):
         name = f"segment_{k:02d}.onnx"
