@@ -1,5 +1,6 @@
 """Measuring every variant the same way: accuracy, batch-1 latency on real eval texts, batch throughput,
-size, parameters and peak memory; rounds are interleaved across variants so machine drift hits all alike."""
+size, parameters and peak memory; rounds are interleaved across variants so machine drift hits all alike.
+The measuring happens in a fresh process (`python -m squeezeflow.tasks.evaluate`), as serving would."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
+from collections import deque
+from pathlib import Path
 
 import numpy as np
 from prefect import task
@@ -67,6 +71,38 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
+    """`measure` run in a fresh process; its progress lines are logged here.
+
+    Why not here: PyTorch's OpenMP runtime counts the worker threads of every thread that has run PyTorch. Once a
+    flow's training tasks have left their pools alive in other threads, there are more of them than cores, and
+    OpenMP stops spinning between parallel regions: PyTorch at batch 1 then ran 2-2.5x slower (SST-2 teacher p50
+    5.99 ms in a fresh process, 11.9 ms beside one idle pool), which would flatter every speed-up over it."""
+    with tempfile.TemporaryDirectory(prefix="squeezeflow-benchmark-") as tmp:
+        request, answer = Path(tmp) / "request.json", Path(tmp) / "measured.json"
+        request.write_text(json.dumps({
+            "variants": [v.model_dump(mode="json") for v in variants], "data": data_cfg.model_dump(mode="json"),
+            "num_labels": num_labels, "benchmark": cfg.model_dump(mode="json"),
+        }))
+        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(answer)], stderr=subprocess.PIPE, text=True)
+        tail: deque[str] = deque(maxlen=3)  # the last lines it wrote, should it die without saying why
+        reason = None
+        for line in child.stderr:
+            line = line.rstrip()
+            if line.startswith(FAILURE):
+                reason = line.removeprefix(FAILURE)
+            elif line.startswith(PROGRESS):
+                log.info(line.removeprefix(PROGRESS))
+            elif line:
+                tail.append(line)
+        if child.wait() != 0:
+            raise RuntimeError(f"the benchmark process failed (exit {child.returncode}): {reason or ' | '.join(tail)}")
+        return [Variant.model_validate(v) for v in json.loads(answer.read_text())]
+
+
+PROGRESS, FAILURE = "squeezeflow.evaluate: ", "squeezeflow.evaluate failed: "
+
+
+def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
     """Returns the variants with their metrics. The first variant whose stage is `teacher` (PyTorch fp32) is the
     reference for `accuracy_drop` and `speedup`; a variant whose parent is measured also gets parity metrics.
     Accuracy and parity come from batch-1 calls, as latency does: dynamic INT8 quantizes activations with one
@@ -74,7 +110,12 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
     _, eval_split = load_splits(data_cfg, num_labels)
     texts, labels = eval_split.texts, np.asarray(eval_split.labels)
     timed_texts = texts[: cfg.latency_texts] if cfg.latency_texts else texts
-    predictors = {v.id: load_predictor(v.path, v.format, cfg.threads) for v in variants}
+    predictors = {}
+    for v in variants:
+        try:
+            predictors[v.id] = load_predictor(v.path, v.format, cfg.threads)
+        except Exception as e:  # ORT, tokenizers and transformers each raise their own types for unreadable files
+            raise RuntimeError(f"cannot load {v.id} ({v.format}) from {v.path}: {e}") from e
 
     logits: dict[str, np.ndarray] = {}
     exit_layers: dict[str, list[np.ndarray]] = {}
@@ -148,3 +189,25 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
 @task(name="benchmark")
 def benchmark_task(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
     return benchmark(variants, data_cfg, num_labels, cfg)
+
+
+def _measure_request(request: Path, answer: Path) -> None:
+    """The fresh process: measures the variants in `request` and writes them, with their metrics, to `answer`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(PROGRESS + "%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    asked = json.loads(request.read_text())
+    try:
+        measured = measure(
+            [Variant.model_validate(v) for v in asked["variants"]], DataConfig.model_validate(asked["data"]), asked["num_labels"],
+            BenchmarkConfig.model_validate(asked["benchmark"]),
+        )
+    except Exception as e:
+        print(f"{FAILURE}{e}", file=sys.stderr)
+        raise
+    answer.write_text(json.dumps([v.model_dump(mode="json") for v in measured]))
+
+
+if __name__ == "__main__":
+    _measure_request(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,6 +1,7 @@
 """Export and INT8 quantization on the tiny BERT: the graphs run in ORT with integer kernels and agree with
 their fp32 parents."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -493,6 +494,21 @@ def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained
     assert measured[int8.id]["parity_max_abs"] == pytest.approx(np.abs(int8_logits - parent_logits).max(), abs=1e-6)
     assert measured[teacher.id]["accuracy_drop"] == 0 and measured[teacher.id]["speedup"] == 1
     assert measured[int8.id]["latency_p50_ms"] > 0 and measured[int8.id]["throughput_qps"] > 0
+
+
+def test_benchmark_runs_in_a_fresh_process_logs_its_rounds_and_reports_its_failure(trained, tmp_path, caplog):
+    from squeezeflow.tasks.evaluate import BenchmarkConfig, benchmark
+
+    teacher, onnx_variant, ctx = trained
+    cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=0, rounds=2, latency_texts=3, measure_rss=False)
+    with caplog.at_level(logging.INFO, logger="squeezeflow.evaluate"):
+        measured = benchmark([teacher, onnx_variant], ctx.data, 2, cfg)
+    assert [v.id for v in measured] == [teacher.id, onnx_variant.id]
+    assert measured[1].metrics["accuracy"] > 0.9 and measured[1].parent_id == teacher.id
+    assert "benchmark round 2/2 done" in caplog.text  # the measuring process's progress reaches this one's log
+    broken = onnx_variant.model_copy(update={"id": "onnx-broken", "path": str(tmp_path / "gone")})
+    with pytest.raises(RuntimeError, match=r"the benchmark process failed \(exit 1\): cannot load onnx-broken \(onnx\) from \S*gone: "):
+        benchmark([teacher, broken], ctx.data, 2, cfg)
 
 
 def test_peak_rss_is_measured_in_the_fresh_process(trained):
