@@ -25,6 +25,19 @@ def test_quickstart_recipe_is_valid_and_paths_become_absolute(monkeypatch):
     assert cfg.registered_model == "squeezeflow-quickstart"
 
 
+@pytest.mark.parametrize("recipe, classes", [("sst2", 2), ("trec", 6)])
+def test_real_data_recipes_pass_the_preflight_on_the_shared_data(monkeypatch, tmp_path, recipe, classes):
+    from squeezeflow.flows.cli import preflight
+    from squeezeflow.tasks.data import load_splits
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(f"configs/{recipe}.yaml", [f"artifacts_dir={tmp_path}"])
+    preflight(cfg)  # data files, labels, every stage's own checks, the packaged model
+    train, eval_split = load_splits(cfg.data, cfg.model.num_labels)
+    assert cfg.model.num_labels == len(cfg.data.label_names) == classes
+    assert set(train.labels) == set(eval_split.labels) == set(range(classes))
+
+
 def test_unknown_key_is_rejected_with_its_path(tmp_path, tiny_config):
     tiny_config["teacher"]["epoch"] = 3
     with pytest.raises(ConfigError, match=r"recipe.yaml: teacher.epoch: unknown key"):
