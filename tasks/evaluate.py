@@ -23,6 +23,8 @@ from .runtime import FOUR_BIT_CODES, load_predictor
 from .variant import Variant, size_on_disk_mb, weight_files
 
 log = logging.getLogger("squeezeflow.evaluate")
+# how the measuring process marks, on its stderr, the lines meant for this one
+PROGRESS, FAILURE = "squeezeflow.evaluate: ", "squeezeflow.evaluate failed: "
 
 
 class BenchmarkConfig(StrictModel):
@@ -98,8 +100,6 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
             raise RuntimeError(f"the benchmark process failed (exit {child.returncode}): {reason or ' | '.join(tail)}")
         return [Variant.model_validate(v) for v in json.loads(answer.read_text())]
 
-
-PROGRESS, FAILURE = "squeezeflow.evaluate: ", "squeezeflow.evaluate failed: "
 
 
 def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
