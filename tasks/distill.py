@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
-from .training import TrainConfig, accuracy_on, cross_entropy, held_out_split, kd_loss, sample_indices, train
+from .training import TrainConfig, accuracy_on, cross_entropy, held_out_split, kd_loss, predict_logits, sample_indices, train
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
@@ -98,7 +98,6 @@ def build_student(teacher_dir: str | Path, shape: StudentShape):
 
 def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, cache_dir: Path) -> np.ndarray:
     """The teacher's logits on `texts`, computed once and cached as .npy, keyed by teacher and inputs."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     key = hashlib.sha256(json.dumps([content_hash(teacher_dir), max_length, texts]).encode()).hexdigest()[:24]
@@ -106,17 +105,8 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
     with exclusive(path):
         if path.exists():
             return np.load(path, allow_pickle=False)
-        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-        # batches of similar length pad little: on SST-2's short phrases this runs several times faster
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
-        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
-        logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-        with torch.inference_mode():
-            for i in range(0, len(texts), 64):
-                rows = order[i : i + 64]
-                batch = tokenizer.pad({k: [column[r] for r in rows] for k, column in encoded.items()}, return_tensors="pt")
-                logits[rows] = model(**batch).logits.float().numpy()
+        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+        logits = predict_logits(model, AutoTokenizer.from_pretrained(teacher_dir), texts, max_length)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, logits, allow_pickle=False)
         tmp.rename(path)

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, load_splits
-from .training import TrainConfig, seed_everything, train
+from .training import TrainConfig, kd_loss, predict_logits, sample_indices, seed_everything, train
 from .variant import Variant, file_fingerprint, finished, save_hf_variant, variant_id
 
 log = logging.getLogger("squeezeflow.teacher")
@@ -35,9 +35,19 @@ class ModelConfig(StrictModel):
         return source
 
 
+class BornAgainConfig(StrictModel):
+    soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the first fine-tune's soft targets; 1 − this goes to the labels.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of those soft targets (the loss is scaled by T²).")
+
+
 class TeacherConfig(TrainConfig):
     finetune: bool = Field(True, description="Fine-tune the model on the train split (off: it is already a fine-tuned classifier).")
     epochs: float = Field(2.0, gt=0, description="Passes over the training data (fractions allowed).")
+    born_again: BornAgainConfig | None = Field(
+        None,
+        description="Fine-tune twice: a fresh copy of the model, trained with the next seed on the labels and the first "
+        "fine-tune's soft targets, becomes the teacher (a born-again network: twice the training time).",
+    )
 
 
 def resolve_source(source: str) -> str:
@@ -114,6 +124,29 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
     return model, tokenizer
 
 
+def fine_tune_born_again(first, tokenizer, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, label_names, seed: int, first_metrics: dict):
+    """A second fine-tune from the source weights, with seed + 1, on the labels and `first`'s soft targets; on SST-2
+    it was right more often than the first fine-tune alone. Returns (second model, its figures and the first's)."""
+    keep = sample_indices(len(split), teacher_cfg.max_examples, seed)
+    texts = [split.texts[i] for i in keep]
+    labels = [split.labels[i] for i in keep]
+    log.info("born again: the first fine-tune's soft targets on %d examples", len(texts))
+    targets = predict_logits(first, tokenizer, texts, model_cfg.max_length)
+    seed_everything(seed + 1)
+    second, _ = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
+    born = teacher_cfg.born_again
+
+    def loss(outputs, batch):
+        return kd_loss(outputs.logits, batch["teacher_logits"], batch["labels"], temperature=born.temperature, soft_weight=born.soft_weight)
+
+    log.info("born again: fine-tuning a fresh copy (seed %d) on the labels and those soft targets", seed + 1)
+    metrics = train(
+        second, tokenizer, texts, labels, teacher_cfg.model_copy(update={"max_examples": None}),
+        max_length=model_cfg.max_length, seed=seed + 1, loss_fn=loss, targets=targets,
+    )
+    return second, {**{f"first_{k}": v for k, v in first_metrics.items()}, **metrics}
+
+
 def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
     """Loads (and fine-tunes) the teacher and saves it as the root `hf` variant."""
     where = Path(resolve_source(model_cfg.source))
@@ -124,7 +157,8 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
         "source_fingerprint": file_fingerprint(*weights) if weights else model_cfg.source,
     }
     if teacher_cfg.finetune:
-        params |= teacher_cfg.model_dump(exclude={"finetune"})
+        # born_again only when set: teachers made before it existed keep their ids
+        params |= teacher_cfg.model_dump(exclude={"finetune"} | ({"born_again"} if teacher_cfg.born_again is None else set()))
         params["data_fingerprint"] = file_fingerprint(data_cfg.path_of("train"))
     vid = variant_id("teacher", params)
     teacher = Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid))
@@ -138,6 +172,8 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
         train_split, _ = load_splits(data_cfg, model_cfg.num_labels)
         log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
         metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
+        if teacher_cfg.born_again:
+            model, metrics = fine_tune_born_again(model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
     tokenizer.model_max_length = model_cfg.max_length
     return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 

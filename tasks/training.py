@@ -85,6 +85,24 @@ def accuracy_on(model, tokenizer, texts: list[str], truth: np.ndarray, max_lengt
     return float((preds == truth).mean())
 
 
+def predict_logits(model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """The model's logits on `texts`, in their order. Texts run in batches of 64 of similar length: on short,
+    varied texts (SST-2's phrases) that pads little and runs several times faster than batches in text order."""
+    import numpy as np
+    import torch
+
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(texts), 64):
+            rows = order[i : i + 64]
+            batch = tokenizer.pad({k: [column[r] for r in rows] for k, column in encoded.items()}, return_tensors="pt")
+            logits[rows] = model(**batch).logits.float().numpy()
+    return logits
+
+
 def batch_order(order: list[int], texts: list[str], batch_size: int, group_by_length: bool, generator) -> list[list[int]]:
     """`order` cut into batches. Grouped by length: chunks of 64 batches are each sorted by text length before
     cutting, then the batches are shuffled, so a batch pads to a similar length and the order stays random."""

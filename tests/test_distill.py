@@ -115,6 +115,39 @@ def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path
     assert accuracy >= 0.9
 
 
+def born_again_teacher(tiny_model_dir, data, out_root, soft_weight):
+    from squeezeflow.tasks.teacher import BornAgainConfig, ModelConfig, TeacherConfig, make_teacher
+
+    return make_teacher(
+        ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
+        TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16, born_again=BornAgainConfig(soft_weight=soft_weight)),
+        data, out_root, seed=7,
+    )
+
+
+def test_born_again_teacher_is_a_second_fine_tune_that_agrees_with_the_first(tiny_model_dir, trained_tiny, tmp_path):
+    plain, data = trained_tiny  # the same recipe and seed without born_again: the first fine-tune
+    born = born_again_teacher(tiny_model_dir, data, tmp_path, soft_weight=1.0)
+    assert "born_again" not in plain.params  # unset, it leaves the teacher's id as it was
+    assert born.params["born_again"] == {"soft_weight": 1.0, "temperature": 2.0} and born.id != plain.id
+    assert born.metrics["first_train_steps"] == born.metrics["train_steps"] == plain.metrics["train_steps"]
+    _, eval_ = load_splits(data, 2)
+    first = load_predictor(plain.path, "hf").logits(eval_.texts).argmax(-1)
+    second = load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1)
+    assert (second == np.asarray(eval_.labels)).mean() >= 0.9 and (second == first).mean() >= 0.9
+
+
+def test_born_again_teacher_learns_what_the_first_fine_tune_says(tiny_model_dir, trained_tiny, tmp_path, monkeypatch):
+    import squeezeflow.tasks.teacher as teacher_module
+
+    real = teacher_module.predict_logits
+    monkeypatch.setattr(teacher_module, "predict_logits", lambda *args: -real(*args))  # a first fine-tune that says the opposite
+    _, data = trained_tiny
+    born = born_again_teacher(tiny_model_dir, data, tmp_path, soft_weight=1.0)  # soft targets only: the labels carry no weight
+    _, eval_ = load_splits(data, 2)
+    assert (load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() <= 0.1
+
+
 def test_hidden_and_attention_losses_train(trained_tiny, tmp_path):
     teacher, data = trained_tiny
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
