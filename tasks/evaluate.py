@@ -101,7 +101,6 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
         return [Variant.model_validate(v) for v in json.loads(answer.read_text())]
 
 
-
 def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
     """Returns the variants with their metrics. The first variant whose stage is `teacher` (PyTorch fp32) is the
     reference for `accuracy_drop` and `speedup`; a variant whose parent is measured also gets parity metrics.
