@@ -13,9 +13,10 @@ import numpy as np
 from prefect import task
 from pydantic import Field, model_validator
 
+from .augment import AugmentConfig, augment_texts, word_neighbours
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
-from .training import TrainConfig, accuracy_on, cross_entropy, held_out_split, kd_loss, predict_logits, sample_indices, train
+from .training import UNLABELLED, TrainConfig, accuracy_on, cross_entropy, held_out_split, kd_loss, predict_logits, sample_indices, train
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
@@ -62,6 +63,17 @@ class DistillConfig(StageBase):
     layer_map: list[int] | None = Field(None, description="Teacher layer matched by each student layer; default: the layers it was initialised from.")
     validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of the train split held out to pick the best epoch (0: keep the last).")
     from_labels_only: bool = Field(False, description="Train on labels only (no teacher): the baseline that shows what KD adds.")
+    augment: AugmentConfig | None = Field(
+        None,
+        description="Also train on augmented copies of the training texts (words swapped for their neighbours), "
+        "which learn from the teacher's soft targets alone.",
+    )
+
+    @model_validator(mode="after")
+    def _augment_needs_teacher(self) -> DistillConfig:
+        if self.augment is not None and self.from_labels_only:
+            raise ValueError("augment: augmented texts have no labels, so they need the teacher (from_labels_only is true)")
+        return self
 
 
 def build_student(teacher_dir: str | Path, shape: StudentShape):
@@ -156,7 +168,8 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         raise ModelError(f"distill: the teacher must be a PyTorch variant, {parent.id} is {parent.format}")
     depth = AutoConfig.from_pretrained(parent.path).num_hidden_layers
     token = shape.token(depth)
-    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students")}
+    # augment only when set: students made before it existed keep their ids
+    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *(["augment"] if cfg.augment is None else []))}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
     if done := finished(child):
         return done
@@ -178,6 +191,13 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     texts = [train_split.texts[i] for i in fit]
     labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
     targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
+    if cfg.augment is not None:
+        neighbours = word_neighbours(teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours)
+        copies = augment_texts(texts, neighbours, cfg.augment, ctx.seed)
+        log.info("augmented: %d copies of %d texts (%d words have neighbours)", len(copies), len(texts), len(neighbours))
+        targets = np.concatenate([targets, teacher_logits(parent.path, copies, ctx.max_length, cache_dir)])
+        labels = labels + [UNLABELLED] * len(copies) if labels is not None else None
+        texts = texts + copies
     validation, val_truth = held_out_truth(train_split, held_out, parent.path, ctx.max_length, cache_dir)
 
     def evaluate() -> float:

@@ -22,6 +22,8 @@ log = logging.getLogger("squeezeflow.training")
 
 # loss_fn(model_outputs, batch) -> scalar loss; the default is cross-entropy on the batch labels.
 LossFn = Callable[[object, dict[str, "torch.Tensor"]], "torch.Tensor"]
+# The label of a training text that has none of its own (an augmented copy): the KD loss gives it the soft term only.
+UNLABELLED = -100
 
 
 class TrainConfig(StrictModel):
@@ -221,7 +223,9 @@ def train(
 
 def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_weight: float):
     """Hinton distillation: soft_weight · T² · KL(teacher_T ‖ student_T) + (1 − soft_weight) · CE(labels).
-    The T² factor keeps the soft term's gradients on the scale of the hard term's as T grows."""
+    The T² factor keeps the soft term's gradients on the scale of the hard term's as T grows. Rows labelled
+    UNLABELLED (augmented texts) learn from the soft term alone, as a batch without labels does."""
+    import torch
     import torch.nn.functional as F
 
     # autocast leaves log_softmax in bf16, which would blur the soft targets
@@ -229,10 +233,11 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="batchmean",
+        reduction="none",
         log_target=True,
-    ) * temperature**2
+    ).sum(-1) * temperature**2
     if soft_weight >= 1.0 or labels is None:
-        return soft
-    hard = F.cross_entropy(student_logits, labels)
-    return soft_weight * soft + (1.0 - soft_weight) * hard
+        return soft.mean()
+    labelled = labels != UNLABELLED
+    hard = F.cross_entropy(student_logits, labels, ignore_index=UNLABELLED, reduction="none")
+    return torch.where(labelled, soft_weight * soft + (1.0 - soft_weight) * hard, soft).mean()

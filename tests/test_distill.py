@@ -12,6 +12,8 @@ from squeezeflow.tasks.runtime import load_predictor
 from squeezeflow.tasks.training import TrainConfig, kd_loss
 from squeezeflow.tasks.variant import StageContext
 
+from .conftest import FILLER, NEGATIVE, POSITIVE, write_tsv
+
 
 
 def test_kd_loss_scales_soft_term_by_t_squared():
@@ -35,6 +37,17 @@ def test_kd_loss_is_pure_cross_entropy_when_soft_weight_is_zero():
 def test_kd_loss_is_zero_when_student_matches_teacher():
     logits = torch.randn(4, 3)
     assert kd_loss(logits, logits, None, temperature=2.0, soft_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_loss_gives_unlabelled_rows_the_soft_term_alone():
+    from squeezeflow.tasks.training import UNLABELLED
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(6, 2), torch.randn(6, 2)
+    labels = torch.tensor([0, UNLABELLED, 1, 1, UNLABELLED, 0])
+    rows = [kd_loss(student[i : i + 1], teacher[i : i + 1], labels[i : i + 1] if labels[i] != UNLABELLED else None,
+                    temperature=2.0, soft_weight=0.3) for i in range(6)]
+    assert kd_loss(student, teacher, labels, temperature=2.0, soft_weight=0.3).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
 
 
 def test_evenly_spaced_and_explicit_layers():
@@ -201,3 +214,61 @@ def test_training_learns_the_known_answer_in_either_precision(tiny_model_dir, pr
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
     truth = np.array([y for _, y in held])
     assert accuracy_on(model, tokenizer, [t for t, _ in held], truth, 32) >= 0.9
+
+
+def test_word_neighbours_are_the_nearest_whole_words_by_embedding_cosine(trained_tiny):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from squeezeflow.tasks.augment import word_neighbours
+
+    teacher, _ = trained_tiny
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(teacher.path), AutoTokenizer.from_pretrained(teacher.path)
+    found = word_neighbours(model, tokenizer, {"good", "Movie", "a", "xylophone", "!"}, k=3)
+    assert set(found) == {"good", "Movie"}  # one-letter, unknown and non-alphabetic words are never swapped
+    table = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach(), dim=-1)
+    vocab = tokenizer.get_vocab()
+    candidates = [w for w in vocab if len(w) >= 2 and w.isalpha() and w != "good"]
+    by_cosine = sorted(candidates, key=lambda w: -(table[vocab[w]] @ table[vocab["good"]]).item())
+    assert found["good"] == by_cosine[:3]
+    assert "movie" not in found["Movie"] and len(found["Movie"]) == 3
+
+
+def test_augmented_copies_swap_words_for_their_neighbours_seeded():
+    from squeezeflow.tasks.augment import AugmentConfig, augment_texts
+
+    half = augment_texts(["good movie", "a"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=0.5), seed=3)
+    assert set(half) == {"great movie"} and 3 <= len(half) <= 17  # unchanged copies are dropped
+    assert augment_texts(["good movie", "a"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=0.5), seed=3) == half
+    assert len(augment_texts(["good movie"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=1.0), seed=3)) == 20
+
+
+def test_augmented_distillation_teaches_the_student_words_its_data_lacks(trained_tiny, tmp_path):
+    """The student starts from scratch (a smaller width) and its training texts hold only "good" and "bad";
+    the copies swap in the other sentiment words, and the teacher, which knows them all, labels the copies."""
+    teacher, data = trained_tiny
+    rng = np.random.default_rng(0)
+    narrow = [(" ".join(rng.choice(FILLER, 4)) + (" good" if i % 2 else " bad"), i % 2) for i in range(240)]
+    unseen = [(" ".join(rng.choice(FILLER, 4)) + " " + rng.choice(POSITIVE[1:] if i % 2 else NEGATIVE[1:]), i % 2) for i in range(60)]
+    narrow_data = DataConfig(train=write_tsv(tmp_path / "narrow.tsv", narrow), eval=write_tsv(tmp_path / "unseen.tsv", unseen))
+    ctx = StageContext(data=narrow_data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
+    shape = StudentShape(num_layers=1, hidden_size=16)
+
+    def accuracy_on_unseen_words(**augment):
+        cfg = DistillConfig(
+            students=[shape], soft_weight=0.5, validation_fraction=0.0, augment=augment or None,
+            training=TrainConfig(epochs=8, learning_rate=3e-3, batch_size=16),
+        )
+        student = distill(teacher, shape, cfg, ctx, tmp_path / "variants")
+        return student, (load_predictor(student.path, "hf").logits([t for t, _ in unseen]).argmax(-1) == [y for _, y in unseen]).mean()
+
+    plain, plain_accuracy = accuracy_on_unseen_words()
+    augmented, augmented_accuracy = accuracy_on_unseen_words(copies=4, replace_prob=0.5, neighbours=30)
+    assert "augment" not in plain.params
+    assert augmented.params["augment"] == {"copies": 4, "replace_prob": 0.5, "neighbours": 30}
+    assert augmented.metrics["distill_train_steps"] > 3 * plain.metrics["distill_train_steps"]
+    assert plain_accuracy <= 0.75 and augmented_accuracy >= 0.9, (plain_accuracy, augmented_accuracy)
+
+
+def test_augmented_texts_need_the_teacher():
+    with pytest.raises(ValueError, match="augment: augmented texts have no labels"):
+        DistillConfig(students=[StudentShape(num_layers=1)], from_labels_only=True, augment={"copies": 1})
