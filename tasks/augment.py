@@ -25,15 +25,14 @@ def word_neighbours(model, tokenizer, words: set[str], k: int) -> dict[str, list
 
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     pool = [i for i, piece in enumerate(vocab) if len(piece) >= 2 and piece.isalpha()]
-    pooled = set(pool)
+    row_of = {vocab_id: row for row, vocab_id in enumerate(pool)}
     ordered = sorted(words)
     pieces = tokenizer(ordered, add_special_tokens=False)["input_ids"]
-    queries = [(word, ids[0]) for word, ids in zip(ordered, pieces) if len(ids) == 1 and ids[0] in pooled]
+    queries = [(word, ids[0]) for word, ids in zip(ordered, pieces) if len(ids) == 1 and ids[0] in row_of]
     if not queries:
         return {}
     with torch.no_grad():
         table = torch.nn.functional.normalize(model.get_input_embeddings().weight.float()[pool], dim=-1)
-        row_of = {vocab_id: row for row, vocab_id in enumerate(pool)}
         found: dict[str, list[str]] = {}
         for start in range(0, len(queries), 2048):
             chunk = queries[start : start + 2048]

@@ -9,11 +9,10 @@ from squeezeflow.tasks.data import DataConfig, load_splits
 from squeezeflow.tasks.distill import DistillConfig, StudentShape, build_student, distill
 from squeezeflow.tasks.export import ExportConfig, export
 from squeezeflow.tasks.runtime import load_predictor
-from squeezeflow.tasks.training import TrainConfig, kd_loss
+from squeezeflow.tasks.training import UNLABELLED, TrainConfig, kd_loss
 from squeezeflow.tasks.variant import StageContext
 
 from .conftest import FILLER, NEGATIVE, POSITIVE, write_tsv
-
 
 
 def test_kd_loss_scales_soft_term_by_t_squared():
@@ -40,8 +39,6 @@ def test_kd_loss_is_zero_when_student_matches_teacher():
 
 
 def test_kd_loss_gives_unlabelled_rows_the_soft_term_alone():
-    from squeezeflow.tasks.training import UNLABELLED
-
     torch.manual_seed(1)
     student, teacher = torch.randn(6, 2), torch.randn(6, 2)
     labels = torch.tensor([0, UNLABELLED, 1, 1, UNLABELLED, 0])
