@@ -147,6 +147,40 @@ def test_born_again_teacher_is_a_second_fine_tune_that_agrees_with_the_first(tin
     assert (second == np.asarray(eval_.labels)).mean() >= 0.9 and (second == first).mean() >= 0.9
 
 
+def test_soup_teacher_is_the_average_of_copies_fine_tuned_with_successive_seeds(tiny_model_dir, trained_tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
+
+    plain, data = trained_tiny  # seed 7: the soup's first copy
+    model_cfg, recipe = ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32), dict(epochs=6, learning_rate=3e-3, batch_size=16)
+    second = make_teacher(model_cfg, TeacherConfig(**recipe), data, tmp_path / "second", seed=8)
+    soup = make_teacher(model_cfg, TeacherConfig(**recipe, soup=2), data, tmp_path / "soup", seed=7)
+    assert "soup" not in plain.params and soup.params["soup"] == 2 and soup.id != plain.id
+    assert soup.metrics["copy1_train_steps"] == soup.metrics["copy2_train_steps"] == plain.metrics["train_steps"]
+    assert soup.metrics["train_seconds"] == pytest.approx(soup.metrics["copy1_train_seconds"] + soup.metrics["copy2_train_seconds"])
+    weights = [load_file(f"{v.path}/model.safetensors") for v in (plain, second, soup)]
+    assert not torch.allclose(weights[0]["classifier.weight"], weights[1]["classifier.weight"])  # two different copies
+    for key, averaged in weights[2].items():
+        # a key bias shifts every attention score of a query equally, so its gradient is rounding noise, which Adam
+        # scales up to full steps: those biases differ from run to run and carry no meaning
+        if not key.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(averaged, (weights[0][key] + weights[1][key]) / 2, atol=1e-6, rtol=1e-5, msg=key)
+    _, eval_ = load_splits(data, 2)
+    assert (load_predictor(soup.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
+
+
+def test_soup_is_a_config_error_with_born_again_or_without_fine_tuning():
+    from pydantic import ValidationError
+
+    from squeezeflow.tasks.teacher import BornAgainConfig, TeacherConfig
+
+    with pytest.raises(ValidationError, match="soup: give either soup .* or born_again"):
+        TeacherConfig(soup=3, born_again=BornAgainConfig())
+    with pytest.raises(ValidationError, match="soup: averaging fine-tuned copies needs finetune: true"):
+        TeacherConfig(soup=2, finetune=False)
+
+
 def test_born_again_teacher_learns_what_the_first_fine_tune_says(tiny_model_dir, trained_tiny, tmp_path, monkeypatch):
     import squeezeflow.tasks.teacher as teacher_module
 
