@@ -3,6 +3,7 @@ teacher's soft targets (+ labels, + optional hidden-state and attention matching
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,7 +17,10 @@ from pydantic import Field, model_validator
 from .augment import AugmentConfig, augment_texts, word_neighbours
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
-from .training import UNLABELLED, TrainConfig, accuracy_on, cross_entropy, held_out_split, kd_loss, predict_logits, sample_indices, train
+from .training import (
+    UNLABELLED, TrainConfig, accuracy_on, average_weights, cross_entropy, held_out_split, kd_loss, predict_logits, sample_indices,
+    soup_figures, train,
+)
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
@@ -67,6 +71,11 @@ class DistillConfig(StageBase):
         None,
         description="Also train on augmented copies of the training texts (words swapped for their neighbours), "
         "which learn from the teacher's soft targets alone.",
+    )
+    soup: int = Field(
+        1, ge=1, le=16,
+        description="Train this many copies of each student from the same initial weights, each on the training data in "
+        "another order (seeds seed, seed + 1, …), and make their average weights the student (n× the training time).",
     )
 
     @model_validator(mode="after")
@@ -168,8 +177,9 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         raise ModelError(f"distill: the teacher must be a PyTorch variant, {parent.id} is {parent.format}")
     depth = AutoConfig.from_pretrained(parent.path).num_hidden_layers
     token = shape.token(depth)
-    # augment only when set: students made before it existed keep their ids
-    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *(["augment"] if cfg.augment is None else []))}
+    # augment and soup only when set: students made before they existed keep their ids
+    unset = (["augment"] if cfg.augment is None else []) + (["soup"] if cfg.soup == 1 else [])
+    knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *unset)}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
     if done := finished(child):
         return done
@@ -200,16 +210,26 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         texts = texts + copies
     validation, val_truth = held_out_truth(train_split, held_out, parent.path, ctx.max_length, cache_dir)
 
-    def evaluate() -> float:
-        return accuracy_on(student, tokenizer, validation, val_truth, ctx.max_length)
-
     wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
+    budget = cfg.training.model_copy(update={"max_examples": None})
+
+    def fit(model, seed: int) -> dict[str, float]:
+        return train(
+            model, tokenizer, texts, labels, budget, max_length=ctx.max_length, seed=seed,
+            loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
+            evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if held_out else None,
+        )
+
     log.info("distilling %s from %s on %d examples (%d held out)", token, parent.id, len(texts), len(validation))
-    figures = train(
-        student, tokenizer, texts, labels, cfg.training.model_copy(update={"max_examples": None}), max_length=ctx.max_length, seed=ctx.seed,
-        loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
-        evaluate=evaluate if held_out else None,
-    )
+    initial = copy.deepcopy(student) if cfg.soup > 1 else None
+    figures, others = [fit(student, ctx.seed)], []
+    for i in range(1, cfg.soup):
+        log.info("soup: distilling copy %d of %d (seed %d)", i + 1, cfg.soup, ctx.seed + i)
+        others.append(copy.deepcopy(initial))
+        figures.append(fit(others[-1], ctx.seed + i))
+    if others:
+        average_weights(student, others)
+    figures = soup_figures(figures) if others else figures[0]
     return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
 
 

@@ -10,7 +10,9 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, load_splits
-from .training import TrainConfig, kd_loss, predict_logits, sample_indices, seed_everything, train
+from .training import (
+    TrainConfig, average_weights, kd_loss, predict_logits, sample_indices, seed_everything, soup_figures, train,
+)
 from .variant import Variant, file_fingerprint, finished, save_hf_variant, variant_id
 
 log = logging.getLogger("squeezeflow.teacher")
@@ -162,23 +164,16 @@ def fine_tune_born_again(first, tokenizer, split, model_cfg: ModelConfig, teache
 
 def fine_tune_soup(first, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, label_names, seed: int, first_metrics: dict):
     """`teacher_cfg.soup - 1` more copies fine-tuned from the source weights with seeds seed + 1, …; `first` (seed `seed`)
-    becomes the average of all their weights. Copies from one starting point stay in one basin of the loss, so their
-    average is a model in its own right (on SST-2 it was right more often than any copy alone).
-    Returns (first, each copy's figures and the total training time)."""
-    averaged = {k: v.detach().clone() for k, v in first.state_dict().items() if v.is_floating_point()}
-    metrics = {f"copy1_{k}": v for k, v in first_metrics.items()}
+    becomes the average of all their weights. Returns (first, each copy's figures and the total training time)."""
+    copies, figures = [], [first_metrics]
     for i in range(1, teacher_cfg.soup):
         seed_everything(seed + i)  # as make_teacher with this seed: the new head's initial weights too
         copy, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
         log.info("soup: fine-tuning copy %d of %d (seed %d)", i + 1, teacher_cfg.soup, seed + i)
-        figures = train(copy, tokenizer, split.texts, split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed + i)
-        metrics |= {f"copy{i + 1}_{k}": v for k, v in figures.items()}
-        for key, value in copy.state_dict().items():
-            if key in averaged:
-                averaged[key] += value
-    first.load_state_dict({k: v / teacher_cfg.soup for k, v in averaged.items()}, strict=False)
-    metrics["train_seconds"] = sum(v for k, v in metrics.items() if k.endswith("_train_seconds"))
-    return first, metrics
+        figures.append(train(copy, tokenizer, split.texts, split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed + i))
+        copies.append(copy)
+    average_weights(first, copies)
+    return first, soup_figures(figures)
 
 
 def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:

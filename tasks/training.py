@@ -221,6 +221,23 @@ def train(
             "train_bf16": float(bf16)}
 
 
+def average_weights(into: torch.nn.Module, others: list[torch.nn.Module]) -> None:
+    """Sets `into`'s floating-point weights to the mean of its own and those of `others` (same architecture): a uniform
+    model soup. Copies fine-tuned from one starting point stay in one basin of the loss, so their mean is a model too."""
+    total = {k: v.detach().clone() for k, v in into.state_dict().items() if v.is_floating_point()}
+    for other in others:
+        for key, value in other.state_dict().items():
+            if key in total:
+                total[key] += value
+    into.load_state_dict({k: v / (1 + len(others)) for k, v in total.items()}, strict=False)
+
+
+def soup_figures(per_copy: list[dict[str, float]]) -> dict[str, float]:
+    """The figures of the copies in a soup, as copy1_…, copy2_…, and their total training time as train_seconds."""
+    figures = {f"copy{i}_{k}": v for i, one in enumerate(per_copy, 1) for k, v in one.items()}
+    return figures | {"train_seconds": sum(one["train_seconds"] for one in per_copy)}
+
+
 def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_weight: float):
     """Hinton distillation: soft_weight · T² · KL(teacher_T ‖ student_T) + (1 − soft_weight) · CE(labels).
     The T² factor keeps the soft term's gradients on the scale of the hard term's as T grows. Rows labelled

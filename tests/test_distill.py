@@ -112,6 +112,33 @@ def test_teacher_logits_are_cached_in_the_order_of_the_texts(distilled, tmp_path
     assert len(list(tmp_path.glob("teacher-logits-*.npy"))) == 1
 
 
+def assert_weights_are_the_mean(soup_dir, copy_dirs):
+    from safetensors.torch import load_file
+
+    copies = [load_file(f"{d}/model.safetensors") for d in copy_dirs]
+    assert not torch.allclose(copies[0]["classifier.weight"], copies[1]["classifier.weight"])  # the copies differ
+    for key, averaged in load_file(f"{soup_dir}/model.safetensors").items():
+        # a key bias shifts every attention score of a query equally, so its gradient is rounding noise, which Adam
+        # scales up to full steps: those biases differ from run to run and carry no meaning
+        if not key.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(averaged, sum(c[key] for c in copies) / len(copies), atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_student_soup_is_the_average_of_students_trained_in_other_orders(trained_tiny, tmp_path):
+    teacher, data = trained_tiny
+    cfg = DistillConfig(students=[StudentShape(num_layers=1)], validation_fraction=0.0,
+                        training=TrainConfig(epochs=2, learning_rate=3e-3, batch_size=16))
+    made = {}
+    for name, seed, soup in (("first", 7, 1), ("second", 8, 1), ("soup", 7, 2)):
+        ctx = StageContext(data=data, num_labels=2, max_length=32, seed=seed, teacher=teacher, cache_dir=tmp_path / "cache")
+        made[name] = distill(teacher, cfg.students[0], cfg.model_copy(update={"soup": soup}), ctx, tmp_path / name)
+    assert "soup" not in made["first"].params and made["soup"].params["soup"] == 2
+    assert made["soup"].metrics["distill_copy2_train_steps"] == made["second"].metrics["distill_train_steps"]
+    assert_weights_are_the_mean(made["soup"].path, [made["first"].path, made["second"].path])
+    _, eval_ = load_splits(data, 2)
+    assert (load_predictor(made["soup"].path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
+
+
 def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path):
     teacher, data = trained_tiny
     texts = load_splits(data, 2)[0].texts
@@ -148,8 +175,6 @@ def test_born_again_teacher_is_a_second_fine_tune_that_agrees_with_the_first(tin
 
 
 def test_soup_teacher_is_the_average_of_copies_fine_tuned_with_successive_seeds(tiny_model_dir, trained_tiny, tmp_path):
-    from safetensors.torch import load_file
-
     from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
 
     plain, data = trained_tiny  # seed 7: the soup's first copy
@@ -159,13 +184,7 @@ def test_soup_teacher_is_the_average_of_copies_fine_tuned_with_successive_seeds(
     assert "soup" not in plain.params and soup.params["soup"] == 2 and soup.id != plain.id
     assert soup.metrics["copy1_train_steps"] == soup.metrics["copy2_train_steps"] == plain.metrics["train_steps"]
     assert soup.metrics["train_seconds"] == pytest.approx(soup.metrics["copy1_train_seconds"] + soup.metrics["copy2_train_seconds"])
-    weights = [load_file(f"{v.path}/model.safetensors") for v in (plain, second, soup)]
-    assert not torch.allclose(weights[0]["classifier.weight"], weights[1]["classifier.weight"])  # two different copies
-    for key, averaged in weights[2].items():
-        # a key bias shifts every attention score of a query equally, so its gradient is rounding noise, which Adam
-        # scales up to full steps: those biases differ from run to run and carry no meaning
-        if not key.endswith("attention.self.key.bias"):
-            torch.testing.assert_close(averaged, (weights[0][key] + weights[1][key]) / 2, atol=1e-6, rtol=1e-5, msg=key)
+    assert_weights_are_the_mean(soup.path, [plain.path, second.path])
     _, eval_ = load_splits(data, 2)
     assert (load_predictor(soup.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
 
