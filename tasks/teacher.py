@@ -57,7 +57,7 @@ class TeacherConfig(TrainConfig):
     )
 
     @model_validator(mode="after")
-    def _one_way_to_fine_tune_twice(self) -> TeacherConfig:
+    def _soup_fits_the_rest(self) -> TeacherConfig:
         if self.soup > 1 and self.born_again is not None:
             raise ValueError("soup: give either soup (copies averaged) or born_again (a second copy taught by the first), not both")
         if self.soup > 1 and not self.finetune:
