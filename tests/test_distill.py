@@ -174,6 +174,17 @@ def test_born_again_teacher_is_a_second_fine_tune_that_agrees_with_the_first(tin
     assert (second == np.asarray(eval_.labels)).mean() >= 0.9 and (second == first).mean() >= 0.9
 
 
+def test_born_again_teacher_learns_what_the_first_fine_tune_says(tiny_model_dir, trained_tiny, tmp_path, monkeypatch):
+    import squeezeflow.tasks.teacher as teacher_module
+
+    real = teacher_module.predict_logits
+    monkeypatch.setattr(teacher_module, "predict_logits", lambda *args: -real(*args))  # a first fine-tune that says the opposite
+    _, data = trained_tiny
+    born = born_again_teacher(tiny_model_dir, data, tmp_path, soft_weight=1.0)  # soft targets only: the labels carry no weight
+    _, eval_ = load_splits(data, 2)
+    assert (load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() <= 0.1
+
+
 def test_soup_teacher_is_the_average_of_copies_fine_tuned_with_successive_seeds(tiny_model_dir, trained_tiny, tmp_path):
     from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
 
@@ -198,17 +209,6 @@ def test_soup_is_a_config_error_with_born_again_or_without_fine_tuning():
         TeacherConfig(soup=3, born_again=BornAgainConfig())
     with pytest.raises(ValidationError, match="soup: averaging fine-tuned copies needs finetune: true"):
         TeacherConfig(soup=2, finetune=False)
-
-
-def test_born_again_teacher_learns_what_the_first_fine_tune_says(tiny_model_dir, trained_tiny, tmp_path, monkeypatch):
-    import squeezeflow.tasks.teacher as teacher_module
-
-    real = teacher_module.predict_logits
-    monkeypatch.setattr(teacher_module, "predict_logits", lambda *args: -real(*args))  # a first fine-tune that says the opposite
-    _, data = trained_tiny
-    born = born_again_teacher(tiny_model_dir, data, tmp_path, soft_weight=1.0)  # soft targets only: the labels carry no weight
-    _, eval_ = load_splits(data, 2)
-    assert (load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() <= 0.1
 
 
 def test_hidden_and_attention_losses_train(trained_tiny, tmp_path):
