@@ -62,8 +62,12 @@ class DistillConfig(StageBase):
     training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=1e-4, batch_size=32))
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft targets (the loss is scaled by T²).")
     soft_weight: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target KL; 1 − this goes to the label cross-entropy.")
-    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE (student layer i vs its teacher layer).")
-    attention_weight: float = Field(0.0, ge=0, description="Weight of the attention-distribution KL (same layer map, same head count).")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE (student layer i vs its teacher layer, per real token).")
+    attention_weight: float = Field(
+        0.0, ge=0,
+        description="Weight of the attention-distribution KL (same layer map, same head count; per head and real token). "
+        "The student then trains with attention dropout off.",
+    )
     layer_map: list[int] | None = Field(None, description="Teacher layer matched by each student layer; default: the layers it was initialised from.")
     validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of the train split held out to pick the best epoch (0: keep the last).")
     from_labels_only: bool = Field(False, description="Train on labels only (no teacher): the baseline that shows what KD adds.")
@@ -85,12 +89,15 @@ class DistillConfig(StageBase):
         return self
 
 
-def build_student(teacher_dir: str | Path, shape: StudentShape):
-    """A BERT-family classifier with the student's shape, initialised from the teacher where shapes agree."""
+def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dropout: float | None = None):
+    """A BERT-family classifier with the student's shape, initialised from the teacher where shapes agree.
+    `attention_dropout` replaces the teacher's attention-probability dropout in the student."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     config = AutoConfig.from_pretrained(teacher_dir)
+    if attention_dropout is not None:
+        config.attention_probs_dropout_prob = attention_dropout
     depth = config.num_hidden_layers
     chosen = shape.teacher_layers(depth)
     config.num_hidden_layers = len(chosen)
@@ -143,9 +150,28 @@ def held_out_truth(split, held_out: list[int], teacher_dir: str | Path, max_leng
     return texts, teacher_logits(teacher_dir, texts, max_length, cache_dir).argmax(-1)
 
 
+def layer_matching_loss(student_out, teacher_out, attention_mask, layer_map: list[int], *, hidden_weight: float, attention_weight: float):
+    """TinyBERT/MiniLM-style terms for each student layer and its teacher layer: the MSE between their hidden states
+    and the KL from the teacher's attention distributions to the student's, both averaged over the real (not padding)
+    tokens, and the KL over heads too. A padding position's attention row is ignored: it attends to nothing real."""
+    import torch.nn.functional as F
+
+    mask = attention_mask.float()
+    tokens = mask.sum()
+    total = 0.0
+    for s_index, t_index in enumerate(layer_map):
+        if hidden_weight:
+            diff = (student_out.hidden_states[s_index + 1].float() - teacher_out.hidden_states[t_index + 1].float()) ** 2
+            total = total + hidden_weight * (diff.mean(-1) * mask).sum() / tokens
+        if attention_weight:
+            s_att, t_att = student_out.attentions[s_index].float(), teacher_out.attentions[t_index].float()
+            kl = F.kl_div(s_att.clamp_min(1e-9).log(), t_att, reduction="none").sum(-1)  # per head and query
+            total = total + attention_weight * (kl.mean(1) * mask).sum() / tokens
+    return total
+
+
 def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
     import torch
-    import torch.nn.functional as F
 
     def loss(outputs, batch):
         if cfg.from_labels_only:
@@ -155,16 +181,9 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=True, output_attentions=bool(cfg.attention_weight))
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            for s_index, t_index in enumerate(layer_map):
-                if cfg.hidden_weight:
-                    diff = (outputs.hidden_states[s_index + 1].float() - t_out.hidden_states[t_index + 1].float()) ** 2
-                    total = total + cfg.hidden_weight * (diff * mask).sum() / (mask.sum() * diff.shape[-1])
-                if cfg.attention_weight:
-                    s_att, t_att = outputs.attentions[s_index], t_out.attentions[t_index]
-                    total = total + cfg.attention_weight * F.kl_div(
-                        torch.log(s_att.float().clamp_min(1e-9)), t_att.float(), reduction="batchmean"
-                    ) / s_att.shape[1]
+            total = total + layer_matching_loss(
+                outputs, t_out, batch["attention_mask"], layer_map, hidden_weight=cfg.hidden_weight, attention_weight=cfg.attention_weight,
+            )
         return total
 
     return loss
@@ -187,7 +206,8 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     train_split, _ = load_splits(ctx.data, ctx.num_labels)
     if train_split.labels is None and cfg.from_labels_only:
         raise ModelError("distill.from_labels_only needs a labelled train split")
-    student, teacher, chosen = build_student(parent.path, shape)
+    # the attentions a model returns in training are the ones after dropout, zeros and all: matching them needs it off
+    student, teacher, chosen = build_student(parent.path, shape, attention_dropout=0.0 if cfg.attention_weight else None)
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
     layer_map = cfg.layer_map or chosen
     if len(layer_map) != student.config.num_hidden_layers:
@@ -230,6 +250,8 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     if others:
         average_weights(student, others)
     figures = soup_figures(figures) if others else figures[0]
+    # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
+    student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
     return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
 
 

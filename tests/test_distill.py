@@ -211,15 +211,76 @@ def test_soup_is_a_config_error_with_born_again_or_without_fine_tuning():
         TeacherConfig(soup=2, finetune=False)
 
 
-def test_hidden_and_attention_losses_train(trained_tiny, tmp_path):
+def _layer_outputs(model_dir, texts):
+    """Hidden states and attentions of the model in `model_dir` on `texts` (padded to the longest), in eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
+    batch = AutoTokenizer.from_pretrained(model_dir)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True, output_attentions=True), batch["attention_mask"]
+
+
+def test_layer_matching_loss_is_the_mean_over_real_tokens_and_ignores_padding(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from squeezeflow.tasks.distill import layer_matching_loss
+
+    out, mask = _layer_outputs(tiny_model_dir, [f"{POSITIVE[0]} {FILLER[0]} {FILLER[1]} {FILLER[2]}", NEGATIVE[0]])
+    assert (mask == 0).any()  # the short sentence is padded
+    both = dict(hidden_weight=1.0, attention_weight=1.0)
+    assert layer_matching_loss(out, out, mask, [0, 1], **both).item() == pytest.approx(0.0, abs=1e-6)
+
+    # every hidden state of every real token 0.5 off: an MSE of 0.25 per layer
+    shifted = SimpleNamespace(hidden_states=tuple(h + 0.5 for h in out.hidden_states), attentions=out.attentions)
+    assert layer_matching_loss(shifted, out, mask, [0, 1], hidden_weight=1.0, attention_weight=0.0).item() == pytest.approx(0.5)
+
+    # a padding position's attention row may hold anything
+    pad = (mask == 0)[:, None, :, None]
+    garbage = SimpleNamespace(hidden_states=out.hidden_states, attentions=tuple(torch.where(pad, 1.0, a) for a in out.attentions))
+    assert layer_matching_loss(garbage, out, mask, [0, 1], **both).item() == pytest.approx(0.0, abs=1e-6)
+
+    # a student with its own distributions over the real tokens: the KL is the mean over heads and real queries of
+    # KL(teacher || student)
+    torch.manual_seed(0)
+    weights = torch.rand_like(out.attentions[1]) * mask[:, None, None, :]
+    own = weights / weights.sum(-1, keepdim=True)
+    student = SimpleNamespace(hidden_states=out.hidden_states, attentions=(own,))  # one student layer, matched to teacher layer 1
+    t_att = out.attentions[1]
+    per_query = (torch.special.xlogy(t_att, t_att) - torch.special.xlogy(t_att, own)).sum(-1).mean(1)
+    expected = (per_query * mask).sum() / mask.sum()
+    got = layer_matching_loss(student, out, mask, [1], hidden_weight=0.0, attention_weight=1.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4) and expected > 0.05
+
+
+def test_attention_matching_students_train_without_attention_dropout(trained_tiny, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from squeezeflow.tasks.distill import layer_matching_loss
+
     teacher, data = trained_tiny
+    batch = AutoTokenizer.from_pretrained(teacher.path)([f"{POSITIVE[0]} {FILLER[0]}", NEGATIVE[1]], padding=True, return_tensors="pt")
+    kl = {}
+    for dropout in (None, 0.0):
+        # the student is a copy of the whole teacher, so only dropout tells their attentions apart
+        student, teacher_model, chosen = build_student(teacher.path, StudentShape(layers=[0, 1]), attention_dropout=dropout)
+        student.train()
+        torch.manual_seed(0)
+        s_out = student(**batch, output_attentions=True)
+        t_out = teacher_model(**batch, output_attentions=True)
+        kl[dropout] = layer_matching_loss(s_out, t_out, batch["attention_mask"], chosen, hidden_weight=0.0, attention_weight=1.0).item()
+    assert kl[0.0] < 0.05 < kl[None]
+
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
     cfg = DistillConfig(
         students=[StudentShape(layers=[1])], hidden_weight=1.0, attention_weight=1.0,
         training=TrainConfig(epochs=1, learning_rate=1e-3, batch_size=16, max_examples=64),
     )
-    student = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
-    assert np.isfinite(student.metrics["distill_train_loss"])
+    distilled = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
+    assert np.isfinite(distilled.metrics["distill_train_loss"])
+    # the saved student fine-tunes later (QAT, exits) with the teacher's attention dropout
+    saved = AutoConfig.from_pretrained(distilled.path).attention_probs_dropout_prob
+    assert saved == AutoConfig.from_pretrained(teacher.path).attention_probs_dropout_prob > 0
 
 
 def test_length_grouped_batches_cover_every_example_once_with_less_padding():
