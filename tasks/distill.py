@@ -18,8 +18,8 @@ from .augment import AugmentConfig, augment_texts, word_neighbours
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
 from .training import (
-    UNLABELLED, TrainConfig, accuracy_on, average_weights, cross_entropy, held_out_split, kd_loss, predict_logits, sample_indices,
-    soup_figures, train,
+    UNLABELLED, LongTextPass, TrainConfig, accuracy_on, average_weights, cross_entropy, held_out_split, kd_loss, long_text_indices,
+    predict_logits, sample_indices, soup_figures, train,
 )
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
 
@@ -80,6 +80,11 @@ class DistillConfig(StageBase):
         1, ge=1, le=16,
         description="Train this many copies of each student from the same initial weights, each on the training data in "
         "another order (seeds seed, seed + 1, …), and make their average weights the student (n× the training time).",
+    )
+    long_text_pass: LongTextPass | None = Field(
+        None,
+        description="Then train the student once more, gently, on the long training texts only (same loss; augmented "
+        "copies left out): for training sets of short phrases served full sentences.",
     )
 
     @model_validator(mode="after")
@@ -198,6 +203,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     token = shape.token(depth)
     # augment and soup only when set: students made before they existed keep their ids
     unset = (["augment"] if cfg.augment is None else []) + (["soup"] if cfg.soup == 1 else [])
+    unset += ["long_text_pass"] if cfg.long_text_pass is None else []
     knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *unset)}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
     if done := finished(child):
@@ -221,6 +227,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     texts = [train_split.texts[i] for i in fit]
     labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
     targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
+    originals = len(texts)
     if cfg.augment is not None:
         neighbours = word_neighbours(teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours)
         copies = augment_texts(texts, neighbours, cfg.augment, ctx.seed)
@@ -233,10 +240,12 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
     budget = cfg.training.model_copy(update={"max_examples": None})
 
-    def fit(model, seed: int) -> dict[str, float]:
+    def fit(model, seed: int, keep: list[int] | None = None, budget: TrainConfig = budget) -> dict[str, float]:
+        keep = list(range(len(texts))) if keep is None else keep
         return train(
-            model, tokenizer, texts, labels, budget, max_length=ctx.max_length, seed=seed,
-            loss_fn=_loss(cfg, teacher, layer_map), targets=targets, model_kwargs={k: v for k, v in wants.items() if v},
+            model, tokenizer, [texts[i] for i in keep], [labels[i] for i in keep] if labels is not None else None, budget,
+            max_length=ctx.max_length, seed=seed, loss_fn=_loss(cfg, teacher, layer_map),
+            targets=targets[keep] if targets is not None else None, model_kwargs={k: v for k, v in wants.items() if v},
             evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if held_out else None,
         )
 
@@ -250,6 +259,10 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     if others:
         average_weights(student, others)
     figures = soup_figures(figures) if others else figures[0]
+    if cfg.long_text_pass is not None:
+        keep = long_text_indices(texts[:originals], cfg.long_text_pass, "distill.long_text_pass")
+        log.info("long-text pass: %d of the %d training texts have %d+ words", len(keep), originals, cfg.long_text_pass.min_words)
+        figures |= {f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, keep, cfg.long_text_pass).items()}
     # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
     student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
     return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)

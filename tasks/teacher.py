@@ -11,7 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, load_splits
 from .training import (
-    TrainConfig, average_weights, kd_loss, predict_logits, sample_indices, seed_everything, soup_figures, train,
+    LongTextPass, TrainConfig, average_weights, kd_loss, long_text_indices, predict_logits, sample_indices, seed_everything,
+    soup_figures, train,
 )
 from .variant import Variant, file_fingerprint, finished, save_hf_variant, variant_id
 
@@ -54,6 +55,11 @@ class TeacherConfig(TrainConfig):
         1, ge=1, le=16,
         description="Fine-tune this many copies from the source weights, with seeds seed, seed + 1, …, and make their "
         "average weights the teacher (a uniform model soup: one model, so inference costs the same; n× the training time).",
+    )
+    long_text_pass: LongTextPass | None = Field(
+        None,
+        description="Then fine-tune once more, gently, on the long training texts only: for training sets of short "
+        "phrases served full sentences.",
     )
 
     @model_validator(mode="after")
@@ -176,6 +182,19 @@ def fine_tune_soup(first, split, model_cfg: ModelConfig, teacher_cfg: TeacherCon
     return first, soup_figures(figures)
 
 
+def fine_tune_long_texts(model, tokenizer, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, seed: int) -> dict[str, float]:
+    """The teacher's long-text pass: its training examples with enough words, once more at the pass's gentler budget."""
+    sampled = sample_indices(len(split), teacher_cfg.max_examples, seed)
+    texts = [split.texts[i] for i in sampled]
+    keep = long_text_indices(texts, teacher_cfg.long_text_pass, "teacher.long_text_pass")
+    log.info("long-text pass: %d of the %d training texts have %d+ words", len(keep), len(texts), teacher_cfg.long_text_pass.min_words)
+    figures = train(
+        model, tokenizer, [texts[i] for i in keep], [split.labels[sampled[i]] for i in keep], teacher_cfg.long_text_pass,
+        max_length=model_cfg.max_length, seed=seed,
+    )
+    return {f"long_text_pass_{k}": v for k, v in figures.items()}
+
+
 def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
     """Loads (and fine-tunes) the teacher and saves it as the root `hf` variant."""
     where = Path(resolve_source(model_cfg.source))
@@ -189,6 +208,7 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
         # born_again and soup only when set: teachers made before they existed keep their ids
         unset = {"born_again"} if teacher_cfg.born_again is None else set()
         unset |= {"soup"} if teacher_cfg.soup == 1 else set()
+        unset |= {"long_text_pass"} if teacher_cfg.long_text_pass is None else set()
         params |= teacher_cfg.model_dump(exclude={"finetune"} | unset)
         params["data_fingerprint"] = file_fingerprint(data_cfg.path_of("train"))
     vid = variant_id("teacher", params)
@@ -207,6 +227,8 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
             model, metrics = fine_tune_born_again(model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
         elif teacher_cfg.soup > 1:
             model, metrics = fine_tune_soup(model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
+        if teacher_cfg.long_text_pass is not None:
+            metrics |= fine_tune_long_texts(model, tokenizer, train_split, model_cfg, teacher_cfg, seed)
     tokenizer.model_max_length = model_cfg.max_length
     return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 

@@ -12,7 +12,7 @@ from squeezeflow.tasks.runtime import load_predictor
 from squeezeflow.tasks.training import UNLABELLED, TrainConfig, kd_loss
 from squeezeflow.tasks.variant import StageContext
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, write_tsv
+from .conftest import FILLER, NEGATIVE, POSITIVE, sentiment_rows, write_tsv
 
 
 def test_kd_loss_scales_soft_term_by_t_squared():
@@ -383,3 +383,54 @@ def test_augmented_distillation_teaches_the_student_words_its_data_lacks(trained
 def test_augmented_texts_need_the_teacher():
     with pytest.raises(ValueError, match="augment: augmented texts have no labels"):
         DistillConfig(students=[StudentShape(num_layers=1)], from_labels_only=True, augment={"copies": 1})
+
+
+def long_flipped_data(root) -> tuple[DataConfig, list[tuple[str, int]]]:
+    """Training rows of 6 words with their true labels and rows of 10 words with the opposite ones, and the eval rows
+    (6 words, true labels): a pass over the long rows alone must learn the opposite rule."""
+    short = sentiment_rows(120, seed=1)
+    rng = np.random.default_rng(3)
+    long = [(text + " " + " ".join(rng.choice(FILLER, 4)), 1 - label) for text, label in sentiment_rows(120, seed=4)]
+    eval_rows = sentiment_rows(60, seed=2)
+    return DataConfig(train=write_tsv(root / "train.tsv", short + long), eval=write_tsv(root / "eval.tsv", eval_rows)), eval_rows
+
+
+def accuracy_of(variant, rows) -> float:
+    return float((load_predictor(variant.path, "hf").logits([t for t, _ in rows]).argmax(-1) == [y for _, y in rows]).mean())
+
+
+def test_long_text_pass_trains_the_student_on_the_long_texts_alone(trained_tiny, tmp_path):
+    from squeezeflow.tasks.base import DataError
+    from squeezeflow.tasks.training import LongTextPass
+
+    teacher, _ = trained_tiny  # it knows the true rule, and the student starts from its layers
+    data, eval_rows = long_flipped_data(tmp_path)
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
+    shape = StudentShape(num_layers=1)
+    cfg = DistillConfig(students=[shape], from_labels_only=True, validation_fraction=0.0,
+                        training=TrainConfig(epochs=0.05, learning_rate=1e-5, batch_size=16))  # one step: the pass decides
+    plain = distill(teacher, shape, cfg, ctx, tmp_path / "variants")
+    pass_cfg = LongTextPass(min_words=8, epochs=8, learning_rate=3e-3, batch_size=16)
+    passed = distill(teacher, shape, cfg.model_copy(update={"long_text_pass": pass_cfg}), ctx, tmp_path / "variants")
+    assert "long_text_pass" not in plain.params and passed.params["long_text_pass"]["min_words"] == 8
+    assert passed.metrics["distill_long_text_pass_train_steps"] == 8 * 8  # the 120 long rows, 8 batches of 16, 8 times
+    assert accuracy_of(plain, eval_rows) >= 0.9
+    assert accuracy_of(passed, eval_rows) <= 0.1  # the opposite rule: only the long rows were learned from
+    with pytest.raises(DataError, match=r"distill.long_text_pass.min_words: none of the 240 training texts has 11 or more words"):
+        distill(teacher, shape, cfg.model_copy(update={"long_text_pass": LongTextPass(min_words=11)}), ctx, tmp_path / "variants")
+
+
+def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(tiny_model_dir, trained_tiny, tmp_path):
+    from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
+    from squeezeflow.tasks.training import LongTextPass
+
+    plain, _ = trained_tiny
+    data, eval_rows = long_flipped_data(tmp_path)
+    teacher = make_teacher(
+        ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
+        TeacherConfig(epochs=0.05, learning_rate=1e-5, batch_size=16, long_text_pass=LongTextPass(min_words=8, epochs=8, learning_rate=3e-3, batch_size=16)),
+        data, tmp_path / "variants", seed=7,
+    )
+    assert "long_text_pass" not in plain.params and teacher.params["long_text_pass"]["epochs"] == 8
+    assert teacher.metrics["long_text_pass_train_steps"] == 8 * 8 and teacher.metrics["train_steps"] == 1
+    assert accuracy_of(teacher, eval_rows) <= 0.1
