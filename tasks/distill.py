@@ -227,7 +227,8 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     texts = [train_split.texts[i] for i in fit]
     labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
     targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
-    originals = len(texts)
+    # checked before the main training, so that a min_words no text reaches fails at once
+    long_texts = long_text_indices(texts, cfg.long_text_pass, "distill.long_text_pass") if cfg.long_text_pass else None
     if cfg.augment is not None:
         neighbours = word_neighbours(teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours)
         copies = augment_texts(texts, neighbours, cfg.augment, ctx.seed)
@@ -259,10 +260,9 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     if others:
         average_weights(student, others)
     figures = soup_figures(figures) if others else figures[0]
-    if cfg.long_text_pass is not None:
-        keep = long_text_indices(texts[:originals], cfg.long_text_pass, "distill.long_text_pass")
-        log.info("long-text pass: %d of the %d training texts have %d+ words", len(keep), originals, cfg.long_text_pass.min_words)
-        figures |= {f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, keep, cfg.long_text_pass).items()}
+    if long_texts is not None:  # indices among the original texts: augmented copies come after them
+        log.info("long-text pass: %d training texts have %d+ words", len(long_texts), cfg.long_text_pass.min_words)
+        figures |= {f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, long_texts, cfg.long_text_pass).items()}
     # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
     student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
     return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)

@@ -182,17 +182,13 @@ def fine_tune_soup(first, split, model_cfg: ModelConfig, teacher_cfg: TeacherCon
     return first, soup_figures(figures)
 
 
-def fine_tune_long_texts(model, tokenizer, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, seed: int) -> dict[str, float]:
-    """The teacher's long-text pass: its training examples with enough words, once more at the pass's gentler budget."""
+def long_training_texts(split, teacher_cfg: TeacherConfig, seed: int) -> tuple[list[str], list[int]]:
+    """The teacher's training examples (as sampled for its fine-tune) with enough words for its long-text pass."""
     sampled = sample_indices(len(split), teacher_cfg.max_examples, seed)
     texts = [split.texts[i] for i in sampled]
     keep = long_text_indices(texts, teacher_cfg.long_text_pass, "teacher.long_text_pass")
     log.info("long-text pass: %d of the %d training texts have %d+ words", len(keep), len(texts), teacher_cfg.long_text_pass.min_words)
-    figures = train(
-        model, tokenizer, [texts[i] for i in keep], [split.labels[sampled[i]] for i in keep], teacher_cfg.long_text_pass,
-        max_length=model_cfg.max_length, seed=seed,
-    )
-    return {f"long_text_pass_{k}": v for k, v in figures.items()}
+    return [texts[i] for i in keep], [split.labels[sampled[i]] for i in keep]
 
 
 def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
@@ -221,14 +217,17 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
     metrics: dict[str, float] = {}
     if teacher_cfg.finetune:
         train_split, _ = load_splits(data_cfg, model_cfg.num_labels)
+        # picked before fine-tuning, so that a min_words no text reaches fails at once
+        long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
         log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
         metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
         if teacher_cfg.born_again:
             model, metrics = fine_tune_born_again(model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
         elif teacher_cfg.soup > 1:
             model, metrics = fine_tune_soup(model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
-        if teacher_cfg.long_text_pass is not None:
-            metrics |= fine_tune_long_texts(model, tokenizer, train_split, model_cfg, teacher_cfg, seed)
+        if long_texts is not None:
+            figures = train(model, tokenizer, *long_texts, teacher_cfg.long_text_pass, max_length=model_cfg.max_length, seed=seed)
+            metrics |= {f"long_text_pass_{k}": v for k, v in figures.items()}
     tokenizer.model_max_length = model_cfg.max_length
     return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 

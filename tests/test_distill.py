@@ -420,7 +420,9 @@ def test_long_text_pass_trains_the_student_on_the_long_texts_alone(trained_tiny,
         distill(teacher, shape, cfg.model_copy(update={"long_text_pass": LongTextPass(min_words=11)}), ctx, tmp_path / "variants")
 
 
-def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(tiny_model_dir, trained_tiny, tmp_path):
+def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(tiny_model_dir, trained_tiny, tmp_path, monkeypatch):
+    import squeezeflow.tasks.teacher as teacher_module
+    from squeezeflow.tasks.base import DataError
     from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
     from squeezeflow.tasks.training import LongTextPass
 
@@ -434,3 +436,8 @@ def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(tiny_mode
     assert "long_text_pass" not in plain.params and teacher.params["long_text_pass"]["epochs"] == 8
     assert teacher.metrics["long_text_pass_train_steps"] == 8 * 8 and teacher.metrics["train_steps"] == 1
     assert accuracy_of(teacher, eval_rows) <= 0.1
+    monkeypatch.setattr(teacher_module, "train", lambda *args, **kwargs: pytest.fail("trained before the check"))
+    with pytest.raises(DataError, match=r"teacher.long_text_pass.min_words: none of the 240 training texts has 11 or more words"):
+        make_teacher(ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
+                     TeacherConfig(long_text_pass=LongTextPass(min_words=11)), data, tmp_path / "none", seed=7)
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
