@@ -42,7 +42,7 @@ def preflight(cfg) -> None:
     from squeezeflow.tasks.data import load_splits
     from squeezeflow.tasks.teacher import check_model_source
 
-    train, _ = load_splits(cfg.data, cfg.model.num_labels)
+    train = load_splits(cfg.data, cfg.model.num_labels).train
     for stage in cfg.stages:
         if hasattr(stage, "preflight"):
             stage.preflight(len(train))
@@ -70,14 +70,15 @@ def checked_config(path: Path, overrides: list[str] | None):
 
 def variants_table(result: dict) -> Table:
     table = Table(title=f"variants (champion: {result['champion']})")
-    for column in ("id", "lineage", "accuracy", "p50 ms", "size MB", "speedup"):
+    for column in ("id", "lineage", "val acc", "eval acc [95 % CI]", "p50 ms", "size MB", "speedup"):
         table.add_column(column, justify="left" if column in ("id", "lineage") else "right", no_wrap=True)
     for v in result["variants"]:
         m = v["metrics"]
         star = "★ " if v["id"] == result["champion"] else ""
+        interval = f" [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]" if "accuracy_ci_low" in m else ""
         table.add_row(
-            star + v["id"], v["lineage"], f"{m['accuracy']:.4f}", f"{m['latency_p50_ms']:.2f}",
-            f"{m['size_mb']:.1f}", f"{m['speedup']:.2f}×",
+            star + v["id"], v["lineage"], f"{m['val_accuracy']:.4f}" if "val_accuracy" in m else "", f"{m['accuracy']:.4f}{interval}",
+            f"{m['latency_p50_ms']:.2f}", f"{m['size_mb']:.1f}", f"{m['speedup']:.2f}×",
         )
     return table
 

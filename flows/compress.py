@@ -21,7 +21,7 @@ from squeezeflow.flows.config import RunnerConfig, SqueezeConfig, StageConfig, d
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.distill import distill_task
 from squeezeflow.tasks.early_exit import early_exit_task
-from squeezeflow.tasks.evaluate import benchmark_task
+from squeezeflow.tasks.evaluate import benchmark_task, cpu_flags
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.prune import prune_task
 from squeezeflow.tasks.quantize import EXIT_MODES
@@ -165,7 +165,8 @@ def compress(config: SqueezeConfig) -> dict:
     experiment_id = use_experiment(tracking_uri(cfg.tracking, cfg.artifacts_dir), cfg.experiment, cfg.artifacts_dir)
     for run_id in close_abandoned_runs(MlflowClient(), experiment_id):
         logger.warning("marked run %s KILLED: the process that ran it is gone", run_id)
-    tags = {"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid())}
+    tags = {"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid()),
+            "squeeze.cpu_flags": cpu_flags()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags=tags) as run:
         mlflow.log_text(dump_config(cfg), "config.yaml")
         counts = check_data_task(cfg.data, cfg.model.num_labels)
@@ -194,8 +195,8 @@ def compress(config: SqueezeConfig) -> dict:
             version = incumbent[1]
             kept = (f"it is registered champion v{version} already" if same_variant(champion, incumbent_measured) else
                     f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
-                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, accuracy {incumbent_measured.metrics['accuracy']:.4f}) "
-                    "on this eval set, which stays champion")
+                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
+                    f"{incumbent_measured.metrics['val_accuracy']:.4f}) on this validation split, which stays champion")
             selection = replace(selection, reason=f"{selection.reason}; {kept}")
         else:
             version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads,
@@ -207,7 +208,7 @@ def compress(config: SqueezeConfig) -> dict:
             "squeeze.selection": selection.reason,
             "squeeze.registered_version": version,
         })
-        report_files = write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}")
+        report_files = write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}", cpu_flags())
         for path in report_files:
             mlflow.log_artifact(str(path))
         publish_to_prefect(cfg.name, report_files[0].read_text(), measured)

@@ -145,6 +145,7 @@ def _absolute(cfg: SqueezeConfig) -> SqueezeConfig:
         "dir": base,
         "train": data.path_of("train").resolve() if base is None else data.train,
         "eval": data.path_of("eval").resolve() if base is None else data.eval,
+        "validation": data.path_of("validation").resolve() if base is None and data.validation else data.validation,
     })
     model = cfg.model
     if not model.source.startswith("packaged:") and Path(model.source).expanduser().exists():

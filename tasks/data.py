@@ -1,9 +1,14 @@
-"""Loading and validating the train/eval splits (TSV, CSV or JSONL) with clear, row-precise errors."""
+"""Loading and validating the train, validation and eval splits (TSV, CSV or JSONL) with clear, row-precise errors.
+
+Who reads what: `train` is what every stage learns from; `validation` (a file, or a stratified slice of the train
+file that no stage trains on) is what every choice is made on; `eval` is read only to report each variant's figures."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +24,16 @@ FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 class DataConfig(StrictModel):
     dir: Path | None = Field(None, description="Base directory for `train` and `eval` (relative paths resolve against it).")
     train: Path = Field(description="Training split: a .tsv, .csv or .jsonl file with a header / keys.")
-    eval: Path = Field(description="Evaluation split, same format; accuracy and latency are measured on it.")
+    eval: Path = Field(description="Evaluation split, same format: read only to report each variant's figures, never to choose.")
+    validation: Path | None = Field(
+        None, description="Validation split, same format, with labels: every choice (best epoch, fallback, champion) is made "
+        "on it. None: a stratified slice of the train file (validation_fraction), which no stage trains on.",
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Without data.validation: the share of train set aside.")
+    validation_max: int = Field(2000, ge=10, description="Without data.validation: at most this many train rows set aside.")
+    validation_seed: int = Field(
+        0, ge=0, description="Seed of that slice; apart from the recipe's seed, so runs with other seeds choose on the same rows.",
+    )
     format: Literal["auto", "tsv", "csv", "jsonl"] = Field("auto", description="File format; auto = from the extension.")
     text_column: str = Field("text", description="Column (or JSON key) holding the input text.")
     label_column: str = Field("label", description="Column holding the class: an integer index or one of label_names.")
@@ -28,7 +42,7 @@ class DataConfig(StrictModel):
         True, description="False: the train split is unlabelled (students learn from the teacher's soft labels alone)."
     )
 
-    def path_of(self, split: Literal["train", "eval"]) -> Path:
+    def path_of(self, split: Literal["train", "validation", "eval"]) -> Path:
         path = getattr(self, split)
         return path if self.dir is None or path.is_absolute() else self.dir / path
 
@@ -111,7 +125,7 @@ def _parse_label(raw, names: list[str] | None, num_labels: int, where: str) -> i
     return value
 
 
-def read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int) -> Split:
+def read_split(cfg: DataConfig, split: Literal["train", "validation", "eval"], num_labels: int) -> Split:
     path = cfg.path_of(split)
     try:
         return _read_split(cfg, split, num_labels, path)
@@ -121,13 +135,13 @@ def read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int
         raise DataError(f"{path}: malformed {path.suffix.lstrip('.').upper() or 'data'} file ({e})") from None
 
 
-def _read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: int, path: Path) -> Split:
+def _read_split(cfg: DataConfig, split: Literal["train", "validation", "eval"], num_labels: int, path: Path) -> Split:
     if not path.is_file():
         raise DataError(f"data.{split}: file not found: {path}")
     fmt = cfg.format if cfg.format != "auto" else FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"data.{split}: cannot tell the format of {path} from its extension; set data.format to tsv, csv or jsonl")
-    labelled = split == "eval" or cfg.train_has_labels
+    labelled = split != "train" or cfg.train_has_labels
     columns = _columns(path, fmt)
     for column in (cfg.text_column, cfg.label_column) if labelled else (cfg.text_column,):
         if columns and column not in columns:
@@ -150,27 +164,85 @@ def _read_split(cfg: DataConfig, split: Literal["train", "eval"], num_labels: in
     return Split(path=path, texts=texts, labels=labels if labelled else None)
 
 
-def load_splits(cfg: DataConfig, num_labels: int) -> tuple[Split, Split]:
-    """Reads and checks both splits; the eval split must use the same classes as the train split."""
+@dataclass(frozen=True)
+class Splits:
+    train: Split  # without the rows set aside for validation
+    validation: Split
+    eval: Split
+
+
+def validation_rows(labels: list[int] | None, n: int, cfg: DataConfig) -> list[int]:
+    """The train rows set aside for validation: `validation_fraction` of each class (stratified; of all rows when
+    unlabelled), at most `validation_max` in all and at least one per class, drawn with `validation_seed`."""
+    rng = random.Random(cfg.validation_seed)
+    total = min(cfg.validation_max, max(1, round(n * cfg.validation_fraction)))
+    if labels is None:
+        return sorted(rng.sample(range(n), total))
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    chosen = []
+    for label in sorted(by_class):
+        rows = by_class[label]
+        take = min(len(rows) - 1, max(1, round(total * len(rows) / n)))  # every class keeps a training row
+        chosen += rng.sample(rows, take)
+    return sorted(chosen)
+
+
+def _subset(split: Split, rows: list[int]) -> Split:
+    return Split(
+        path=split.path, texts=[split.texts[i] for i in rows], labels=None if split.labels is None else [split.labels[i] for i in rows]
+    )
+
+
+def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
+    """Reads and checks the splits; the eval (and a validation file) must use the same classes as the train split."""
     train = read_split(cfg, "train", num_labels)
     eval_ = read_split(cfg, "eval", num_labels)
-    if train.labels is None:
-        return train, eval_
-    train_set, eval_set = set(train.labels), set(eval_.labels)
-    if train_set != eval_set:
-        only_train, only_eval = sorted(train_set - eval_set), sorted(eval_set - train_set)
+    if train.labels is not None:
+        _same_classes(train, eval_, "eval")
+    if cfg.validation is not None:
+        validation = read_split(cfg, "validation", num_labels)
+        if train.labels is not None:
+            _same_classes(train, validation, "validation")
+    else:
+        if len(train) < 2:
+            raise DataError(f"data.train: {train.path} has one example; a validation slice needs more (or set data.validation)")
+        held = validation_rows(train.labels, len(train), cfg)
+        if not held:
+            raise DataError(f"data.train: {train.path} has too few examples per class to set a validation slice aside; set data.validation")
+        held_set = set(held)
+        validation = _subset(train, held)
+        train = _subset(train, [i for i in range(len(train.texts)) if i not in held_set])
+    return Splits(train=train, validation=validation, eval=eval_)
+
+
+def _same_classes(train: Split, other: Split, name: str) -> None:
+    train_set, other_set = set(train.labels), set(other.labels)
+    if train_set != other_set:
+        only_train, only_other = sorted(train_set - other_set), sorted(other_set - train_set)
         detail = "; ".join(
             part for part in (
                 f"only in train: {only_train}" if only_train else "",
-                f"only in eval: {only_eval}" if only_eval else "",
+                f"only in {name}: {only_other}" if only_other else "",
             ) if part
         )
-        raise DataError(f"data: train ({train.path}) and eval ({eval_.path}) have different label sets ({detail})")
-    return train, eval_
+        raise DataError(f"data: train ({train.path}) and {name} ({other.path}) have different label sets ({detail})")
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """What the learning and choosing stages read: the train and validation files' bytes and how they are cut and
+    parsed. The eval file is not part of it: it decides nothing, so changing it rebuilds nothing."""
+    digest = hashlib.sha256(cfg.model_dump_json(exclude={"dir", "train", "eval", "validation"}).encode())
+    for split in ("train", "validation") if cfg.validation is not None else ("train",):
+        with cfg.path_of(split).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 @task(name="check-data")
 def check_data_task(cfg: DataConfig, num_labels: int) -> dict[str, int]:
-    """Validates both splits up front (stages re-read the files themselves: records and paths flow, not data)."""
-    train, eval_ = load_splits(cfg, num_labels)
-    return {"train_examples": len(train), "eval_examples": len(eval_)}
+    """Validates the splits up front (stages re-read the files themselves: records and paths flow, not data)."""
+    splits = load_splits(cfg, num_labels)
+    return {"train_examples": len(splits.train), "validation_examples": len(splits.validation), "eval_examples": len(splits.eval)}

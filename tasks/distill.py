@@ -18,7 +18,7 @@ from .augment import AugmentConfig, augment_texts, word_neighbours
 from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
 from .data import load_splits
 from .training import (
-    UNLABELLED, LongTextPass, TrainConfig, accuracy_on, average_weights, cross_entropy, held_out_split, kd_loss, long_text_indices,
+    UNLABELLED, LongTextPass, TrainConfig, accuracy_on, average_weights, cross_entropy, kd_loss, long_text_indices,
     predict_logits, sample_indices, soup_figures, train,
 )
 from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
@@ -69,7 +69,10 @@ class DistillConfig(StageBase):
         "The student then trains with attention dropout off.",
     )
     layer_map: list[int] | None = Field(None, description="Teacher layer matched by each student layer; default: the layers it was initialised from.")
-    validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of the train split held out to pick the best epoch (0: keep the last).")
+    best_on_validation: bool = Field(
+        True, description="Score the student on the validation split before training and after each epoch, and keep the "
+        "best weights (false: keep the last).",
+    )
     from_labels_only: bool = Field(False, description="Train on labels only (no teacher): the baseline that shows what KD adds.")
     augment: AugmentConfig | None = Field(
         None,
@@ -146,13 +149,12 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
     return logits
 
 
-def held_out_truth(split, held_out: list[int], teacher_dir: str | Path, max_length: int, cache_dir: Path) -> tuple[list[str], np.ndarray]:
-    """The held-out texts of `split` and what a model should predict on them: their labels, or where the split
-    has none, the teacher's labels."""
-    texts = [split.texts[i] for i in held_out]
-    if split.labels is not None:
-        return texts, np.asarray([split.labels[i] for i in held_out])
-    return texts, teacher_logits(teacher_dir, texts, max_length, cache_dir).argmax(-1)
+def validation_truth(validation, teacher_dir: str | Path, max_length: int, cache_dir: Path) -> tuple[list[str], np.ndarray]:
+    """The validation texts and what a model should predict on them: their labels, or where the split has none (a
+    slice of an unlabelled train file), the teacher's labels."""
+    if validation.labels is not None:
+        return validation.texts, np.asarray(validation.labels)
+    return validation.texts, teacher_logits(teacher_dir, validation.texts, max_length, cache_dir).argmax(-1)
 
 
 def layer_matching_loss(student_out, teacher_out, attention_mask, layer_map: list[int], *, hidden_weight: float, attention_weight: float):
@@ -205,11 +207,12 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     unset = (["augment"] if cfg.augment is None else []) + (["soup"] if cfg.soup == 1 else [])
     unset += ["long_text_pass"] if cfg.long_text_pass is None else []
     knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *unset)}
-    child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root)
+    child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint)
     if done := finished(child):
         return done
     cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
-    train_split, _ = load_splits(ctx.data, ctx.num_labels)
+    splits = load_splits(ctx.data, ctx.num_labels)
+    train_split = splits.train
     if train_split.labels is None and cfg.from_labels_only:
         raise ModelError("distill.from_labels_only needs a labelled train split")
     # the attentions a model returns in training are the ones after dropout, zeros and all: matching them needs it off
@@ -221,9 +224,8 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     if cfg.attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
         raise ModelError("distill.attention_weight needs the student and teacher to have the same number of heads")
 
-    held_out, rest = held_out_split(len(train_split), cfg.validation_fraction, ctx.seed)
     # sample before computing teacher logits, so only the examples actually trained on are scored
-    fit = [rest[j] for j in sample_indices(len(rest), cfg.training.max_examples, ctx.seed)]
+    fit = sample_indices(len(train_split), cfg.training.max_examples, ctx.seed)
     texts = [train_split.texts[i] for i in fit]
     labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
     targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
@@ -236,7 +238,7 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         targets = np.concatenate([targets, teacher_logits(parent.path, copies, ctx.max_length, cache_dir)])
         labels = labels + [UNLABELLED] * len(copies) if labels is not None else None
         texts = texts + copies
-    validation, val_truth = held_out_truth(train_split, held_out, parent.path, ctx.max_length, cache_dir)
+    validation, val_truth = validation_truth(splits.validation, parent.path, ctx.max_length, cache_dir)
 
     wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
     budget = cfg.training.model_copy(update={"max_examples": None})
@@ -247,10 +249,10 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
             model, tokenizer, [texts[i] for i in keep], [labels[i] for i in keep] if labels is not None else None, budget,
             max_length=ctx.max_length, seed=seed, loss_fn=_loss(cfg, teacher, layer_map),
             targets=targets[keep] if targets is not None else None, model_kwargs={k: v for k, v in wants.items() if v},
-            evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if held_out else None,
+            evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if cfg.best_on_validation else None,
         )
 
-    log.info("distilling %s from %s on %d examples (%d held out)", token, parent.id, len(texts), len(validation))
+    log.info("distilling %s from %s on %d examples (%d validation)", token, parent.id, len(texts), len(validation))
     initial = copy.deepcopy(student) if cfg.soup > 1 else None
     figures, others = [fit(student, ctx.seed)], []
     for i in range(1, cfg.soup):

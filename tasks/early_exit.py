@@ -450,9 +450,10 @@ def _self_distillation(cfg: EarlyExitConfig):
     return loss
 
 
-def exits_dir(parent: Variant, cfg: EarlyExitConfig, out_root: Path) -> Path:
+def exits_dir(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path) -> Path:
     """Where the exits of `parent` trained with these knobs live (every threshold reuses them)."""
-    return Path(out_root) / variant_id(f"{parent.lineage}>exits", cfg.training_knobs(), parent.id)
+    key = variant_id(f"{parent.lineage}>exits", cfg.training_knobs(), parent.id, made_by="early_exit", data=ctx.data_fingerprint)
+    return Path(out_root) / key
 
 
 def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path) -> Path:
@@ -461,12 +462,12 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    trained = exits_dir(parent, cfg, out_root)
+    trained = exits_dir(parent, cfg, ctx, out_root)
     if (trained / EARLY_EXIT_FILE).is_file():
         return trained
     exit_model = build_exit_model(parent.path, cfg.train_backbone, cfg.pooling, cfg.embedding_exit)
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
-    train_split, _ = load_splits(ctx.data, ctx.num_labels)
+    train_split = load_splits(ctx.data, ctx.num_labels).train
     pick = sample_indices(len(train_split), cfg.training.max_examples, ctx.seed)
     texts = [train_split.texts[i] for i in pick]
     labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
@@ -493,10 +494,13 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
     if parent.format != "hf":
         raise ModelError(f"early_exit: variant {parent.id} is {parent.format}; exits are trained on PyTorch variants")
     knobs = {"threshold": threshold, "criterion": cfg.criterion, **cfg.training_knobs()}
-    child = derive(parent, stage="early_exit", token=cfg.token(threshold), params=knobs, format="onnx-exit", out_root=out_root)
+    child = derive(
+        parent, stage="early_exit", token=cfg.token(threshold), params=knobs, format="onnx-exit", out_root=out_root,
+        data=ctx.data_fingerprint,
+    )
     if done := finished(child):
         return done
-    with exclusive(exits_dir(parent, cfg, out_root)), TORCH_LOCK:
+    with exclusive(exits_dir(parent, cfg, ctx, out_root)), TORCH_LOCK:
         trained = train_exits(parent, cfg, ctx, out_root)
     made = json.loads((trained / EARLY_EXIT_FILE).read_text())
     with staged_dir(Path(child.path)) as scratch:

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from .base import StrictModel
 from .data import DataConfig, load_splits
+from .intervals import paired_drop_interval, wilson
 from .runtime import FOUR_BIT_CODES, load_predictor
 from .variant import Variant, size_on_disk_mb, weight_files
 
@@ -72,6 +73,52 @@ def percentile(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
 
+# the flags that decide how fast INT8 and bf16 run, so every figure can name the kind of CPU it ran on
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+# share of the machine's CPU time taken by other processes above which the benchmark's timings are flagged
+BUSY_SHARE = 0.10
+
+
+def cpu_flags() -> str:
+    """The speed-relevant flags of this CPU, e.g. `avx2,avx512f,avx512_vnni`, or `unknown` off Linux."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ",".join(f for f in SPEED_FLAGS if f in flags) or "none"
+
+
+class LoadMeter:
+    """How busy the rest of the machine was while this process measured: the CPU time the whole machine spent,
+    minus this process's own, as a share of the wall time × cores."""
+
+    def start(self) -> LoadMeter:
+        import psutil
+
+        self._me, self._started = psutil.Process(), time.perf_counter()
+        self._machine, self._own = self._busy_seconds(), self._own_seconds()
+        return self
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        import psutil
+
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def _own_seconds(self) -> float:
+        own = self._me.cpu_times()
+        return own.user + own.system + own.children_user + own.children_system
+
+    def stop(self) -> float:
+        """The other processes' share of the machine's CPU since start()."""
+        import psutil
+
+        wall = max(1e-9, time.perf_counter() - self._started)
+        others = (self._busy_seconds() - self._machine) - (self._own_seconds() - self._own)
+        return max(0.0, others / (wall * (psutil.cpu_count() or 1)))
+
+
 def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
     """`measure` run in a fresh process; its progress lines are logged here.
 
@@ -106,8 +153,9 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     reference for `accuracy_drop` and `speedup`; a variant whose parent is measured also gets parity metrics.
     Accuracy and parity come from batch-1 calls, as latency does: dynamic INT8 quantizes activations with one
     range per call, so inside a batch the padding and the other rows would move each row's result."""
-    _, eval_split = load_splits(data_cfg, num_labels)
-    texts, labels = eval_split.texts, np.asarray(eval_split.labels)
+    splits = load_splits(data_cfg, num_labels)
+    texts, labels = splits.eval.texts, np.asarray(splits.eval.labels)
+    val_texts = splits.validation.texts
     timed_texts = texts[: cfg.latency_texts] if cfg.latency_texts else texts
     predictors = {}
     for v in variants:
@@ -117,6 +165,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
             raise RuntimeError(f"cannot load {v.id} ({v.format}) from {v.path}: {e}") from e
 
     logits: dict[str, np.ndarray] = {}
+    val_preds: dict[str, np.ndarray] = {}
     exit_layers: dict[str, list[np.ndarray]] = {}
     batch_seconds: dict[str, list[float]] = {v.id: [] for v in variants}
     latencies: dict[str, list[list[float]]] = {v.id: [] for v in variants}
@@ -124,6 +173,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
         predictor = predictors[v.id]
         for text in timed_texts[: cfg.warmup]:
             predictor.logits([text])
+    meter = LoadMeter().start()
     for round_no in range(cfg.rounds):
         # rotate the order each round so no variant always runs first (or right after the heaviest one)
         order = variants[round_no % len(variants):] + variants[: round_no % len(variants)]
@@ -144,16 +194,30 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
             if round_no == 0:
                 served += [predictor.logits([text]) for text in texts[len(timed_texts) :]]
                 logits[v.id] = np.concatenate(served)
+                val_preds[v.id] = np.concatenate([predictor.logits([text]) for text in val_texts]).argmax(-1)
         log.info("benchmark round %d/%d done", round_no + 1, cfg.rounds)
+    other_share = meter.stop()
+    if other_share > BUSY_SHARE:
+        log.warning("the machine was busy during the benchmark: other processes took %.0f %% of its CPU", 100 * other_share)
 
     reference = next(v for v in variants if v.stage == "teacher")
+    # a slice of an unlabelled train file is scored against the teacher's labels
+    val_truth = np.asarray(splits.validation.labels) if splits.validation.labels is not None else val_preds[reference.id]
+    correct = {v.id: logits[v.id].argmax(-1) == labels for v in variants}
     measured = {}
     for v in variants:
         flat = [ms for r in latencies[v.id] for ms in r]
         round_medians = [float(np.median(r)) for r in latencies[v.id]]
         preds = logits[v.id].argmax(-1)
+        ci_low, ci_high = wilson(int(correct[v.id].sum()), len(labels))
+        drop_low, drop_high = paired_drop_interval(correct[reference.id], correct[v.id])
         metrics = {
             "accuracy": float((preds == labels).mean()),
+            "accuracy_ci_low": ci_low,
+            "accuracy_ci_high": ci_high,
+            "accuracy_drop_ci_low": drop_low,
+            "accuracy_drop_ci_high": drop_high,
+            "val_accuracy": float((val_preds[v.id] == val_truth).mean()),
             "latency_p50_ms": percentile(flat, 50),
             "latency_mean_ms": float(np.mean(flat)),
             "latency_p90_ms": percentile(flat, 90),
@@ -161,6 +225,8 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
             "latency_round_min_ms": min(round_medians),
             "latency_round_median_ms": float(np.median(round_medians)),
             "latency_round_max_ms": max(round_medians),
+            "latency_spread_ms": max(round_medians) - min(round_medians),
+            "bench_other_cpu_share": other_share,
             "throughput_qps": len(texts) / float(np.median(batch_seconds[v.id])),
             "size_mb": size_on_disk_mb(v.path),
             "params_m": count_params(v) / 1e6,
@@ -179,6 +245,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
         v.with_metrics(
             **measured[v.id],
             accuracy_drop=ref["accuracy"] - measured[v.id]["accuracy"],
+            val_accuracy_drop=ref["val_accuracy"] - measured[v.id]["val_accuracy"],
             speedup=ref["latency_p50_ms"] / measured[v.id]["latency_p50_ms"],
         )
         for v in variants

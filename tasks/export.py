@@ -161,7 +161,7 @@ def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
         return done
     with staged_dir(Path(child.path)) as scratch:
         export_onnx(parent.path, scratch, cfg)
-        save_record(scratch, child)
+        child = save_record(scratch, child)
     log.info("exported %s -> %s", parent.id, child.id)
     return child
 

@@ -202,14 +202,15 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
     if parent.format != "hf":
         raise ModelError(f"prune: variant {parent.id} is {parent.format}; pruning works on PyTorch variants")
     knobs = {"ratio": ratio, **cfg.knobs("ratios")}
-    child = derive(parent, stage="prune", token=cfg.token(ratio), params=knobs, format="hf", out_root=out_root)
+    child = derive(parent, stage="prune", token=cfg.token(ratio), params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint)
     if done := finished(child):
         return done
     # eager attention: the pruner traces the graph, and SDPA hides the per-head reshapes from it
     model = AutoModelForSequenceClassification.from_pretrained(parent.path, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
     params_before = sum(p.numel() for p in model.parameters())
-    train_split, eval_split = load_splits(ctx.data, ctx.num_labels)
+    splits = load_splits(ctx.data, ctx.num_labels)
+    train_split = splits.train
     limit = cfg.recovery.max_examples if cfg.recovery else 16 * cfg.taylor_batches
     pick = sample_indices(len(train_split), limit, ctx.seed)
     texts = [train_split.texts[i] for i in pick]
@@ -235,9 +236,10 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
         prune_model(model, tokenizer, ratio, cfg, texts, labels, ctx.max_length, recover)
     if cfg.vocabulary != "full":
         kept = task_vocabulary(tokenizer, train_split.texts, None if cfg.vocabulary == "task" else cfg.vocabulary)
-        before = unknown_rate(tokenizer, eval_split.texts)
+        before = unknown_rate(tokenizer, splits.validation.texts)
         tokenizer = shrink_vocabulary(model, tokenizer, kept)
-        figures |= {"vocabulary_size": float(len(kept)), "unk_rate_eval_before": before, "unk_rate_eval": unknown_rate(tokenizer, eval_split.texts)}
+        figures |= {"vocabulary_size": float(len(kept)), "unk_rate_validation_before": before,
+                    "unk_rate_validation": unknown_rate(tokenizer, splits.validation.texts)}
     params_after = sum(p.numel() for p in model.parameters())
     figures |= {
         "params_before_m": params_before / 1e6,

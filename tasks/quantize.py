@@ -45,9 +45,9 @@ class QATConfig(StrictModel):
     max_examples: int | None = Field(2000, ge=1, description="Training examples used (seeded sample); None = all.")
     temperature: float = Field(2.0, gt=0, description="Distillation temperature.")
     soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the teacher's soft targets vs the labels.")
-    validation_fraction: float = Field(
-        0.0, ge=0, lt=0.5, description="Share of the train split (at most 2,000 examples) held out to score the fake-quant "
-        "model before and after fine-tuning; the better weights are exported (0: always the fine-tuned ones).",
+    best_on_validation: bool = Field(
+        True, description="Score the fake-quant model on the validation split before and after fine-tuning, and export "
+        "the better weights (false: always the fine-tuned ones).",
     )
     activations: Literal["static", "dynamic"] = Field(
         "static", description="static: each Linear's input is fake-quantized with a fixed uint8 range, its min and max over "
@@ -293,6 +293,17 @@ def _reader(feeds: list[dict]):
     return Feeds()
 
 
+def _validation(splits, ctx: StageContext, out: Path) -> tuple[list[str], list[int]]:
+    """The validation texts and what the fallback scores them against (labels, or the teacher's where there are none)."""
+    from .distill import validation_truth
+
+    if splits.validation.labels is None and ctx.teacher is None:
+        raise ModelError("quantize static: the validation split has no labels and there is no teacher to label it")
+    teacher = ctx.teacher.path if ctx.teacher else None
+    texts, truth = validation_truth(splits.validation, teacher, ctx.max_length, ctx.cache_dir or out.parent / ".cache")
+    return texts, list(truth)
+
+
 def _accuracy(model_dir: Path, texts: list[str], labels: list[int], fmt: str = "onnx") -> float:
     from .runtime import load_predictor
 
@@ -447,8 +458,9 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
 
     if parent.format == "onnx-exit":
         return _static_segments(parent, cfg, ctx, out)
-    train, eval_ = load_splits(ctx.data, ctx.num_labels)
-    calibration = _calibration_texts(train, cfg, ctx.seed)
+    splits = load_splits(ctx.data, ctx.num_labels)
+    calibration = _calibration_texts(splits.train, cfg, ctx.seed)
+    validation = _validation(splits, ctx, out)
     fp32 = Path(parent.path) / "model.onnx"
     graph = onnx.load(str(fp32)).graph
     quantizable = sorted(n.name for n in graph.node if n.op_type in QUANTIZABLE)
@@ -467,7 +479,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
     def attempt() -> float:
         """Makes the dynamic INT8 graph in out/model.onnx static and scores it."""
         _static_activations(out / "model.onnx", ranges)
-        return _accuracy(out, eval_.texts, eval_.labels)
+        return _accuracy(out, *validation)
 
     accuracy = attempt()
     if cfg.accuracy_tolerance is None:
@@ -478,7 +490,7 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
         return attempt()
 
     scores = _sensitivity(graph, activation_sqnr, cfg)
-    excluded, metrics = _fall_back(parent, scores, excluded, accuracy, _accuracy(Path(parent.path), eval_.texts, eval_.labels), rebuild, cfg)
+    excluded, metrics = _fall_back(parent, scores, excluded, accuracy, _accuracy(Path(parent.path), *validation), rebuild, cfg)
     return Produced(metrics, {"excluded_nodes": excluded})
 
 
@@ -535,8 +547,9 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
             f"quantize.exclude_nodes: {unknown} are not MatMul or Attention nodes of {parent.id}'s segments, named "
             f"<segment>:<node> ({len(quantizable)} are, e.g. {quantizable[:2]})"
         )
-    train, eval_ = load_splits(ctx.data, ctx.num_labels)
-    calibration = _calibration_texts(train, cfg, ctx.seed)
+    splits = load_splits(ctx.data, ctx.num_labels)
+    calibration = _calibration_texts(splits.train, cfg, ctx.seed)
+    validation = _validation(splits, ctx, out)
     copy_tokenizer(parent.path, out)
     (out / SEGMENTS_DIR).mkdir()
     shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
@@ -562,7 +575,7 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
         return Produced({}, {"excluded_nodes": excluded})
 
     def score() -> float:
-        return _accuracy(out, eval_.texts, eval_.labels, "onnx-exit")
+        return _accuracy(out, *validation, "onnx-exit")
 
     def rebuild(now: list[str]) -> float:
         added = {_segment_node(name)[0] for name in now if name not in excluded}
@@ -571,7 +584,7 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
         return score()
 
     scores = {f"{s.stem}:{name}": v for k, (s, g) in enumerate(zip(segments, graphs)) for name, v in _sensitivity(g, noise[k], cfg).items()}
-    parent_accuracy = _accuracy(Path(parent.path), eval_.texts, eval_.labels, "onnx-exit")
+    parent_accuracy = _accuracy(Path(parent.path), *validation, "onnx-exit")
     kept, metrics = _fall_back(parent, scores, list(excluded), score(), parent_accuracy, rebuild, cfg)
     return Produced(metrics, {"excluded_nodes": kept})
 
@@ -687,15 +700,14 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     import onnx
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .distill import held_out_truth, teacher_logits
-    from .training import TrainConfig, accuracy_on, held_out_split, kd_loss, sample_indices, train
+    from .distill import teacher_logits, validation_truth
+    from .training import TrainConfig, accuracy_on, kd_loss, sample_indices, train
 
     if source is None or ctx.teacher is None:
         raise ModelError(f"QAT of {parent.id} needs its PyTorch source model and the teacher")
-    train_split, _ = load_splits(ctx.data, ctx.num_labels)
-    q = cfg.qat
-    held_out, rest = held_out_split(len(train_split), q.validation_fraction, ctx.seed)
-    pick = [rest[j] for j in sample_indices(len(rest), q.max_examples, ctx.seed)]
+    splits = load_splits(ctx.data, ctx.num_labels)
+    train_split, q = splits.train, cfg.qat
+    pick = sample_indices(len(train_split), q.max_examples, ctx.seed)
     texts = [train_split.texts[i] for i in pick]
     labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
     model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
@@ -711,7 +723,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
     cache_dir = ctx.cache_dir or out.parent / ".cache"
     targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, cache_dir)
-    validation, val_truth = held_out_truth(train_split, held_out, ctx.teacher.path, ctx.max_length, cache_dir)
+    validation, val_truth = validation_truth(splits.validation, ctx.teacher.path, ctx.max_length, cache_dir)
     figures = train(
         model, tokenizer, texts, labels,
         # fp32: the fake quantization must see the values ORT's integer kernels will see, not bf16 roundings of them
@@ -720,7 +732,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
         loss_fn=lambda outputs, batch: kd_loss(
             outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=q.temperature, soft_weight=q.soft_weight
         ),
-        evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if held_out else None,
+        evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if q.best_on_validation else None,
     )
     _swap_linears(encoder.encoder, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -733,7 +745,7 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
             _static_activations(out / "model.onnx", _calibrated_ranges(out / "model.onnx", feeds, _calibration_method(cfg))[0])
     copy_tokenizer(parent.path, out)
     metrics = {"qat_train_seconds": figures["train_seconds"], "qat_train_loss": figures["train_loss"]}
-    if held_out:  # the fake-quant model on the held-out examples, before fine-tuning (PTQ) and as exported
+    if q.best_on_validation:  # the fake-quant model on the validation split, before fine-tuning (PTQ) and as exported
         metrics |= {"qat_initial_validation_accuracy": figures["initial_validation_score"], "qat_validation_accuracy": figures["best_validation_score"]}
     return Produced(metrics, {})
 
@@ -783,7 +795,11 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
     if parent.format != parent_format:
         raise ModelError(f"quantize {mode}: needs a {parent_format} variant, {parent.id} is {parent.format}")
     knobs = {"mode": mode, **{k: v for k, v in cfg.knobs("modes").items() if k in MODE_KNOBS[mode]}}
-    child = derive(parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root)
+    reads_data = mode in ("static", "qat")  # calibration, the fallback and QAT read the data; the others do not
+    child = derive(
+        parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root,
+        data=ctx.data_fingerprint if reads_data else None,
+    )
     if done := finished(child):
         return done
     with staged_dir(Path(child.path)) as scratch:

@@ -11,8 +11,11 @@ from .variant import Variant
 COLUMNS = [
     ("variant_id", lambda v: v.id),
     ("lineage", lambda v: v.lineage),
+    ("val_accuracy", lambda v: f"{v.metrics['val_accuracy']:.4f}" if "val_accuracy" in v.metrics else ""),
     ("accuracy", lambda v: f"{v.metrics['accuracy']:.4f}"),
+    ("accuracy_95ci", lambda v: _interval(v, "accuracy_ci")),
     ("accuracy_drop", lambda v: f"{v.metrics['accuracy_drop']:+.4f}"),
+    ("drop_95ci", lambda v: _interval(v, "accuracy_drop_ci")),
     ("latency_p50_ms", lambda v: f"{v.metrics['latency_p50_ms']:.2f}"),
     ("latency_p99_ms", lambda v: f"{v.metrics['latency_p99_ms']:.2f}"),
     ("throughput_qps", lambda v: f"{v.metrics['throughput_qps']:.1f}"),
@@ -23,18 +26,45 @@ COLUMNS = [
 ]
 
 
+def _interval(v: Variant, name: str) -> str:
+    low, high = v.metrics.get(f"{name}_low"), v.metrics.get(f"{name}_high")
+    return "" if low is None or high is None else f"[{low:+.4f}, {high:+.4f}]" if "drop" in name else f"[{low:.4f}, {high:.4f}]"
+
+
+def budget_verdict(champion: Variant, budget: float | None) -> str:
+    """Where the champion's eval drop interval lies against the accuracy budget (which was applied on validation)."""
+    low, high = champion.metrics.get("accuracy_drop_ci_low"), champion.metrics.get("accuracy_drop_ci_high")
+    if budget is None or low is None or high is None:
+        return ""
+    where = "inside the budget" if high <= budget else "above the budget" if low > budget else "straddles the budget"
+    return (f"Its eval accuracy drop is {champion.metrics['accuracy_drop']:+.4f} (95 % paired interval [{low:+.4f}, "
+            f"{high:+.4f}]): {where} of {budget} (the budget is applied on the validation split).")
+
+
+def machine_note(variants: list[Variant], cpu_flags: str | None) -> str:
+    """The machine line: its CPU flags, and a warning when other processes were busy during the benchmark."""
+    from .evaluate import BUSY_SHARE
+
+    share = max((v.metrics.get("bench_other_cpu_share", 0.0) for v in variants), default=0.0)
+    busy = f" **Warning: the machine was busy** (other processes took {share:.0%} of its CPU): latencies are inflated." if share > BUSY_SHARE else ""
+    return f"Benchmark machine: CPU flags {cpu_flags or 'not recorded'}; other processes {share:.0%} of its CPU.{busy}"
+
+
 def table_rows(variants: list[Variant]) -> list[list[str]]:
     return [[fmt(v) for _, fmt in COLUMNS] for v in variants]
 
 
-def markdown(variants: list[Variant], selection: Selection, title: str) -> str:
+def markdown(variants: list[Variant], selection: Selection, title: str, cpu_flags: str | None = None) -> str:
     header = [name for name, _ in COLUMNS]
-    lines = [f"# {title}", "", f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}.", ""]
+    lines = [f"# {title}", "", f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}."]
+    lines += [budget_verdict(selection.champion, selection.max_accuracy_drop), "", machine_note(variants, cpu_flags), ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v, row in zip(variants, table_rows(variants)):
         marks = ("★ " if v.id == selection.champion.id else "") + ("◆ " if v.id in selection.pareto_ids else "")
         lines.append("| " + " | ".join([marks + row[0], *row[1:]]) + " |")
-    lines += ["", "★ champion, ◆ on the Pareto front (accuracy, p50 latency, size). Latency: batch 1 on the eval texts."]
+    lines += ["", "★ champion, ◆ on the Pareto front (validation accuracy, p50 latency, size). Choices are made on the validation "
+              "split; accuracy is the eval split's, with 95 % intervals (Wilson; the drop paired against the teacher). "
+              "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties."]
     return "\n".join(lines) + "\n"
 
 
@@ -73,10 +103,10 @@ def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> No
     plt.close(fig)
 
 
-def write_report(variants: list[Variant], selection: Selection, out_dir: Path, title: str) -> list[Path]:
+def write_report(variants: list[Variant], selection: Selection, out_dir: Path, title: str, cpu_flags: str | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "report.md", out_dir / "variants.csv", out_dir / "pareto.png"]
-    paths[0].write_text(markdown(variants, selection, title))
+    paths[0].write_text(markdown(variants, selection, title, cpu_flags))
     write_csv(variants, paths[1])
     pareto_plot(variants, selection, paths[2])
     return paths
@@ -116,4 +146,4 @@ def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Pa
         pareto_ids=[v.id for v in pareto_front(variants)],
     )
     title = f"squeezeflow: {tags.get('mlflow.runName', pipeline_run_id)}"
-    return write_report(variants, selection, out_dir, title), variants, selection
+    return write_report(variants, selection, out_dir, title, tags.get("squeeze.cpu_flags")), variants, selection

@@ -9,7 +9,7 @@ from prefect import task
 from pydantic import Field, field_validator, model_validator
 
 from .base import TORCH_LOCK, ModelError, StrictModel
-from .data import DataConfig, load_splits
+from .data import DataConfig, data_fingerprint, load_splits
 from .training import (
     LongTextPass, TrainConfig, average_weights, kd_loss, long_text_indices, predict_logits, sample_indices, seed_everything,
     soup_figures, train,
@@ -206,8 +206,8 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
         unset |= {"soup"} if teacher_cfg.soup == 1 else set()
         unset |= {"long_text_pass"} if teacher_cfg.long_text_pass is None else set()
         params |= teacher_cfg.model_dump(exclude={"finetune"} | unset)
-        params["data_fingerprint"] = file_fingerprint(data_cfg.path_of("train"))
-    vid = variant_id("teacher", params)
+    # a teacher that is fine-tuned reads the train split (which the validation slice, if any, shapes)
+    vid = variant_id("teacher", params, made_by="teacher", data=data_fingerprint(data_cfg) if teacher_cfg.finetune else None)
     teacher = Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid))
     if done := finished(teacher):
         log.info("teacher %s is already made; reusing it", vid)
@@ -216,7 +216,7 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
     model, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names)
     metrics: dict[str, float] = {}
     if teacher_cfg.finetune:
-        train_split, _ = load_splits(data_cfg, model_cfg.num_labels)
+        train_split = load_splits(data_cfg, model_cfg.num_labels).train
         # picked before fine-tuning, so that a min_words no text reaches fails at once
         long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
         log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))

@@ -87,12 +87,6 @@ def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(held-out, rest) example indices: `fraction` of `n` (at most 2,000) set aside for validation, seeded."""
-    held = set(sample_indices(n, min(2000, int(n * fraction)), seed + 1)) if fraction else set()
-    return sorted(held), [i for i in range(n) if i not in held]
-
-
 def accuracy_on(model, tokenizer, texts: list[str], truth: np.ndarray, max_length: int) -> float:
     """Share of `texts` whose argmax logit equals `truth`, scored in batches of 64."""
     import numpy as np

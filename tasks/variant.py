@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,8 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .data import DataConfig
+from .data import DataConfig, data_fingerprint
 
+log = logging.getLogger("squeezeflow.variant")
 Stage = Literal["teacher", "distill", "prune", "early_exit", "export", "quantize"]
 Format = Literal["hf", "onnx", "onnx-exit"]  # onnx-exit: per-segment ONNX graphs with early exits
 
@@ -36,6 +39,7 @@ class Variant(BaseModel):
     format: Format
     path: str = Field(description="Directory with the model (save_pretrained or model.onnx) and its tokenizer.")
     metrics: dict[str, float] = Field(default_factory=dict)
+    content_sha256: str | None = Field(None, description="SHA-256 of the stored files, checked before the variant is reused.")
 
     @property
     def token(self) -> str:
@@ -57,15 +61,19 @@ class StageContext(BaseModel):
     teacher: Variant | None = None
     cache_dir: Path | None = Field(None, description="Where stages keep reusable intermediate results (teacher logits).")
 
+    @property
+    def data_fingerprint(self) -> str:
+        return data_fingerprint(self.data)
+
 
 @lru_cache(maxsize=1)
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape a variant's bytes, squeezeflow's own included (its version goes up when
-    a stage writes different graphs): part of every variant id, so an upgrade recomputes instead of reusing stale results."""
+    """Versions of the libraries that shape a variant's bytes: part of every variant id, so an upgrade recomputes
+    instead of reusing stale results. squeezeflow's own code enters through `code_fingerprint` instead."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("squeezeflow", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning"):
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -73,20 +81,53 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None) -> str:
-    """A readable, stable id: the last lineage token plus a short hash of the parent, lineage, knobs and library
-    versions. Stage outputs are stored by id, so the id is also the stage's cache key."""
-    key = [parent_id, lineage, params, library_versions()]
+PACKAGE_ROOT = Path(__file__).parent
+
+
+def _project_imports(module: Path) -> set[str]:
+    """The names of the modules of this package that `module` imports, at its top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("squeezeflow.tasks")):
+            base = (node.module or "").removeprefix("squeezeflow.tasks").lstrip(".")
+            names |= {base.split(".")[0]} if base else {alias.name for alias in node.names}
+    return {name for name in names if (PACKAGE_ROOT / f"{name}.py").is_file()}
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(module: str) -> str:
+    """A hash of the source of `module` (a module of this package, e.g. "quantize") and of every module of the package
+    it imports, directly or not: part of the id of what that stage makes, so editing a stage's code, or a helper it
+    uses, rebuilds that stage's variants and their subtrees, and no others."""
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(_project_imports(PACKAGE_ROOT / f"{name}.py") - seen)
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(name.encode() + b"\0" + (PACKAGE_ROOT / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None, *, made_by: str, data: str | None = None) -> str:
+    """A readable, stable id: the last lineage token plus a short hash of the parent, lineage, knobs, library
+    versions, the code of the module `made_by` (see code_fingerprint) and, for a stage that reads the train or
+    validation data, their fingerprint. Stage outputs are stored by id, so the id is also the stage's cache key."""
+    key = [parent_id, lineage, params, library_versions(), code_fingerprint(made_by), data]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     slug = lineage.rsplit(">", 1)[-1].replace("[", "-").replace("]", "").replace(".", "")
     return f"{slug}-{digest[:6]}"
 
 
-def derive(parent: Variant, *, stage: Stage, token: str, params: dict[str, Any], format: Format, out_root: Path) -> Variant:
-    """The child record of `parent` made by `stage`, to be written to `out_root/<id>`; `token` is its lineage
-    token (e.g. `int8-dynamic`)."""
+def derive(
+    parent: Variant, *, stage: Stage, token: str, params: dict[str, Any], format: Format, out_root: Path, data: str | None = None,
+) -> Variant:
+    """The child record of `parent` made by `stage` (the module of that name), to be written to `out_root/<id>`;
+    `token` is its lineage token (e.g. `int8-dynamic`); `data` the data fingerprint, if the stage reads the data."""
     lineage = f"{parent.lineage}>{token}"
-    vid = variant_id(lineage, params, parent.id)
+    vid = variant_id(lineage, params, parent.id, made_by=stage, data=data)
     return Variant(
         id=vid,
         parent_id=parent.id,
@@ -108,10 +149,10 @@ def size_on_disk_mb(path: str | Path) -> float:
 
 
 def content_hash(path: str | Path) -> str:
-    """SHA-256 over the variant's files (names and bytes), for cache keys and provenance."""
+    """SHA-256 over the variant's files (names and bytes) but its record, for cache keys and provenance."""
     digest = hashlib.sha256()
     root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root) != Path(RECORD)):
         digest.update(str(file.relative_to(root)).encode())
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -123,15 +164,26 @@ RECORD = "variant.json"
 
 
 def finished(child: Variant) -> Variant | None:
-    """The stored record of `child` when an earlier run already made it: stage results are kept by id."""
+    """The stored record of `child` when an earlier run already made it (stage results are kept by id) and its files
+    still hash to what was recorded; otherwise None, so that it is made again (with a warning if it was damaged)."""
     record = Path(child.path) / RECORD
     if not record.is_file():
         return None
-    return Variant.model_validate_json(record.read_text())
+    try:
+        stored = Variant.model_validate_json(record.read_text())
+    except ValueError:
+        log.warning("variant %s: its record %s is unreadable; making it again", child.id, record)
+        return None
+    if stored.content_sha256 != content_hash(child.path):
+        log.warning("variant %s: its files in %s do not match their recorded hash; making it again", child.id, child.path)
+        return None
+    return stored
 
 
 def save_record(directory: Path, variant: Variant) -> Variant:
-    """Writes the record last, inside the staged directory, so only complete variants have one."""
+    """Writes the record, with the hash of the directory's files, last, inside the staged directory, so only
+    complete variants have one."""
+    variant = variant.model_copy(update={"content_sha256": content_hash(directory)})
     (Path(directory) / RECORD).write_text(variant.model_dump_json(indent=2))
     return variant
 
@@ -141,8 +193,7 @@ def save_hf_variant(variant: Variant, model, tokenizer) -> Variant:
     with staged_dir(Path(variant.path)) as scratch:
         model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
-        save_record(scratch, variant)
-    return variant
+        return save_record(scratch, variant)
 
 
 def file_fingerprint(*paths: str | Path) -> str:

@@ -63,7 +63,7 @@ def test_peers_are_built_from_the_teacher_and_run(tmp_path, trained_tiny, monkey
     assert [p.lineage for p in peers] == [
         "teacher", "peer:torch-quantize-dynamic", "peer:onnxruntime-fp32", "peer:optimum-dynamic-int8", "peer:olive-cpu-int8",
     ]
-    _, eval_split = load_splits(data, 2)
+    eval_split = load_splits(data, 2).eval
     reference = load_predictor(teacher.path, "hf").logits(eval_split.texts).argmax(-1)
     for peer in peers[1:]:
         predicted = load_predictor(peer.path, peer.format).logits(eval_split.texts).argmax(-1)

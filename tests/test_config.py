@@ -33,9 +33,9 @@ def test_real_data_recipes_pass_the_preflight_on_the_shared_data(monkeypatch, tm
     monkeypatch.chdir(REPO)
     cfg = load_config(f"configs/{recipe}.yaml", [f"artifacts_dir={tmp_path}"])
     preflight(cfg)  # data files, labels, every stage's own checks, the packaged model
-    train, eval_split = load_splits(cfg.data, cfg.model.num_labels)
+    splits = load_splits(cfg.data, cfg.model.num_labels)
     assert cfg.model.num_labels == len(cfg.data.label_names) == classes
-    assert set(train.labels) == set(eval_split.labels) == set(range(classes))
+    assert set(splits.train.labels) == set(splits.validation.labels) == set(splits.eval.labels) == set(range(classes))
 
 
 def test_unknown_key_is_rejected_with_its_path(tmp_path, tiny_config):

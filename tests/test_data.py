@@ -3,7 +3,7 @@ import json
 import pytest
 
 from squeezeflow.tasks.base import DataError
-from squeezeflow.tasks.data import DataConfig, load_splits, read_split
+from squeezeflow.tasks.data import DataConfig, data_fingerprint, load_splits, read_split
 
 from .conftest import write_tsv
 
@@ -15,7 +15,8 @@ def config(tmp_path, train="train.tsv", eval_="eval.tsv", **extra) -> DataConfig
 def test_reads_tsv_and_maps_label_names(tmp_path):
     write_tsv(tmp_path / "train.tsv", [("good one", "pos"), ("bad one", 0)])
     write_tsv(tmp_path / "eval.tsv", [("fine", 1), ("meh", "neg")])
-    train, eval_ = load_splits(config(tmp_path, label_names=["neg", "pos"]), num_labels=2)
+    cfg = config(tmp_path, label_names=["neg", "pos"])
+    train, eval_ = read_split(cfg, "train", 2), read_split(cfg, "eval", 2)
     assert train.texts == ["good one", "bad one"] and train.labels == [1, 0]
     assert eval_.labels == [1, 0]
 
@@ -24,7 +25,7 @@ def test_reads_csv_with_quotes_and_jsonl(tmp_path):
     (tmp_path / "train.csv").write_text('sentence,y\n"hello, world",1\nbye,0\n')
     (tmp_path / "eval.jsonl").write_text(json.dumps({"sentence": "hi", "y": 1}) + "\n\n" + json.dumps({"sentence": "no", "y": 0}) + "\n")
     cfg = config(tmp_path, "train.csv", "eval.jsonl", text_column="sentence", label_column="y")
-    train, eval_ = load_splits(cfg, num_labels=2)
+    train, eval_ = read_split(cfg, "train", 2), read_split(cfg, "eval", 2)
     assert train.texts[0] == "hello, world"
     assert eval_.texts == ["hi", "no"] and eval_.labels == [1, 0]
 
@@ -89,3 +90,45 @@ def test_unknown_extension_asks_for_format(tmp_path):
         read_split(config(tmp_path, train="train.txt"), "train", 2)
     split = read_split(config(tmp_path, train="train.txt", format="tsv"), "train", 2)
     assert split.labels == [1]
+
+
+def test_validation_is_a_stratified_seeded_slice_of_train_that_no_stage_trains_on(tmp_path):
+    rows = [(f"text {i}", 0 if i % 4 else 1) for i in range(400)]  # 300 of class 0, 100 of class 1
+    write_tsv(tmp_path / "train.tsv", rows)
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
+    splits = load_splits(config(tmp_path, validation_fraction=0.2), 2)
+    assert len(splits.validation) == 80 and splits.validation.labels.count(1) == 20
+    assert not set(splits.validation.texts) & set(splits.train.texts)
+    assert sorted(splits.train.texts + splits.validation.texts) == sorted(t for t, _ in rows)
+    assert load_splits(config(tmp_path, validation_fraction=0.2), 2).validation.texts == splits.validation.texts
+    assert load_splits(config(tmp_path, validation_fraction=0.2, validation_seed=1), 2).validation.texts != splits.validation.texts
+    assert len(load_splits(config(tmp_path, validation_fraction=0.2, validation_max=40), 2).validation) == 40
+
+
+def test_a_validation_file_is_used_whole_and_checked_like_eval(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1), ("c", 2)])
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1), ("c", 2)])
+    write_tsv(tmp_path / "val.tsv", [("v", 0), ("w", 1), ("x", 2)])
+    splits = load_splits(config(tmp_path, validation="val.tsv"), 3)
+    assert splits.train.texts == ["a", "b", "c"] and splits.validation.texts == ["v", "w", "x"]
+    write_tsv(tmp_path / "val.tsv", [("v", 0), ("w", 1)])
+    with pytest.raises(DataError, match=r"train .* and validation .* have different label sets \(only in train: \[2\]\)"):
+        load_splits(config(tmp_path, validation="val.tsv"), 3)
+
+
+def test_too_small_a_train_file_for_a_validation_slice_says_what_to_do(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)])
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
+    with pytest.raises(DataError, match="too few examples per class to set a validation slice aside; set data.validation"):
+        load_splits(config(tmp_path), 2)
+
+
+def test_the_data_fingerprint_covers_train_and_validation_but_not_eval(tmp_path):
+    write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)] * 10)
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
+    before = data_fingerprint(config(tmp_path))
+    write_tsv(tmp_path / "eval.tsv", [("a", 1), ("b", 0)])
+    assert data_fingerprint(config(tmp_path)) == before
+    assert data_fingerprint(config(tmp_path, validation_fraction=0.2)) != before
+    write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)] * 11)
+    assert data_fingerprint(config(tmp_path)) != before

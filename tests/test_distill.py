@@ -89,7 +89,7 @@ def test_distilled_student_matches_teacher_and_round_trips(distilled, tmp_path):
     teacher, student, ctx, _ = distilled
     assert student.lineage == "teacher>distill[L1]" and student.format == "hf"
     assert student.metrics["distill_best_validation_score"] >= 0.9
-    _, eval_ = load_splits(ctx.data, 2)
+    eval_ = load_splits(ctx.data, 2).eval
     t_pred = load_predictor(teacher.path, "hf").logits(eval_.texts).argmax(-1)
     reloaded = load_predictor(student.path, "hf")  # from_pretrained round trip
     assert reloaded.model.config.num_hidden_layers == 1
@@ -126,7 +126,7 @@ def assert_weights_are_the_mean(soup_dir, copy_dirs):
 
 def test_student_soup_is_the_average_of_students_trained_in_other_orders(trained_tiny, tmp_path):
     teacher, data = trained_tiny
-    cfg = DistillConfig(students=[StudentShape(num_layers=1)], validation_fraction=0.0,
+    cfg = DistillConfig(students=[StudentShape(num_layers=1)], best_on_validation=False,
                         training=TrainConfig(epochs=2, learning_rate=3e-3, batch_size=16))
     made = {}
     for name, seed, soup in (("first", 7, 1), ("second", 8, 1), ("soup", 7, 2)):
@@ -135,19 +135,19 @@ def test_student_soup_is_the_average_of_students_trained_in_other_orders(trained
     assert "soup" not in made["first"].params and made["soup"].params["soup"] == 2
     assert made["soup"].metrics["distill_copy2_train_steps"] == made["second"].metrics["distill_train_steps"]
     assert_weights_are_the_mean(made["soup"].path, [made["first"].path, made["second"].path])
-    _, eval_ = load_splits(data, 2)
+    eval_ = load_splits(data, 2).eval
     assert (load_predictor(made["soup"].path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
 
 
 def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path):
     teacher, data = trained_tiny
-    texts = load_splits(data, 2)[0].texts
+    texts = load_splits(data, 2).train.texts
     (tmp_path / "unlabelled.tsv").write_text("text\n" + "".join(t + "\n" for t in texts))
     unlabelled = DataConfig(train=tmp_path / "unlabelled.tsv", eval=data.eval, train_has_labels=False)
     ctx = StageContext(data=unlabelled, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
     cfg = DistillConfig(students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16))
     student = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
-    _, eval_ = load_splits(data, 2)
+    eval_ = load_splits(data, 2).eval
     accuracy = (load_predictor(student.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean()
     assert accuracy >= 0.9
 
@@ -168,7 +168,7 @@ def test_born_again_teacher_is_a_second_fine_tune_that_agrees_with_the_first(tin
     assert "born_again" not in plain.params  # unset, it leaves the teacher's id as it was
     assert born.params["born_again"] == {"soft_weight": 1.0, "temperature": 2.0} and born.id != plain.id
     assert born.metrics["first_train_steps"] == born.metrics["train_steps"] == plain.metrics["train_steps"]
-    _, eval_ = load_splits(data, 2)
+    eval_ = load_splits(data, 2).eval
     first = load_predictor(plain.path, "hf").logits(eval_.texts).argmax(-1)
     second = load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1)
     assert (second == np.asarray(eval_.labels)).mean() >= 0.9 and (second == first).mean() >= 0.9
@@ -181,7 +181,7 @@ def test_born_again_teacher_learns_what_the_first_fine_tune_says(tiny_model_dir,
     monkeypatch.setattr(teacher_module, "predict_logits", lambda *args: -real(*args))  # a first fine-tune that says the opposite
     _, data = trained_tiny
     born = born_again_teacher(tiny_model_dir, data, tmp_path, soft_weight=1.0)  # soft targets only: the labels carry no weight
-    _, eval_ = load_splits(data, 2)
+    eval_ = load_splits(data, 2).eval
     assert (load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() <= 0.1
 
 
@@ -196,7 +196,7 @@ def test_soup_teacher_is_the_average_of_copies_fine_tuned_with_successive_seeds(
     assert soup.metrics["copy1_train_steps"] == soup.metrics["copy2_train_steps"] == plain.metrics["train_steps"]
     assert soup.metrics["train_seconds"] == pytest.approx(soup.metrics["copy1_train_seconds"] + soup.metrics["copy2_train_seconds"])
     assert_weights_are_the_mean(soup.path, [plain.path, second.path])
-    _, eval_ = load_splits(data, 2)
+    eval_ = load_splits(data, 2).eval
     assert (load_predictor(soup.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
 
 
@@ -366,7 +366,7 @@ def test_augmented_distillation_teaches_the_student_words_its_data_lacks(trained
 
     def accuracy_on_unseen_words(**augment):
         cfg = DistillConfig(
-            students=[shape], soft_weight=0.5, validation_fraction=0.0, augment=augment or None,
+            students=[shape], soft_weight=0.5, best_on_validation=False, augment=augment or None,
             training=TrainConfig(epochs=8, learning_rate=3e-3, batch_size=16),
         )
         student = distill(teacher, shape, cfg, ctx, tmp_path / "variants")
@@ -407,7 +407,7 @@ def test_long_text_pass_trains_the_student_on_the_long_texts_alone(trained_tiny,
     data, eval_rows = long_flipped_data(tmp_path)
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
     shape = StudentShape(num_layers=1)
-    cfg = DistillConfig(students=[shape], from_labels_only=True, validation_fraction=0.0,
+    cfg = DistillConfig(students=[shape], from_labels_only=True, best_on_validation=False,
                         training=TrainConfig(epochs=0.05, learning_rate=1e-5, batch_size=16))  # one step: the pass decides
     plain = distill(teacher, shape, cfg, ctx, tmp_path / "variants")
     pass_cfg = LongTextPass(min_words=8, epochs=8, learning_rate=3e-3, batch_size=16)

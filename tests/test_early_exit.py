@@ -25,7 +25,7 @@ def made(tmp_path_factory, trained_tiny):
     out = tmp_path_factory.mktemp("early-exit")
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=out / "cache")
     variants = {t: early_exit(teacher, t, EarlyExitConfig(thresholds=[t], **CFG), ctx, out) for t in (0.0, 0.5, 1.0)}
-    _, eval_split = load_splits(data, 2)
+    eval_split = load_splits(data, 2).eval
     return teacher, variants, eval_split, out
 
 
@@ -87,7 +87,7 @@ def with_embedding_exit(tmp_path_factory, trained_tiny):
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
     cfg = EarlyExitConfig(thresholds=[0.0, 0.5, 1.0], embedding_exit=True, **CFG)
     variants = {t: early_exit(teacher, t, cfg, ctx, out) for t in cfg.thresholds}
-    _, eval_split = load_splits(data, 2)
+    eval_split = load_splits(data, 2).eval
     return teacher, variants, eval_split, out, ctx
 
 
@@ -155,7 +155,7 @@ def test_patience_graph_agrees_with_pytorch(three_layers):
     teacher, data, root = three_layers
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
     variant = early_exit(teacher, 1, EarlyExitConfig(criterion="patience", thresholds=[1], **CFG), ctx, root / "variants")
-    _, eval_split = load_splits(data, 2)
+    eval_split = load_splits(data, 2).eval
     exit_model = load_exit_model(next(p for p in (root / "variants").iterdir() if p.name.startswith("exits-")))
     inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(eval_split.texts, padding=True, return_tensors="pt"))
     expected, expected_layers = reference_logits(exit_model, inputs, "patience", 1)

@@ -405,14 +405,14 @@ def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(
     export its starting point, which is exactly the static (or dynamic) INT8 of the same parent."""
     teacher, onnx_variant, ctx = trained
     wrecking = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "learning_rate": 0.5, "soft_weight": 0.0,
-                                   "validation_fraction": 0.25, "activations": activations})
+                                   "activations": activations})
     kept = quantize(onnx_variant, "qat", wrecking, ctx, tmp_path, source=teacher)
     assert kept.metrics["qat_validation_accuracy"] == kept.metrics["qat_initial_validation_accuracy"] >= 0.9
     start = quantize(onnx_variant, same_as, QuantizeConfig(accuracy_tolerance=None), ctx, tmp_path)
     np.testing.assert_allclose(
         load_predictor(kept.path, "onnx").logits(TEXTS), load_predictor(start.path, "onnx").logits(TEXTS), atol=1e-5
     )
-    gentle = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "validation_fraction": 0.25, "activations": activations})
+    gentle = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "activations": activations})
     tuned = quantize(onnx_variant, "qat", gentle, ctx, tmp_path, source=teacher)
     assert tuned.metrics["qat_validation_accuracy"] >= tuned.metrics["qat_initial_validation_accuracy"]
     assert agreement(onnx_variant, tuned) >= 0.8
@@ -480,7 +480,7 @@ def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained
     # 5 timed texts: the rest of the eval split is still scored, one text per call; or all 60 timed
     cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=1, rounds=1, latency_texts=latency_texts, measure_rss=False)
     measured = {v.id: v.metrics for v in benchmark([teacher, onnx_variant, int8], ctx.data, 2, cfg)}
-    _, eval_split = load_splits(ctx.data, 2)
+    eval_split = load_splits(ctx.data, 2).eval
 
     def served(variant):
         predictor = load_predictor(variant.path, variant.format)

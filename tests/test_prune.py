@@ -64,7 +64,7 @@ def test_pruned_variant_reloads_with_from_pretrained_and_exports(tmp_path, train
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(pruned.path)  # plain from_pretrained, default attention
     assert shapes(reloaded) == [(2, 32), (2, 32)]
-    _, eval_split = load_splits(data, 2)
+    eval_split = load_splits(data, 2).eval
     torch_logits = load_predictor(pruned.path, "hf").logits(eval_split.texts)
     # recovery distilled from the teacher: the task (one sentiment word decides) is still solved
     assert (torch_logits.argmax(-1) == np.asarray(eval_split.labels)).mean() >= 0.9
@@ -95,13 +95,13 @@ def test_task_vocabulary_keeps_the_words_the_data_uses(tmp_path, trained_tiny):
     teacher, data = trained_tiny
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
     full = AutoTokenizer.from_pretrained(teacher.path)
-    _, eval_split = load_splits(data, 2)
+    eval_split = load_splits(data, 2).eval
     # the 10 most frequent words (filler: 14 filler words each outnumber any one sentiment word) + 5 special tokens
     small = prune(teacher, 0.0, PruneConfig(ratios=[0.0], vocabulary=10), ctx, tmp_path)
     assert small.lineage == "teacher>prune[vocab10]"
-    assert small.metrics["prune_vocabulary_size"] == 15 and small.metrics["prune_unk_rate_eval"] > 0.1
+    assert small.metrics["prune_vocabulary_size"] == 15 and small.metrics["prune_unk_rate_validation"] > 0.1
     task = prune(teacher, 0.0, PruneConfig(ratios=[0.0], vocabulary="task"), ctx, tmp_path)
-    assert task.lineage == "teacher>prune[vocab]" and task.metrics["prune_unk_rate_eval"] == 0.0
+    assert task.lineage == "teacher>prune[vocab]" and task.metrics["prune_unk_rate_validation"] == 0.0
     reloaded = AutoModelForSequenceClassification.from_pretrained(task.path)
     tokenizer = AutoTokenizer.from_pretrained(task.path)
     assert reloaded.config.vocab_size == len(tokenizer) == len(full)  # this tiny task uses every word it has

@@ -2,11 +2,14 @@ from squeezeflow.tasks.select import SelectionConfig, beats, pareto_front, selec
 from squeezeflow.tasks.variant import Variant
 
 
-def v(vid, accuracy, p50, size, drop=None, qps=100.0):
+def v(vid, accuracy, p50, size, drop=None, qps=100.0, spread=0.0):
+    """A measured variant whose validation figures are `accuracy` and `drop`; its eval figures say the opposite, so a
+    choice that read them would go wrong."""
     return Variant(
         id=vid, stage="quantize", lineage=f"teacher>{vid}", format="onnx", path="/nowhere",
-        metrics={"accuracy": accuracy, "latency_p50_ms": p50, "size_mb": size, "throughput_qps": qps,
-                 "accuracy_drop": 0.90 - accuracy if drop is None else drop},
+        metrics={"val_accuracy": accuracy, "latency_p50_ms": p50, "size_mb": size, "throughput_qps": qps,
+                 "val_accuracy_drop": 0.90 - accuracy if drop is None else drop, "latency_spread_ms": spread,
+                 "accuracy": 1.0 - accuracy, "accuracy_drop": accuracy - 0.90},
     )
 
 
@@ -50,5 +53,20 @@ def test_a_challenger_must_beat_the_registered_champion_by_a_margin_and_never_re
     # the same variant, timed faster this once, is not a better model
     assert not beats(v("int8-a", 0.9, 0.5, 10), registered, cfg)
     # a feasible challenger replaces an incumbent that breaks the accuracy budget, even if slower
-    broken = registered.model_copy(update={"metrics": {**registered.metrics, "accuracy_drop": 0.05}})
+    broken = registered.model_copy(update={"metrics": {**registered.metrics, "val_accuracy_drop": 0.05}})
     assert beats(v("int8-b", 0.9, 2.0, 10), broken, cfg)
+
+
+def test_latencies_within_the_round_to_round_spread_are_ties_won_by_validation_accuracy_then_size():
+    cfg = SelectionConfig(max_accuracy_drop=0.02)
+    exits = v("early-exit", 0.885, 2.0, 24.0, spread=0.5)
+    plain = v("int8", 0.895, 2.3, 23.0, spread=0.2)
+    assert select([v("teacher", 0.90, 20.0, 90.0), exits, plain], cfg).champion.id == "int8"
+    steady = exits.model_copy(update={"metrics": {**exits.metrics, "latency_spread_ms": 0.1}})
+    assert select([v("teacher", 0.90, 20.0, 90.0), steady, plain], cfg).champion.id == "early-exit"
+    same = v("smaller", 0.895, 2.2, 20.0, spread=0.2)
+    assert select([v("teacher", 0.90, 20.0, 90.0), plain, same], cfg).champion.id == "smaller"
+    # nor does a challenger within the spread replace the registered champion
+    registered = plain.model_copy(update={"id": "champion-v1", "params": {"variant_id": "int8"}})
+    assert not beats(exits, registered, cfg) and beats(steady.model_copy(update={"metrics": {**steady.metrics, "latency_p50_ms": 1.0}}),
+                                                       registered, cfg)
