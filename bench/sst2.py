@@ -3,10 +3,13 @@ would pick instead, in one process and with the same harness (rounds interleaved
 
     python -m bench.sst2 --data-dir ../shared/data/sst2 --out DIR [--config configs/sst2.yaml] [--set key=value ...]
 
-Peers, all made from the recipe's fine-tuned teacher: PyTorch fp32; `torch.ao.quantization.quantize_dynamic`
-(the optimisation guide's method); ONNX Runtime fp32 (optimum export); Optimum `ORTQuantizer` dynamic INT8
-(`AutoQuantizationConfig.avx512_vnni`, or `avx2` without VNNI); Microsoft Olive's CPU recipe (OnnxConversion →
-OrtTransformersOptimization → OnnxDynamicQuantization; `pip install -e .[bench]`).
+Peers, all made from the recipe's fine-tuned teacher and stored under its id (a new teacher gets new peers), each
+run as its users run it (ONNX Runtime's default session options, the same thread count): PyTorch fp32;
+`torch.ao.quantization.quantize_dynamic` (the optimisation guide's method); ONNX Runtime fp32 (optimum export);
+Optimum's documented path for BERT-like models, `ORTOptimizer` at O2 then `ORTQuantizer` dynamic INT8
+(`AutoQuantizationConfig.avx512_vnni`, or `avx2` without VNNI); Optimum static INT8 (the same preset, `is_static`,
+calibrated with `ORTQuantizer.fit` on training sentences); Microsoft Olive's CPU recipe (OnnxConversion →
+OrtTransformersOptimization → OnnxDynamicQuantization). `pip install -e .[bench]` brings Olive and `datasets`.
 Writes DIR/results.json and DIR/results.md."""
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import sys
 import time
@@ -34,9 +38,11 @@ CHAMPION_KEYS = (
 )
 TOP_KEYS = ("machine", "wall_s", "teacher", "peers", "variants", "champion")
 
-TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OLIVE = (
-    "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-dynamic-int8", "olive-cpu-int8",
+TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OPTIMUM_STATIC, OLIVE = (
+    "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-o2-dynamic-int8", "optimum-static-int8", "olive-cpu-int8",
 )
+PEER_ORDER = (TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OPTIMUM_STATIC, OLIVE)
+CALIBRATION_TEXTS = 128  # the static peer's calibration sentences, as many as the recipe's static mode reads
 # the goals this benchmark is held to (the champion on the SST-2 dev set, batch 1)
 GOALS = {"speedup_vs_torch_fp32": 15.0, "speedup_vs_best_peer": 3.0, "size_ratio_vs_teacher": 10.0, "accuracy_drop": 0.01}
 
@@ -80,20 +86,67 @@ def peer_ort_fp32(teacher_dir: Path, out: Path) -> None:
     export_onnx(teacher_dir, out, ExportConfig(optimize="none"))
 
 
-def peer_optimum_dynamic(onnx_dir: Path, out: Path) -> None:
-    from optimum.onnxruntime import ORTQuantizer
+def _optimum_preset():
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
+    return AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in cpu_flags() else AutoQuantizationConfig.avx2
+
+
+def _keep_quantized(scratch: Path, out: Path, tokenizer_dir: Path) -> None:
     from squeezeflow.tasks.export import copy_tokenizer
 
-    preset = AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in cpu_flags() else AutoQuantizationConfig.avx2
-    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
-    scratch = out.parent / f".{out.name}-optimum"
-    quantizer.quantize(save_dir=scratch, quantization_config=preset(is_static=False, per_channel=False))
     out.mkdir(parents=True, exist_ok=True)
     shutil.move(str(next(scratch.glob("*quantized*.onnx"))), out / "model.onnx")
     shutil.rmtree(scratch, ignore_errors=True)
-    copy_tokenizer(onnx_dir, out)
+    copy_tokenizer(tokenizer_dir, out)
+
+
+def peer_optimum_dynamic(onnx_dir: Path, out: Path) -> None:
+    """Optimum's documented CPU path for BERT-like models: ORTOptimizer at O2 (fusions, GELU approximation), then
+    ORTQuantizer dynamic INT8. Between them, ONNX Runtime's own quantization pre-processing (symbolic shape
+    inference): without it ORTQuantizer stops at the fused ops' untyped outputs, and a user meets that error first."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from optimum.onnxruntime import ORTModelForSequenceClassification, ORTOptimizer, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig
+
+    optimized = out.parent / f".{out.name}-optimized"
+    model = ORTModelForSequenceClassification.from_pretrained(onnx_dir, file_name="model.onnx")
+    ORTOptimizer.from_pretrained(model).optimize(save_dir=optimized, optimization_config=AutoOptimizationConfig.O2())
+    quant_pre_process(str(optimized / "model_optimized.onnx"), str(optimized / "model_typed.onnx"), skip_optimization=True, auto_merge=True)
+    quantizer = ORTQuantizer.from_pretrained(optimized, file_name="model_typed.onnx")
+    scratch = out.parent / f".{out.name}-optimum"
+    quantizer.quantize(save_dir=scratch, quantization_config=_optimum_preset()(is_static=False, per_channel=False))
+    _keep_quantized(scratch, out, onnx_dir)
+    shutil.rmtree(optimized, ignore_errors=True)
+
+
+def peer_optimum_static(onnx_dir: Path, out: Path, calibration: list[str]) -> None:
+    """Optimum static INT8 as its documentation shows it: a calibration dataset of tokenized training sentences,
+    ORTQuantizer.fit (min-max ranges), then quantize with those ranges."""
+    try:
+        from datasets import Dataset
+    except ImportError:
+        raise SystemExit("error: the Optimum static peer needs datasets: pip install -e '.[bench]'") from None
+    import onnx
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoCalibrationConfig
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    dataset = Dataset.from_dict(dict(tokenizer(calibration, truncation=True)))
+    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
+    inputs = {i.name for i in onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False).graph.input}
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in inputs])
+    scratch = out.parent / f".{out.name}-optimum"
+    scratch.mkdir(parents=True, exist_ok=True)
+    ranges = quantizer.fit(
+        dataset=dataset, calibration_config=AutoCalibrationConfig.minmax(dataset),
+        onnx_augmented_model_name=scratch / "augmented_model.onnx",
+    )
+    config = _optimum_preset()(is_static=True, per_channel=False)
+    quantizer.quantize(save_dir=scratch, quantization_config=config, calibration_tensors_range=ranges)
+    (scratch / "augmented_model.onnx").unlink(missing_ok=True)
+    _keep_quantized(scratch, out, onnx_dir)
 
 
 def peer_olive(teacher_dir: Path, out: Path) -> None:
@@ -121,10 +174,12 @@ def peer_olive(teacher_dir: Path, out: Path) -> None:
     copy_tokenizer(teacher_dir, out)
 
 
-def make_peers(teacher, root: Path) -> list:
-    """The peers as variant records (so the same harness measures them), all made from the teacher."""
+def make_peers(teacher, root: Path, calibration: list[str]) -> list:
+    """The peers as variant records (so the same harness measures them, ONNX ones with ONNX Runtime's default
+    session options), all made from the teacher and kept under its id; `calibration`: the static peer's texts."""
     from squeezeflow.tasks.variant import Variant
 
+    root = root / teacher.id
     root.mkdir(parents=True, exist_ok=True)
     teacher_dir = Path(teacher.path)
     made = [teacher.model_copy(update={"metrics": {}})]
@@ -132,6 +187,7 @@ def make_peers(teacher, root: Path) -> list:
         (TORCH_DYNAMIC, "quantize", "hf", lambda d: peer_torch_dynamic(teacher_dir, d)),
         (ORT_FP32, "export", "onnx", lambda d: peer_ort_fp32(teacher_dir, d)),
         (OPTIMUM, "quantize", "onnx", lambda d: peer_optimum_dynamic(root / ORT_FP32, d)),
+        (OPTIMUM_STATIC, "quantize", "onnx", lambda d: peer_optimum_static(root / ORT_FP32, d, calibration)),
         (OLIVE, "quantize", "onnx", lambda d: peer_olive(teacher_dir, d)),
     ]
     for name, stage, fmt, build in recipes:
@@ -141,7 +197,10 @@ def make_peers(teacher, root: Path) -> list:
             started = time.perf_counter()
             build(directory)
             (directory / "done").write_text(f"{time.perf_counter() - started:.1f}\n")
-        made.append(Variant(id=f"peer-{name}", parent_id=teacher.id, stage=stage, lineage=f"peer:{name}", format=fmt, path=str(directory)))
+        params = {"ort_session": "default"} if fmt == "onnx" else {}
+        made.append(Variant(
+            id=f"peer-{name}", parent_id=teacher.id, stage=stage, lineage=f"peer:{name}", format=fmt, path=str(directory), params=params,
+        ))
     return made
 
 
@@ -157,7 +216,7 @@ def results_document(machine_info: dict, wall_s: float, variants: list, side_by_
     champion = next(v for v in side_by_side if v.id == champion_id)
     peers = [
         {"name": name, **{k: by_name[name].metrics[k] for k in PEER_KEYS[1:]}}
-        for name in (TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OLIVE) if name in by_name
+        for name in PEER_ORDER if name in by_name
     ]
     p50 = champion.metrics["latency_p50_ms"]
     best_peer = min(p["latency_p50_ms"] for p in peers)
@@ -267,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = [Variant.model_validate(v) for v in result["variants"]]
     teacher = next(v for v in variants if v.stage == "teacher")
     champion = next(v for v in variants if v.id == result["champion"])
-    peers = make_peers(teacher, out / "peers")
+    from squeezeflow.tasks.data import load_splits
+
+    train = load_splits(cfg.data, cfg.model.num_labels).train.texts
+    peers = make_peers(teacher, out / "peers", random.Random(cfg.seed).sample(train, CALIBRATION_TEXTS))
     contenders = peers if champion.id == teacher.id else [*peers, champion]
     side_by_side = benchmark(contenders, cfg.data, cfg.model.num_labels, cfg.benchmark.model_copy(update={"measure_rss": False}))
     doc = results_document(machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id)

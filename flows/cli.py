@@ -32,9 +32,14 @@ class _UserErrorsWithoutTraceback(logging.Filter):
         return True
 
 
+# exit codes of `squeeze run`: 0 every variant was made; 2 a mistake in the recipe, data or model (one `error:`
+# line); 3 some variants failed (listed), the champion was chosen from the rest
+EXIT_USER_ERROR, EXIT_VARIANTS_FAILED = 2, 3
+
+
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_USER_ERROR)
 
 
 def preflight(cfg) -> None:
@@ -103,6 +108,16 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
     console.print(f"{verb}: models:/{result['registered_model']}@champion (version {result['model_version']})")
     console.print(f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in {result['run_dir']}")
     console.print(f"wall time: {time.perf_counter() - started:.0f}s")
+    if result["failed"]:
+        failed = Table(title=f"{len(result['failed'])} variant(s) failed", title_style="bold red")
+        failed.add_column("lineage", no_wrap=True)
+        failed.add_column("error")
+        for f in result["failed"]:
+            failed.add_row(f["lineage"], f["error"])
+        console.print(failed)
+        err.print(f"[bold red]{len(result['failed'])} variant(s) failed[/] (listed above and in the report); exit code "
+                  f"{EXIT_VARIANTS_FAILED}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_VARIANTS_FAILED)
 
 
 @app.command()

@@ -208,7 +208,10 @@ def compress(config: SqueezeConfig) -> dict:
             "squeeze.selection": selection.reason,
             "squeeze.registered_version": version,
         })
-        report_files = write_report(measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}", cpu_flags())
+        report_files = write_report(
+            measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}", cpu_flags(),
+            [(f.lineage, f.error) for f in failures],
+        )
         for path in report_files:
             mlflow.log_artifact(str(path))
         publish_to_prefect(cfg.name, report_files[0].read_text(), measured)

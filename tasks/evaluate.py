@@ -160,7 +160,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     predictors = {}
     for v in variants:
         try:
-            predictors[v.id] = load_predictor(v.path, v.format, cfg.threads)
+            predictors[v.id] = load_predictor(v.path, v.format, cfg.threads, ort_defaults=v.params.get("ort_session") == "default")
         except Exception as e:  # ORT, tokenizers and transformers each raise their own types for unreadable files
             raise RuntimeError(f"cannot load {v.id} ({v.format}) from {v.path}: {e}") from e
 

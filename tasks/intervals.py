@@ -17,7 +17,10 @@ def wilson(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    # exact at the ends: floating point would leave 1 - 2e-16 above an accuracy of 1.0
+    low = 0.0 if correct == 0 else max(0.0, float(centre - half))
+    high = 1.0 if correct == total else min(1.0, float(centre + half))
+    return low, high
 
 
 def paired_drop_interval(reference_correct, variant_correct, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

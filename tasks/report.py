@@ -54,7 +54,10 @@ def table_rows(variants: list[Variant]) -> list[list[str]]:
     return [[fmt(v) for _, fmt in COLUMNS] for v in variants]
 
 
-def markdown(variants: list[Variant], selection: Selection, title: str, cpu_flags: str | None = None) -> str:
+def markdown(
+    variants: list[Variant], selection: Selection, title: str, cpu_flags: str | None = None, failed: list[tuple[str, str]] = (),
+) -> str:
+    """The report; `failed`: (lineage, error) of each variant that could not be made."""
     header = [name for name, _ in COLUMNS]
     lines = [f"# {title}", "", f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}."]
     lines += [budget_verdict(selection.champion, selection.max_accuracy_drop), "", machine_note(variants, cpu_flags), ""]
@@ -65,6 +68,9 @@ def markdown(variants: list[Variant], selection: Selection, title: str, cpu_flag
     lines += ["", "★ champion, ◆ on the Pareto front (validation accuracy, p50 latency, size). Choices are made on the validation "
               "split; accuracy is the eval split's, with 95 % intervals (Wilson; the drop paired against the teacher). "
               "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties."]
+    if failed:
+        lines += ["", f"## {len(failed)} variant(s) failed", "", "| lineage | error |", "|---|---|"]
+        lines += [f"| {lineage} | {error.replace('|', '/').splitlines()[0] if error else ''} |" for lineage, error in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -103,10 +109,13 @@ def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> No
     plt.close(fig)
 
 
-def write_report(variants: list[Variant], selection: Selection, out_dir: Path, title: str, cpu_flags: str | None = None) -> list[Path]:
+def write_report(
+    variants: list[Variant], selection: Selection, out_dir: Path, title: str, cpu_flags: str | None = None,
+    failed: list[tuple[str, str]] = (),
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "report.md", out_dir / "variants.csv", out_dir / "pareto.png"]
-    paths[0].write_text(markdown(variants, selection, title, cpu_flags))
+    paths[0].write_text(markdown(variants, selection, title, cpu_flags, failed))
     write_csv(variants, paths[1])
     pareto_plot(variants, selection, paths[2])
     return paths
@@ -146,4 +155,9 @@ def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Pa
         pareto_ids=[v.id for v in pareto_front(variants)],
     )
     title = f"squeezeflow: {tags.get('mlflow.runName', pipeline_run_id)}"
-    return write_report(variants, selection, out_dir, title, tags.get("squeeze.cpu_flags")), variants, selection
+    failed = client.search_runs(
+        [client.get_run(pipeline_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}' and attributes.status = 'FAILED'",
+    )
+    failures = [(r.data.tags.get("squeeze.lineage", "?"), r.data.tags.get("squeeze.error", "")) for r in failed]
+    return write_report(variants, selection, out_dir, title, tags.get("squeeze.cpu_flags"), failures), variants, selection

@@ -58,11 +58,18 @@ def fast_tokenizer(path: Path):
     return tokenizer
 
 
-def ort_session(file: Path, threads: int):
+def ort_session(file: Path, threads: int, defaults: bool = False):
+    """An ONNX Runtime session on `threads` threads; with `defaults`, every other option is ONNX Runtime's own (how a
+    user of another tool runs its graph), else squeezeflow's."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if defaults:
+        try:
+            return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
+            raise ModelError(f"{file}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
@@ -193,10 +200,10 @@ class TextEncoder:
 
 
 class OrtPredictor:
-    def __init__(self, path: str | Path, threads: int):
+    def __init__(self, path: str | Path, threads: int, ort_defaults: bool = False):
         path = Path(path)
         self.encoder = TextEncoder(path)
-        self.session = ort_session(path / "model.onnx", threads)
+        self.session = ort_session(path / "model.onnx", threads, ort_defaults)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def logits(self, texts: list[str]) -> np.ndarray:
@@ -264,11 +271,12 @@ class EarlyExitPredictor:
         return runs[0][0] if len(runs) == 1 else np.concatenate([logits for logits, _ in runs])
 
 
-def load_predictor(path: str | Path, fmt: str, threads: int = 1) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:
+def load_predictor(path: str | Path, fmt: str, threads: int = 1, ort_defaults: bool = False) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:
+    """`ort_defaults`: an ONNX graph is run with ONNX Runtime's default session options (a peer, as its users run it)."""
     if fmt == "hf":
         return TorchPredictor(path, threads)
     if fmt == "onnx":
-        return OrtPredictor(path, threads)
+        return OrtPredictor(path, threads, ort_defaults)
     if fmt == "onnx-exit":
         return EarlyExitPredictor(path, threads)
     raise ValueError(f"unknown variant format {fmt!r}")

@@ -17,7 +17,7 @@ def checked_texts(raw: list) -> list[str]:
 
     for row, text in enumerate(raw):
         if not isinstance(text, str) or not text.strip():
-            problem = "not a string" if not isinstance(text, str) and text is not None else "empty"
+            problem = "null" if text is None else "not a string" if not isinstance(text, str) else "empty"
             raise MlflowException(
                 f"text of row {row} is {problem} ({text!r}): send a non-empty string per row", error_code=INVALID_PARAMETER_VALUE
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("squeezeflow.tracking")
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# what the served pyfunc imports from this package: logged with the model as its code, so that it serves in an
+# environment made from its requirements alone, without squeezeflow installed
+SERVED_MODULES = ("__init__.py", "base.py", "runtime.py")
 
 
 class TrackingConfig(StrictModel):
@@ -160,10 +165,16 @@ def register_champion(v: Variant, registered_model: str, label_names: list[str],
     from mlflow.models.signature import ModelSignature
     from mlflow.tracking import MlflowClient
     from mlflow.types import ColSpec, Schema
+    import numpy
     import onnxruntime
+    import pandas
+    import pydantic
     import tokenizers
 
-    requirements = [f"mlflow=={mlflow.__version__}", f"tokenizers=={tokenizers.__version__}", "pandas", "numpy"]
+    requirements = [
+        f"mlflow=={mlflow.__version__}", f"tokenizers=={tokenizers.__version__}", f"pandas=={pandas.__version__}",
+        f"numpy=={numpy.__version__}", f"pydantic=={pydantic.__version__}",
+    ]
     if v.format != "hf":
         requirements.append(f"onnxruntime=={onnxruntime.__version__}")
     else:
@@ -171,14 +182,22 @@ def register_champion(v: Variant, registered_model: str, label_names: list[str],
         import transformers
 
         requirements += [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as code:
+        package = Path(code) / "squeezeflow" / "tasks"
+        package.mkdir(parents=True)
+        for name in SERVED_MODULES:
+            shutil.copy2(SERVING_CODE.with_name(name), package / name)
         # MLflow nags about type hints and input examples; the signature below is explicit
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
+            code_paths=[str(Path(code) / "squeezeflow")],
             name="champion",
             python_model=str(SERVING_CODE),
             artifacts={"model": v.path},
-            model_config={"format": v.format, "label_names": label_names, "threads": threads, "variant_id": v.id},
+            # per_row: one text per call, as the benchmark measured it (see serving.py)
+            model_config={
+                "format": v.format, "label_names": label_names, "threads": threads, "variant_id": v.id, "batch_policy": "per_row",
+            },
             signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
             pip_requirements=requirements,
             registered_model_name=registered_model,

@@ -1,7 +1,9 @@
 """bench/sst2.py: the results.json schema and figures from hand-made measurements, and the peers it builds."""
 
 import json
+from pathlib import Path
 
+import onnx
 import pytest
 
 from bench.sst2 import (
@@ -26,7 +28,7 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
         teacher,
         variant("p1", "peer:torch-quantize-dynamic", "quantize", 0.89, 18.0, 90.0),
         variant("p2", "peer:onnxruntime-fp32", "export", 0.9, 6.0, 90.0),
-        variant("p3", "peer:optimum-dynamic-int8", "quantize", 0.89, 4.0, 23.0),
+        variant("p3", "peer:optimum-o2-dynamic-int8", "quantize", 0.89, 4.0, 23.0),
         variant("p4", "peer:olive-cpu-int8", "quantize", 0.89, 3.0, 23.0),
         champion,
     ]
@@ -35,7 +37,7 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
     assert tuple(doc) == TOP_KEYS and tuple(doc["champion"]) == CHAMPION_KEYS
     assert all(tuple(p) == PEER_KEYS for p in doc["peers"]) and all(tuple(v) == VARIANT_KEYS for v in doc["variants"])
     assert [p["name"] for p in doc["peers"]] == [
-        "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-dynamic-int8", "olive-cpu-int8",
+        "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-o2-dynamic-int8", "olive-cpu-int8",
     ]
     c = doc["champion"]
     assert c["speedup_vs_torch_fp32"] == pytest.approx(20.0)
@@ -59,13 +61,19 @@ def test_peers_are_built_from_the_teacher_and_run(tmp_path, trained_tiny, monkey
 
     teacher, data = trained_tiny
     monkeypatch.setattr(sst2, "peer_olive", lambda teacher_dir, out: sst2.peer_ort_fp32(teacher_dir, out))  # olive-ai is a bench-only extra
-    peers = make_peers(teacher, tmp_path / "peers")
+    calibration = load_splits(data, 2).train.texts[:16]
+    peers = make_peers(teacher, tmp_path / "peers", calibration)
     assert [p.lineage for p in peers] == [
-        "teacher", "peer:torch-quantize-dynamic", "peer:onnxruntime-fp32", "peer:optimum-dynamic-int8", "peer:olive-cpu-int8",
+        "teacher", "peer:torch-quantize-dynamic", "peer:onnxruntime-fp32", "peer:optimum-o2-dynamic-int8",
+        "peer:optimum-static-int8", "peer:olive-cpu-int8",
     ]
+    assert all(Path(p.path).parent.name == teacher.id for p in peers[1:])  # a new teacher gets new peers
+    assert {p.params.get("ort_session") for p in peers if p.format == "onnx"} == {"default"}
+    static_ops = {n.op_type for n in onnx.load(str(Path(peers[4].path) / "model.onnx")).graph.node}
+    assert static_ops & {"QuantizeLinear", "QLinearMatMul"}, static_ops
     eval_split = load_splits(data, 2).eval
     reference = load_predictor(teacher.path, "hf").logits(eval_split.texts).argmax(-1)
     for peer in peers[1:]:
-        predicted = load_predictor(peer.path, peer.format).logits(eval_split.texts).argmax(-1)
+        predicted = load_predictor(peer.path, peer.format, ort_defaults=True).logits(eval_split.texts).argmax(-1)
         assert (predicted == reference).mean() >= 0.9, peer.lineage
-    assert make_peers(teacher, tmp_path / "peers") == peers  # built once, reused
+    assert make_peers(teacher, tmp_path / "peers", calibration) == peers  # built once, reused

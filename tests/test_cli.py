@@ -79,12 +79,21 @@ def test_model_that_fails_inside_the_flow_leaves_no_running_run(tmp_path, tiny_c
     assert list((tmp_path / "artifacts").glob("variants/*")) == []  # nothing half-written
 
 
-def test_run_prints_variants_and_champion(tmp_path, tiny_model_dir):
-    done = squeeze("run", recipe(tmp_path, make_tiny_config(tmp_path, tiny_model_dir)), "--set", "benchmark.rounds=1")
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_run_prints_variants_and_champion_and_a_failed_variant_loudly(tmp_path, tiny_model_dir):
+    """A variant that fails is listed on the console and in the report and `squeeze run` exits 3, while the champion is
+    still chosen from the rest (the static branch names a node its graph does not have)."""
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["stages"][1] = {"kind": "quantize", "modes": ["dynamic", "static"], "exclude_nodes": ["NoSuchNode"]}
+    done = squeeze("run", recipe(tmp_path, tree), "--set", "benchmark.rounds=1")
+    assert done.returncode == 3, done.stderr[-3000:]
     assert "teacher>onnx>int8-dynamic" in done.stdout
     assert "champion:" in done.stdout and "models:/tiny-classifier@champion" in done.stdout
-    assert run_statuses(tmp_path / "mlflow.db").count("FINISHED") == 4
+    assert "1 variant(s) failed" in done.stdout and "teacher>onnx>int8-static" in done.stdout and "NoSuchNode" in done.stdout
+    assert "exit code 3" in done.stderr and "Traceback" not in done.stdout + done.stderr
+    report = next((tmp_path / "artifacts" / "runs").glob("*/report/report.md")).read_text()
+    assert "## 1 variant(s) failed" in report and "| teacher>onnx>int8-static | " in report
+    statuses = run_statuses(tmp_path / "mlflow.db")
+    assert statuses.count("FINISHED") == 4 and statuses.count("FAILED") == 1
 
 
 def test_schema_and_validate(tmp_path, tiny_config):

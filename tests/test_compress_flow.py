@@ -78,12 +78,12 @@ def test_champion_is_registered_and_predicts_raw_text(finished):
     assert str(version.version) == result["model_version"]
     assert version.tags["squeeze.variant_id"] == result["champion"]
     champion = next(v for v in result["variants"] if v["id"] == result["champion"])
-    assert champion["metrics"]["accuracy_drop"] <= cfg.selection.max_accuracy_drop
-    fastest_ok = min(
-        (v for v in result["variants"] if v["metrics"]["accuracy_drop"] <= cfg.selection.max_accuracy_drop),
-        key=lambda v: v["metrics"]["latency_p50_ms"],
-    )
-    assert champion["id"] == fastest_ok["id"]
+    assert champion["metrics"]["val_accuracy_drop"] <= cfg.selection.max_accuracy_drop
+    c = champion["metrics"]
+    for v in result["variants"]:  # no feasible variant is faster by more than the round-to-round spread
+        m = v["metrics"]
+        if m["val_accuracy_drop"] <= cfg.selection.max_accuracy_drop:
+            assert c["latency_p50_ms"] <= m["latency_p50_ms"] + max(c["latency_spread_ms"], m["latency_spread_ms"])
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
@@ -252,3 +252,112 @@ def test_dask_runner_makes_the_variants_on_an_existing_scheduler(prefect_harness
     assert {"export_task", "quantize_task"} <= set(ran), ran
     runs = MlflowClient(tree["tracking"]["uri"]).search_runs([result["experiment_id"]])
     assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_permuting_the_eval_labels_changes_only_the_reported_eval_figures(prefect_harness, tmp_path, tiny_model_dir):
+    """Eval is read once, to report: the same recipe with its eval labels permuted, run from scratch, makes the same
+    variants (ids), keeps the same static-INT8 nodes in float and picks the same champion; only eval figures move.
+    The objective is size, so that timing noise between the two runs cannot pick another champion."""
+    import random
+
+    runs = []
+    for permuted in (False, True):
+        tree = make_tiny_config(tmp_path / f"permuted-{permuted}", tiny_model_dir)
+        if permuted:
+            rows = [line.split("\t") for line in Path(tree["data"]["eval"]).read_text().splitlines()[1:]]
+            labels = [label for _, label in rows]
+            random.Random(0).shuffle(labels)
+            Path(tree["data"]["eval"]).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for (t, _), y in zip(rows, labels)))
+        tree["stages"] = [
+            {"kind": "export"},
+            {"kind": "quantize", "modes": ["dynamic", "static"], "calibration_examples": 32, "accuracy_tolerance": 0.0},
+        ]
+        tree["benchmark"] |= {"rounds": 1, "latency_texts": 5, "measure_rss": False}
+        tree["selection"] = {"objective": "size", "max_accuracy_drop": 0.05}
+        runs.append(compress(parse_config(tree)))
+    plain, permuted = ({v["lineage"]: v for v in run["variants"]} for run in runs)
+    assert {k: v["id"] for k, v in plain.items()} == {k: v["id"] for k, v in permuted.items()}
+    static = "teacher>onnx>int8-static"
+    assert plain[static]["params"]["excluded_nodes"] == permuted[static]["params"]["excluded_nodes"]
+    assert runs[0]["champion"] == runs[1]["champion"]
+    for lineage in plain:
+        assert plain[lineage]["metrics"]["val_accuracy"] == permuted[lineage]["metrics"]["val_accuracy"]
+    assert plain["teacher"]["metrics"]["accuracy"] != permuted["teacher"]["metrics"]["accuracy"]
+
+
+def test_every_variant_reports_eval_intervals_and_the_report_places_the_drop_against_the_budget(finished):
+    cfg, result = finished
+    for v in result["variants"]:
+        m = v["metrics"]
+        assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
+        assert m["accuracy_drop_ci_low"] <= m["accuracy_drop_ci_high"]
+        assert 0.0 <= m["val_accuracy"] <= 1.0 and m["bench_other_cpu_share"] >= 0.0
+    report = (Path(result["run_dir"]) / "report" / "report.md").read_text()
+    assert "95 % paired interval" in report and "the budget is applied on the validation split" in report
+    assert "Benchmark machine: CPU flags" in report
+
+
+@pytest.mark.parametrize("bad", [None, "", "   ", 5])
+def test_the_champion_refuses_a_null_empty_or_non_string_text(finished, bad):
+    from mlflow.exceptions import MlflowException
+
+    cfg, _ = finished
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
+    with pytest.raises(MlflowException, match=r"text of row 1 is .*send a non-empty string per row") as caught:
+        model.predict(pd.DataFrame({"text": ["a fine film", bad]}, dtype=object))
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_the_champion_serves_from_a_fresh_environment_made_from_its_own_requirements(finished, tmp_path):
+    """`mlflow models serve` in a new virtual environment holding only the logged requirements (no squeezeflow, run
+    away from the repository): raw texts in, the pyfunc's labels out; a null text is an HTTP 400."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from .conftest import free_port, wait_for
+
+    cfg, _ = finished
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-classifier@champion", dst_path=str(tmp_path / "model")))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"MLFLOW_TRACKING_URI": cfg.tracking.uri, "PATH": f"{venv / 'bin'}:{env['PATH']}"}  # the venv, activated
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "-r", local / "requirements.txt"], check=True, env=env, timeout=900)
+    assert subprocess.run([venv / "bin" / "python", "-c", "import squeezeflow"], cwd=tmp_path, env=env).returncode != 0
+
+    port, log = free_port(), (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [venv / "bin" / "mlflow", "models", "serve", "-m", "models:/tiny-classifier@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+    def post(texts):
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def ready():
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).status == 200
+
+    try:
+        wait_for(ready, 180, "mlflow models serve")
+        status, answer = post(["the film was really excellent", "the plot was awful and boring"])
+        assert status == 200 and [row["label"] for row in answer["predictions"]] == ["pos", "neg"]
+        status, answer = post(["a fine film", None])
+        assert status == 400 and "text of row 1 is null" in json.dumps(answer), answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
