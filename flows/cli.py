@@ -59,6 +59,46 @@ def preflight(cfg) -> None:
         probe.unlink()
     except OSError as e:
         raise SqueezeError(f"artifacts_dir: {cfg.artifacts_dir} is not writable ({e.strerror})") from None
+    check_tracking_store(cfg)
+
+
+# how long preflight waits for another process's write to the sqlite store to end before calling it locked
+STORE_LOCK_WAIT_S = 10
+
+
+def check_tracking_store(cfg) -> None:
+    """A sqlite tracking store (the default) can be created, or written if it exists and is not held by another
+    process; a server URI is left to MLflow."""
+    import sqlite3
+
+    from squeezeflow.tasks.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.tracking, cfg.artifacts_dir)
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    field = "tracking.uri" if cfg.tracking.uri else "artifacts_dir"
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        probe = db.parent / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SqueezeError(f"{field}: the MLflow store {db} cannot be written ({e.strerror}); set tracking.uri elsewhere") from None
+    if not db.exists():
+        return
+    try:
+        conn = sqlite3.connect(db, timeout=STORE_LOCK_WAIT_S)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock (and gives it back): what every MLflow write needs
+            conn.rollback()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as e:
+        reason = "is locked by another process" if "locked" in str(e) else f"cannot be written ({e})"
+        raise SqueezeError(f"{field}: the MLflow store {db} {reason}; wait for it or set tracking.uri elsewhere") from None
+    except sqlite3.DatabaseError as e:
+        raise SqueezeError(f"{field}: {db} is not a usable MLflow store ({e})") from None
 
 
 def checked_config(path: Path, overrides: list[str] | None):

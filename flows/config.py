@@ -104,15 +104,19 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     """Applies one `--set key.sub=value` override; list items are addressed by index (stages.0.opset=17)."""
     keys = dotted.split(".")
     node: Any = tree
-    for depth, key in enumerate(keys[:-1]):
-        child = node[int(key)] if isinstance(node, list) and key.isdigit() and int(key) < len(node) else (
-            node.get(key) if isinstance(node, dict) else None
-        )
-        if child is None:
-            if not isinstance(node, dict):
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:depth])} is a value, not a section with keys")
+        if depth == len(keys) - 1:
+            break
+        if isinstance(node, list):
+            if not (key.isdigit() and int(key) < len(node)):
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[: depth + 1])} does not exist")
-            child = node[key] = {}
-        node = child
+            node = node[int(key)]
+        else:
+            if node.get(key) is None:  # a section the recipe leaves out (or sets to null) is created
+                node[key] = {}
+            node = node[key]
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(node, list):
         if not keys[-1].isdigit() or int(keys[-1]) >= len(node):

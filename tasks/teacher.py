@@ -86,9 +86,14 @@ def resolve_source(source: str) -> str:
     return source
 
 
+# positions a family reserves before the first token's (RoBERTa-style models count from padding_idx + 1)
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
 def check_model_source(cfg: ModelConfig) -> None:
-    """Cheap checks before a run: the source resolves, is a sequence-classification architecture, and its
-    safetensors weights (if local) are readable. Loading happens in the flow."""
+    """Cheap checks before a run: the source resolves, is a sequence-classification architecture, its safetensors
+    weights (if local) are readable, its tokenizer loads and fits its embeddings, and max_length fits its positions.
+    Loading the weights happens in the flow."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -108,6 +113,37 @@ def check_model_source(cfg: ModelConfig) -> None:
                 pass
         except Exception:  # safetensors raises its own error types for a bad header
             raise ModelError(f"model.source: {weights} is not a readable safetensors file") from None
+    check_tokenizer(where, config, cfg)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and getattr(config, "position_biased_input", True):  # relative positions (DeBERTa) have no such limit
+        usable = positions - POSITION_OFFSET.get(config.model_type, 0)
+        if cfg.max_length > usable:
+            raise ModelError(
+                f"model.max_length is {cfg.max_length} but {cfg.source!r} has position embeddings for {usable} tokens; "
+                f"set model.max_length to {usable} or less"
+            )
+
+
+def check_tokenizer(where: str, config, cfg: ModelConfig) -> None:
+    """The model's tokenizer loads, is a fast one, and every id it can produce has a row in the word embeddings."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for a missing or broken tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"model.source: {cfg.source!r} has no usable tokenizer ({first[:200]}); save it beside the weights with "
+            "tokenizer.save_pretrained(<model dir>)"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model.source: {cfg.source!r} has no fast tokenizer (tokenizer.json); squeezeflow needs one")
+    rows = getattr(config, "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(
+            f"model.source: the tokenizer of {cfg.source!r} has {len(tokenizer)} tokens but the model's embeddings have "
+            f"{rows} rows; use the tokenizer the model was trained with (or resize its embeddings and save it again)"
+        )
 
 
 def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_names: list[str] | None = None):

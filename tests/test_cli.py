@@ -102,3 +102,21 @@ def test_schema_and_validate(tmp_path, tiny_config):
     assert "stages" in json.loads(done.stdout)["properties"]
     done = squeeze("validate", recipe(tmp_path, tiny_config))
     assert done.returncode == 0 and "name: tiny" in done.stdout
+
+
+def test_a_store_locked_by_another_process_is_one_clear_line(tmp_path, tiny_config, monkeypatch):
+    import squeezeflow.flows.cli as cli
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(cli, "STORE_LOCK_WAIT_S", 1)
+    db = tmp_path / "mlflow.db"  # tiny_config's tracking store
+    holder = sqlite3.connect(db)
+    holder.execute("create table held (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # as another writer mid-transaction would
+    try:
+        result = CliRunner().invoke(cli.app, ["validate", recipe(tmp_path, tiny_config)])
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: tracking.uri: the MLflow store {db} is locked by another process; wait for it or set tracking.uri elsewhere"

@@ -66,6 +66,10 @@ def test_set_rejects_malformed_items(tiny_config):
         parse_config(tiny_config, overrides=["teacher.epochs"])
     with pytest.raises(ConfigError, match=r"--set stages.5.opset: stages.5 does not exist"):
         parse_config(tiny_config, overrides=["stages.5.opset=1"])
+    with pytest.raises(ConfigError, match=r"--set model.source.x: model.source is a value, not a section with keys"):
+        parse_config(tiny_config, overrides=["model.source.x=1"])
+    with pytest.raises(ConfigError, match=r"--set stages.1.modes.0.a.b: stages.1.modes.0 is a value, not a section"):
+        parse_config(tiny_config, overrides=["stages.1.modes.0.a.b=1"])
 
 
 def test_invalid_yaml_reports_line(tmp_path):
