@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from squeezeflow.flows.watchdog import guard_children
 from squeezeflow.tasks.base import SqueezeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress transformer classifiers for CPU serving.")
@@ -132,6 +133,7 @@ def variants_table(result: dict) -> Table:
 def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
     """Run the compress flow on a recipe and print the variants and the champion."""
     cfg = checked_config(config, set_)
+    guard_children()
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_UserErrorsWithoutTraceback())
@@ -169,6 +171,7 @@ def serve(
 ) -> None:
     """Serve the compress flow as a deployment (trigger it from the Prefect UI, the CLI or a schedule)."""
     cfg = checked_config(config, set_)
+    guard_children()
     try:
         from squeezeflow.flows.deploy import make_deployment
 

@@ -120,3 +120,37 @@ def test_a_store_locked_by_another_process_is_one_clear_line(tmp_path, tiny_conf
         holder.close()
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: tracking.uri: the MLflow store {db} is locked by another process; wait for it or set tracking.uri elsewhere"
+
+
+def test_kill_9_of_the_cli_leaves_no_process_it_started(tmp_path, tiny_model_dir):
+    """During the teacher's fine-tuning the CLI has started a temporary Prefect server (and the watchdog); after
+    `kill -9` of the CLI, every one of its descendants is gone within seconds."""
+    import signal
+    import time
+
+    import psutil
+
+    from .conftest import wait_for
+
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["teacher"] |= {"epochs": 500}  # long enough to be killed while training
+    cli = subprocess.Popen([SQUEEZE, "run", recipe(tmp_path, tree)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def training_with_a_server():
+            started = psutil.Process(cli.pid).children(recursive=True)
+            has_server = any("uvicorn" in " ".join(p.cmdline()) for p in started if p.is_running())
+            return started if has_server and "RUNNING" in run_statuses(tmp_path / "mlflow.db") else None
+
+        descendants = wait_for(training_with_a_server, 300, "the run to start training beside its Prefect server")
+        descendants += [p for p in psutil.process_iter() if "squeezeflow.flows.watchdog" in " ".join(p.cmdline() or [])
+                        and str(cli.pid) in p.cmdline()]
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants):
+            time.sleep(0.5)
+        alive = [" ".join(p.cmdline()) for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], alive
+    finally:
+        if cli.poll() is None:
+            cli.kill()
