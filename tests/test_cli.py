@@ -70,7 +70,9 @@ def test_bad_override_and_missing_config(tmp_path, tiny_config):
 def test_model_that_fails_inside_the_flow_leaves_no_running_run(tmp_path, tiny_config, tiny_model_dir):
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # config, but no weights
+    for file in tiny_model_dir.iterdir():  # config and tokenizer, but no weights: preflight cannot tell, loading can
+        if not file.name.endswith(".safetensors"):
+            (broken / file.name).write_bytes(file.read_bytes())
     tiny_config["model"]["source"] = str(broken)
     done = squeeze("run", recipe(tmp_path, tiny_config))
     assert_one_line_error(done, "model.source:", "broken-model")

@@ -301,7 +301,10 @@ def untrained_head(tmp_path_factory):
     teacher = make_teacher(ModelConfig(num_labels=3, max_length=64), TeacherConfig(epochs=0.01), placeholder, tmp / "v", seed=7)
     onnx_variant = export(teacher, ExportConfig(), tmp / "v")
     rows = list(zip(texts, load_predictor(onnx_variant.path, "onnx").logits(texts).argmax(-1).tolist()))
-    data = DataConfig(train=write_tsv(tmp / "train.tsv", rows), eval=write_tsv(tmp / "eval.tsv", rows))
+    # the fallback scores on the validation split: here the same 90 texts
+    data = DataConfig(
+        train=write_tsv(tmp / "train.tsv", rows), eval=write_tsv(tmp / "eval.tsv", rows), validation=tmp / "eval.tsv",
+    )
     return onnx_variant, texts, StageContext(data=data, num_labels=3, max_length=64, seed=7, teacher=teacher)
 
 
@@ -366,7 +369,7 @@ def test_static_fallback_of_early_exit_segments(untrained_head, tmp_path):
 
 def test_static_calibration_count_beyond_the_data_is_a_clear_error(trained, tmp_path):
     teacher, onnx_variant, ctx = trained
-    with pytest.raises(DataError, match=r"quantize.calibration_examples is 5000 but the train split .* has only 240 examples"):
+    with pytest.raises(DataError, match=r"quantize.calibration_examples is 5000 but the train split .* has only 216 examples"):
         quantize(onnx_variant, "static", QuantizeConfig(calibration_examples=5000), ctx, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())
 
