@@ -31,7 +31,10 @@ from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
 from squeezeflow.tasks.select import beats, same_variant, select_task
 from squeezeflow.tasks.teacher import teacher_task
-from squeezeflow.tasks.tracking import close_abandoned_runs, fetch_incumbent, log_failed_variant, log_variant, register_champion, tracking_uri, use_experiment
+from squeezeflow.tasks.tracking import (
+    close_abandoned_runs, fetch_incumbent, log_failed_variant, log_variant, register_champion, store_lock, tracking_uri,
+    use_experiment,
+)
 from squeezeflow.tasks.variant import StageContext, Variant
 
 # Each submit_* starts a stage's tasks for one parent and returns (lineage token, future) pairs; a stage that does
@@ -162,7 +165,8 @@ def compress(config: SqueezeConfig) -> dict:
     logger = get_run_logger()
     cfg = config
     run_dir = cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
-    experiment_id = use_experiment(tracking_uri(cfg.tracking, cfg.artifacts_dir), cfg.experiment, cfg.artifacts_dir)
+    uri = tracking_uri(cfg.tracking, cfg.artifacts_dir)
+    experiment_id = use_experiment(uri, cfg.experiment, cfg.artifacts_dir)
     for run_id in close_abandoned_runs(MlflowClient(), experiment_id):
         logger.warning("marked run %s KILLED: the process that ran it is gone", run_id)
     tags = {"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid()),
@@ -180,34 +184,37 @@ def compress(config: SqueezeConfig) -> dict:
             teacher=teacher, cache_dir=cfg.artifacts_dir / "cache",
         )
         variants, failures = grow(teacher, cfg.stages, ctx, variants_dir)
-        incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
-        measured = benchmark_task(variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark)
-        if incumbent:
-            *measured, incumbent_measured = measured
+        # the later of two pipelines on one store measures itself against the earlier one's champion: the benchmark
+        # and the promotion are one step (two benchmarks at once would also slow each other's timings)
+        with store_lock(uri, cfg.artifacts_dir, f"promote-{cfg.registered_model}"):
+            incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
+            measured = benchmark_task(variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark)
+            if incumbent:
+                *measured, incumbent_measured = measured
 
-        client = MlflowClient()
-        run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
-        for failure in failures:
-            log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
-        selection = select_task(measured, cfg.selection)
-        champion = selection.champion
-        if incumbent and not beats(champion, incumbent_measured, cfg.selection):
-            version = incumbent[1]
-            kept = (f"it is registered champion v{version} already" if same_variant(champion, incumbent_measured) else
-                    f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
-                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
-                    f"{incumbent_measured.metrics['val_accuracy']:.4f}) on this validation split, which stays champion")
-            selection = replace(selection, reason=f"{selection.reason}; {kept}")
-        else:
-            version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads,
-                                        previous=incumbent[1] if incumbent else None)
-        mlflow.set_tags({
-            "squeeze.champion": champion.id,
-            "squeeze.champion_lineage": champion.lineage,
-            "squeeze.champion_run_id": run_ids[champion.id],
-            "squeeze.selection": selection.reason,
-            "squeeze.registered_version": version,
-        })
+            client = MlflowClient()
+            run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
+            for failure in failures:
+                log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
+            selection = select_task(measured, cfg.selection)
+            champion = selection.champion
+            if incumbent and not beats(champion, incumbent_measured, cfg.selection):
+                version = incumbent[1]
+                kept = (f"it is registered champion v{version} already" if same_variant(champion, incumbent_measured) else
+                        f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
+                        f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
+                        f"{incumbent_measured.metrics['val_accuracy']:.4f}) on this validation split, which stays champion")
+                selection = replace(selection, reason=f"{selection.reason}; {kept}")
+            else:
+                version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads,
+                                            previous=incumbent[1] if incumbent else None)
+            mlflow.set_tags({
+                "squeeze.champion": champion.id,
+                "squeeze.champion_lineage": champion.lineage,
+                "squeeze.champion_run_id": run_ids[champion.id],
+                "squeeze.selection": selection.reason,
+                "squeeze.registered_version": version,
+            })
         report_files = write_report(
             measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}", cpu_flags(),
             [(f.lineage, f.error) for f in failures],

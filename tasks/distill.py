@@ -21,7 +21,7 @@ from .training import (
     UNLABELLED, LongTextPass, TrainConfig, accuracy_on, average_weights, cross_entropy, kd_loss, long_text_indices,
     predict_logits, sample_indices, soup_figures, train,
 )
-from .variant import StageContext, Variant, content_hash, derive, exclusive, finished, save_hf_variant
+from .variant import StageContext, Variant, content_hash, derive, exclusive, making, save_hf_variant
 
 log = logging.getLogger("squeezeflow.distill")
 
@@ -208,66 +208,67 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     unset += ["long_text_pass"] if cfg.long_text_pass is None else []
     knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *unset)}
     child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint)
-    if done := finished(child):
-        return done
-    cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
-    splits = load_splits(ctx.data, ctx.num_labels)
-    train_split = splits.train
-    if train_split.labels is None and cfg.from_labels_only:
-        raise ModelError("distill.from_labels_only needs a labelled train split")
-    # the attentions a model returns in training are the ones after dropout, zeros and all: matching them needs it off
-    student, teacher, chosen = build_student(parent.path, shape, attention_dropout=0.0 if cfg.attention_weight else None)
-    tokenizer = AutoTokenizer.from_pretrained(parent.path)
-    layer_map = cfg.layer_map or chosen
-    if len(layer_map) != student.config.num_hidden_layers:
-        raise ModelError(f"distill.layer_map has {len(layer_map)} entries for a {student.config.num_hidden_layers}-layer student")
-    if cfg.attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
-        raise ModelError("distill.attention_weight needs the student and teacher to have the same number of heads")
+    with making(child) as done:
+        if done:
+            return done
+        cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
+        splits = load_splits(ctx.data, ctx.num_labels)
+        train_split = splits.train
+        if train_split.labels is None and cfg.from_labels_only:
+            raise ModelError("distill.from_labels_only needs a labelled train split")
+        # the attentions a model returns in training are the ones after dropout, zeros and all: matching them needs it off
+        student, teacher, chosen = build_student(parent.path, shape, attention_dropout=0.0 if cfg.attention_weight else None)
+        tokenizer = AutoTokenizer.from_pretrained(parent.path)
+        layer_map = cfg.layer_map or chosen
+        if len(layer_map) != student.config.num_hidden_layers:
+            raise ModelError(f"distill.layer_map has {len(layer_map)} entries for a {student.config.num_hidden_layers}-layer student")
+        if cfg.attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
+            raise ModelError("distill.attention_weight needs the student and teacher to have the same number of heads")
 
-    # sample before computing teacher logits, so only the examples actually trained on are scored
-    fit = sample_indices(len(train_split), cfg.training.max_examples, ctx.seed)
-    texts = [train_split.texts[i] for i in fit]
-    labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
-    targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
-    # checked before the main training, so that a min_words no text reaches fails at once
-    long_texts = long_text_indices(texts, cfg.long_text_pass, "distill.long_text_pass") if cfg.long_text_pass else None
-    if cfg.augment is not None:
-        neighbours = word_neighbours(teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours)
-        copies = augment_texts(texts, neighbours, cfg.augment, ctx.seed)
-        log.info("augmented: %d copies of %d texts (%d words have neighbours)", len(copies), len(texts), len(neighbours))
-        targets = np.concatenate([targets, teacher_logits(parent.path, copies, ctx.max_length, cache_dir)])
-        labels = labels + [UNLABELLED] * len(copies) if labels is not None else None
-        texts = texts + copies
-    validation, val_truth = validation_truth(splits.validation, parent.path, ctx.max_length, cache_dir)
+        # sample before computing teacher logits, so only the examples actually trained on are scored
+        fit = sample_indices(len(train_split), cfg.training.max_examples, ctx.seed)
+        texts = [train_split.texts[i] for i in fit]
+        labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
+        targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
+        # checked before the main training, so that a min_words no text reaches fails at once
+        long_texts = long_text_indices(texts, cfg.long_text_pass, "distill.long_text_pass") if cfg.long_text_pass else None
+        if cfg.augment is not None:
+            neighbours = word_neighbours(teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours)
+            copies = augment_texts(texts, neighbours, cfg.augment, ctx.seed)
+            log.info("augmented: %d copies of %d texts (%d words have neighbours)", len(copies), len(texts), len(neighbours))
+            targets = np.concatenate([targets, teacher_logits(parent.path, copies, ctx.max_length, cache_dir)])
+            labels = labels + [UNLABELLED] * len(copies) if labels is not None else None
+            texts = texts + copies
+        validation, val_truth = validation_truth(splits.validation, parent.path, ctx.max_length, cache_dir)
 
-    wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
-    budget = cfg.training.model_copy(update={"max_examples": None})
+        wants = {"output_hidden_states": bool(cfg.hidden_weight), "output_attentions": bool(cfg.attention_weight)}
+        budget = cfg.training.model_copy(update={"max_examples": None})
 
-    def fit(model, seed: int, keep: list[int] | None = None, budget: TrainConfig = budget) -> dict[str, float]:
-        keep = list(range(len(texts))) if keep is None else keep
-        return train(
-            model, tokenizer, [texts[i] for i in keep], [labels[i] for i in keep] if labels is not None else None, budget,
-            max_length=ctx.max_length, seed=seed, loss_fn=_loss(cfg, teacher, layer_map),
-            targets=targets[keep] if targets is not None else None, model_kwargs={k: v for k, v in wants.items() if v},
-            evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if cfg.best_on_validation else None,
-        )
+        def fit(model, seed: int, keep: list[int] | None = None, budget: TrainConfig = budget) -> dict[str, float]:
+            keep = list(range(len(texts))) if keep is None else keep
+            return train(
+                model, tokenizer, [texts[i] for i in keep], [labels[i] for i in keep] if labels is not None else None, budget,
+                max_length=ctx.max_length, seed=seed, loss_fn=_loss(cfg, teacher, layer_map),
+                targets=targets[keep] if targets is not None else None, model_kwargs={k: v for k, v in wants.items() if v},
+                evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if cfg.best_on_validation else None,
+            )
 
-    log.info("distilling %s from %s on %d examples (%d validation)", token, parent.id, len(texts), len(validation))
-    initial = copy.deepcopy(student) if cfg.soup > 1 else None
-    figures, others = [fit(student, ctx.seed)], []
-    for i in range(1, cfg.soup):
-        log.info("soup: distilling copy %d of %d (seed %d)", i + 1, cfg.soup, ctx.seed + i)
-        others.append(copy.deepcopy(initial))
-        figures.append(fit(others[-1], ctx.seed + i))
-    if others:
-        average_weights(student, others)
-    figures = soup_figures(figures) if others else figures[0]
-    if long_texts is not None:  # indices among the original texts: augmented copies come after them
-        log.info("long-text pass: %d training texts have %d+ words", len(long_texts), cfg.long_text_pass.min_words)
-        figures |= {f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, long_texts, cfg.long_text_pass).items()}
-    # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
-    student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
-    return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
+        log.info("distilling %s from %s on %d examples (%d validation)", token, parent.id, len(texts), len(validation))
+        initial = copy.deepcopy(student) if cfg.soup > 1 else None
+        figures, others = [fit(student, ctx.seed)], []
+        for i in range(1, cfg.soup):
+            log.info("soup: distilling copy %d of %d (seed %d)", i + 1, cfg.soup, ctx.seed + i)
+            others.append(copy.deepcopy(initial))
+            figures.append(fit(others[-1], ctx.seed + i))
+        if others:
+            average_weights(student, others)
+        figures = soup_figures(figures) if others else figures[0]
+        if long_texts is not None:  # indices among the original texts: augmented copies come after them
+            log.info("long-text pass: %d training texts have %d+ words", len(long_texts), cfg.long_text_pass.min_words)
+            figures |= {f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, long_texts, cfg.long_text_pass).items()}
+        # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
+        student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
+        return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
 
 
 @task(name="distill")

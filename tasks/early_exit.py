@@ -22,7 +22,7 @@ from .export import copy_tokenizer, fuse
 from .prune import encoder_layers
 from .runtime import EARLY_EXIT_FILE, EXIT_RULES, SEGMENTS_DIR
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, derive, exclusive, finished, save_record, staged_dir, variant_id
+from .variant import StageContext, Variant, derive, exclusive, making, save_record, staged_dir, variant_id
 
 log = logging.getLogger("squeezeflow.early_exit")
 
@@ -498,24 +498,25 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
         parent, stage="early_exit", token=cfg.token(threshold), params=knobs, format="onnx-exit", out_root=out_root,
         data=ctx.data_fingerprint,
     )
-    if done := finished(child):
-        return done
-    with exclusive(exits_dir(parent, cfg, ctx, out_root)), TORCH_LOCK:
-        trained = train_exits(parent, cfg, ctx, out_root)
-    made = json.loads((trained / EARLY_EXIT_FILE).read_text())
-    with staged_dir(Path(child.path)) as scratch:
-        (scratch / SEGMENTS_DIR).mkdir()
-        for name in made["segments"]:
-            shutil.copy2(trained / SEGMENTS_DIR / name, scratch / SEGMENTS_DIR / name)
-        copy_tokenizer(trained, scratch)
-        spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"], "embedding_exit": made["embedding_exit"]}
-        (scratch / EARLY_EXIT_FILE).write_text(json.dumps(spec, indent=2))
-        write_exit_graph(scratch)
-        layers = len(made["segments"]) - made["embedding_exit"]
-        metrics = {"early_exit_train_seconds": made["train_seconds"], "early_exit_layers": float(layers)}
-        child = save_record(scratch, child.model_copy(update={"metrics": metrics}))
-    log.info("early exit %s at %s %g -> %s", parent.id, cfg.criterion, threshold, child.id)
-    return child
+    with making(child) as done:
+        if done:
+            return done
+        with exclusive(exits_dir(parent, cfg, ctx, out_root)), TORCH_LOCK:
+            trained = train_exits(parent, cfg, ctx, out_root)
+        made = json.loads((trained / EARLY_EXIT_FILE).read_text())
+        with staged_dir(Path(child.path)) as scratch:
+            (scratch / SEGMENTS_DIR).mkdir()
+            for name in made["segments"]:
+                shutil.copy2(trained / SEGMENTS_DIR / name, scratch / SEGMENTS_DIR / name)
+            copy_tokenizer(trained, scratch)
+            spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"], "embedding_exit": made["embedding_exit"]}
+            (scratch / EARLY_EXIT_FILE).write_text(json.dumps(spec, indent=2))
+            write_exit_graph(scratch)
+            layers = len(made["segments"]) - made["embedding_exit"]
+            metrics = {"early_exit_train_seconds": made["train_seconds"], "early_exit_layers": float(layers)}
+            child = save_record(scratch, child.model_copy(update={"metrics": metrics}))
+        log.info("early exit %s at %s %g -> %s", parent.id, cfg.criterion, threshold, child.id)
+        return child
 
 
 @task(name="early_exit")

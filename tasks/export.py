@@ -11,7 +11,7 @@ from prefect import task
 from pydantic import Field
 
 from .base import StageBase, TORCH_LOCK, ModelError
-from .variant import Variant, derive, finished, save_record, staged_dir
+from .variant import Variant, derive, making, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.export")
 
@@ -157,13 +157,14 @@ def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
     if parent.format != "hf":
         raise ModelError(f"export: variant {parent.id} is already ONNX")
     child = derive(parent, stage="export", token="onnx", params=cfg.knobs(), format="onnx", out_root=out_root)
-    if done := finished(child):
-        return done
-    with staged_dir(Path(child.path)) as scratch:
-        export_onnx(parent.path, scratch, cfg)
-        child = save_record(scratch, child)
-    log.info("exported %s -> %s", parent.id, child.id)
-    return child
+    with making(child) as done:
+        if done:
+            return done
+        with staged_dir(Path(child.path)) as scratch:
+            export_onnx(parent.path, scratch, cfg)
+            child = save_record(scratch, child)
+        log.info("exported %s -> %s", parent.id, child.id)
+        return child
 
 
 @task(name="export")

@@ -17,7 +17,7 @@ from .base import StageBase, TORCH_LOCK, ModelError
 from .data import load_splits
 from .distill import teacher_logits
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, derive, finished, save_hf_variant
+from .variant import StageContext, Variant, derive, making, save_hf_variant
 
 log = logging.getLogger("squeezeflow.prune")
 
@@ -203,52 +203,53 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
         raise ModelError(f"prune: variant {parent.id} is {parent.format}; pruning works on PyTorch variants")
     knobs = {"ratio": ratio, **cfg.knobs("ratios")}
     child = derive(parent, stage="prune", token=cfg.token(ratio), params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint)
-    if done := finished(child):
-        return done
-    # eager attention: the pruner traces the graph, and SDPA hides the per-head reshapes from it
-    model = AutoModelForSequenceClassification.from_pretrained(parent.path, attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(parent.path)
-    params_before = sum(p.numel() for p in model.parameters())
-    splits = load_splits(ctx.data, ctx.num_labels)
-    train_split = splits.train
-    limit = cfg.recovery.max_examples if cfg.recovery else 16 * cfg.taylor_batches
-    pick = sample_indices(len(train_split), limit, ctx.seed)
-    texts = [train_split.texts[i] for i in pick]
-    labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
-    figures: dict[str, float] = {}
+    with making(child) as done:
+        if done:
+            return done
+        # eager attention: the pruner traces the graph, and SDPA hides the per-head reshapes from it
+        model = AutoModelForSequenceClassification.from_pretrained(parent.path, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(parent.path)
+        params_before = sum(p.numel() for p in model.parameters())
+        splits = load_splits(ctx.data, ctx.num_labels)
+        train_split = splits.train
+        limit = cfg.recovery.max_examples if cfg.recovery else 16 * cfg.taylor_batches
+        pick = sample_indices(len(train_split), limit, ctx.seed)
+        texts = [train_split.texts[i] for i in pick]
+        labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
+        figures: dict[str, float] = {}
 
-    recover = None
-    if cfg.recovery is not None and ratio > 0:
-        teacher = ctx.teacher or parent
-        cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
-        targets = teacher_logits(teacher.path, texts, ctx.max_length, cache_dir)
+        recover = None
+        if cfg.recovery is not None and ratio > 0:
+            teacher = ctx.teacher or parent
+            cache_dir = ctx.cache_dir or Path(out_root) / ".cache"
+            targets = teacher_logits(teacher.path, texts, ctx.max_length, cache_dir)
 
-        def loss(outputs, batch):
-            return kd_loss(outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+            def loss(outputs, batch):
+                return kd_loss(outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=cfg.temperature, soft_weight=cfg.soft_weight)
 
-        def recover(step: int) -> None:
-            budget = cfg.recovery.model_copy(update={"epochs": cfg.recovery.epochs / cfg.iterative_steps, "max_examples": None})
-            result = train(model, tokenizer, texts, labels, budget, max_length=ctx.max_length, seed=ctx.seed + step,
-                           loss_fn=loss, targets=targets)
-            figures["recovery_seconds"] = figures.get("recovery_seconds", 0.0) + result["train_seconds"]
+            def recover(step: int) -> None:
+                budget = cfg.recovery.model_copy(update={"epochs": cfg.recovery.epochs / cfg.iterative_steps, "max_examples": None})
+                result = train(model, tokenizer, texts, labels, budget, max_length=ctx.max_length, seed=ctx.seed + step,
+                               loss_fn=loss, targets=targets)
+                figures["recovery_seconds"] = figures.get("recovery_seconds", 0.0) + result["train_seconds"]
 
-    if ratio > 0:
-        prune_model(model, tokenizer, ratio, cfg, texts, labels, ctx.max_length, recover)
-    if cfg.vocabulary != "full":
-        kept = task_vocabulary(tokenizer, train_split.texts, None if cfg.vocabulary == "task" else cfg.vocabulary)
-        before = unknown_rate(tokenizer, splits.validation.texts)
-        tokenizer = shrink_vocabulary(model, tokenizer, kept)
-        figures |= {"vocabulary_size": float(len(kept)), "unk_rate_validation_before": before,
-                    "unk_rate_validation": unknown_rate(tokenizer, splits.validation.texts)}
-    params_after = sum(p.numel() for p in model.parameters())
-    figures |= {
-        "params_before_m": params_before / 1e6,
-        "params_after_m": params_after / 1e6,
-        "heads_per_layer": float(encoder_layers(model)[1][0].attention.self.num_attention_heads),
-        "intermediate_size": float(model.config.intermediate_size),
-    }
-    log.info("pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6)
-    return save_hf_variant(child.model_copy(update={"metrics": {f"prune_{k}": v for k, v in figures.items()}}), model, tokenizer)
+        if ratio > 0:
+            prune_model(model, tokenizer, ratio, cfg, texts, labels, ctx.max_length, recover)
+        if cfg.vocabulary != "full":
+            kept = task_vocabulary(tokenizer, train_split.texts, None if cfg.vocabulary == "task" else cfg.vocabulary)
+            before = unknown_rate(tokenizer, splits.validation.texts)
+            tokenizer = shrink_vocabulary(model, tokenizer, kept)
+            figures |= {"vocabulary_size": float(len(kept)), "unk_rate_validation_before": before,
+                        "unk_rate_validation": unknown_rate(tokenizer, splits.validation.texts)}
+        params_after = sum(p.numel() for p in model.parameters())
+        figures |= {
+            "params_before_m": params_before / 1e6,
+            "params_after_m": params_after / 1e6,
+            "heads_per_layer": float(encoder_layers(model)[1][0].attention.self.num_attention_heads),
+            "intermediate_size": float(model.config.intermediate_size),
+        }
+        log.info("pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6)
+        return save_hf_variant(child.model_copy(update={"metrics": {f"prune_{k}": v for k, v in figures.items()}}), model, tokenizer)
 
 
 def task_vocabulary(tokenizer, texts: list[str], limit: int | None) -> list[int]:

@@ -30,7 +30,7 @@ from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx, replace_node
 from .runtime import EARLY_EXIT_FILE, FOUR_BIT_CODES, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
-from .variant import StageContext, Variant, derive, finished, save_record, staged_dir
+from .variant import StageContext, Variant, derive, making, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.quantize")
 
@@ -800,13 +800,14 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
         parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root,
         data=ctx.data_fingerprint if reads_data else None,
     )
-    if done := finished(child):
-        return done
-    with staged_dir(Path(child.path)) as scratch:
-        produced = strategy(parent, source, cfg, ctx, scratch)
-        child = save_record(scratch, child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}}))
-    log.info("quantized %s (%s) -> %s", parent.id, mode, child.id)
-    return child
+    with making(child) as done:
+        if done:
+            return done
+        with staged_dir(Path(child.path)) as scratch:
+            produced = strategy(parent, source, cfg, ctx, scratch)
+            child = save_record(scratch, child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}}))
+        log.info("quantized %s (%s) -> %s", parent.id, mode, child.id)
+        return child
 
 
 @task(name="quantize")

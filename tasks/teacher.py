@@ -14,7 +14,7 @@ from .training import (
     LongTextPass, TrainConfig, average_weights, kd_loss, long_text_indices, predict_logits, sample_indices, seed_everything,
     soup_figures, train,
 )
-from .variant import Variant, file_fingerprint, finished, save_hf_variant, variant_id
+from .variant import Variant, file_fingerprint, making, save_hf_variant, variant_id
 
 log = logging.getLogger("squeezeflow.teacher")
 
@@ -245,27 +245,28 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
     # a teacher that is fine-tuned reads the train split (which the validation slice, if any, shapes)
     vid = variant_id("teacher", params, made_by="teacher", data=data_fingerprint(data_cfg) if teacher_cfg.finetune else None)
     teacher = Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid))
-    if done := finished(teacher):
-        log.info("teacher %s is already made; reusing it", vid)
-        return done
-    seed_everything(seed)
-    model, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names)
-    metrics: dict[str, float] = {}
-    if teacher_cfg.finetune:
-        train_split = load_splits(data_cfg, model_cfg.num_labels).train
-        # picked before fine-tuning, so that a min_words no text reaches fails at once
-        long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
-        log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
-        metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
-        if teacher_cfg.born_again:
-            model, metrics = fine_tune_born_again(model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
-        elif teacher_cfg.soup > 1:
-            model, metrics = fine_tune_soup(model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
-        if long_texts is not None:
-            figures = train(model, tokenizer, *long_texts, teacher_cfg.long_text_pass, max_length=model_cfg.max_length, seed=seed)
-            metrics |= {f"long_text_pass_{k}": v for k, v in figures.items()}
-    tokenizer.model_max_length = model_cfg.max_length
-    return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
+    with making(teacher) as done:
+        if done:
+            log.info("teacher %s is already made; reusing it", vid)
+            return done
+        seed_everything(seed)
+        model, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names)
+        metrics: dict[str, float] = {}
+        if teacher_cfg.finetune:
+            train_split = load_splits(data_cfg, model_cfg.num_labels).train
+            # picked before fine-tuning, so that a min_words no text reaches fails at once
+            long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
+            log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
+            metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
+            if teacher_cfg.born_again:
+                model, metrics = fine_tune_born_again(model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
+            elif teacher_cfg.soup > 1:
+                model, metrics = fine_tune_soup(model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
+            if long_texts is not None:
+                figures = train(model, tokenizer, *long_texts, teacher_cfg.long_text_pass, max_length=model_cfg.max_length, seed=seed)
+                metrics |= {f"long_text_pass_{k}": v for k, v in figures.items()}
+        tokenizer.model_max_length = model_cfg.max_length
+        return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 
 
 @task(name="teacher")

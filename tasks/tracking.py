@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import warnings
@@ -38,19 +39,31 @@ def tracking_uri(cfg: TrackingConfig, artifacts_dir: Path) -> str:
     return cfg.uri or f"sqlite:///{Path(artifacts_dir).resolve() / 'mlflow.db'}"
 
 
+def store_lock(uri: str, artifacts_dir: Path, purpose: str):
+    """A lock shared by every pipeline on this machine that uses the store at `uri` (beside a sqlite file, else in
+    artifacts_dir): `purpose` names what it serialises."""
+    from filelock import FileLock
+
+    where = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(artifacts_dir)
+    where.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(where / f".mlflow-{re.sub(r'[^A-Za-z0-9_.-]', '_', purpose)}.lock"))
+
+
 def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
-    """Points MLflow at `uri` and returns the experiment id, creating it with artifacts beside the store."""
+    """Points MLflow at `uri` and returns the experiment id, creating it with artifacts beside the store. One
+    process at a time: two runs creating a new sqlite store at once race on its schema migration."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri)
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    location = (Path(artifacts_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    with store_lock(uri, artifacts_dir, "store"):
+        client = MlflowClient(uri)
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        location = (Path(artifacts_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        return client.create_experiment(name, artifact_location=location)
 
 
 def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:

@@ -180,6 +180,17 @@ def finished(child: Variant) -> Variant | None:
     return stored
 
 
+@contextmanager
+def making(child: Variant) -> Iterator[Variant | None]:
+    """The stored `child` if an earlier run made it; else None, with `child` claimed until the block ends, so that
+    threads, Dask workers and concurrent runs make it once: a second maker waits, then finds it made."""
+    if done := finished(child):
+        yield done
+        return
+    with exclusive(Path(child.path)):
+        yield finished(child)
+
+
 def save_record(directory: Path, variant: Variant) -> Variant:
     """Writes the record, with the hash of the directory's files, last, inside the staged directory, so only
     complete variants have one."""

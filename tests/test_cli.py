@@ -81,21 +81,42 @@ def test_model_that_fails_inside_the_flow_leaves_no_running_run(tmp_path, tiny_c
     assert list((tmp_path / "artifacts").glob("variants/*")) == []  # nothing half-written
 
 
-def test_run_prints_variants_and_champion_and_a_failed_variant_loudly(tmp_path, tiny_model_dir):
-    """A variant that fails is listed on the console and in the report and `squeeze run` exits 3, while the champion is
-    still chosen from the rest (the static branch names a node its graph does not have)."""
+def test_two_runs_at_once_on_a_new_store_and_a_failed_variant_is_loud(tmp_path, tiny_model_dir):
+    """Two `squeeze run` started together on a fresh artifacts dir and MLflow store: both finish, the teacher and
+    the shared variants are made once, the later run measures itself against the earlier one's champion (the same
+    variant: nothing new is registered) and each console says which happened. The second recipe adds a static
+    branch that names a node its graph does not have: it is listed on the console and in the report, and that run
+    exits 3 while its champion is still chosen from the rest."""
     tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["selection"] = {"objective": "size", "max_accuracy_drop": 0.05}  # the same champion for both, whatever the timings
+    plain = recipe(tmp_path, tree)
     tree["stages"][1] = {"kind": "quantize", "modes": ["dynamic", "static"], "exclude_nodes": ["NoSuchNode"]}
-    done = squeeze("run", recipe(tmp_path, tree), "--set", "benchmark.rounds=1")
-    assert done.returncode == 3, done.stderr[-3000:]
-    assert "teacher>onnx>int8-dynamic" in done.stdout
-    assert "champion:" in done.stdout and "models:/tiny-classifier@champion" in done.stdout
-    assert "1 variant(s) failed" in done.stdout and "teacher>onnx>int8-static" in done.stdout and "NoSuchNode" in done.stdout
-    assert "exit code 3" in done.stderr and "Traceback" not in done.stdout + done.stderr
-    report = next((tmp_path / "artifacts" / "runs").glob("*/report/report.md")).read_text()
-    assert "## 1 variant(s) failed" in report and "| teacher>onnx>int8-static | " in report
+    (tmp_path / "failing").mkdir()
+    failing = recipe(tmp_path / "failing", tree)
+    env = {**os.environ, "COLUMNS": "200"}
+    runs = [subprocess.Popen([SQUEEZE, "run", path, "--set", "benchmark.rounds=1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for path in (plain, failing)]
+    (out_plain, err_plain), (out_failing, err_failing) = (run.communicate(timeout=600) for run in runs)
+    assert runs[0].returncode == 0, err_plain[-3000:]
+    assert runs[1].returncode == 3, err_failing[-3000:]
+    for out in (out_plain, out_failing):
+        assert "teacher>onnx>int8-dynamic" in out and "champion:" in out
+    said = sorted(out.split("models:/tiny-classifier@champion")[0].rsplit("\n", 1)[-1] for out in (out_plain, out_failing))
+    assert said == ["kept (not beaten): ", "registered: "], said
+    assert "registered champion v1 already" in out_plain + out_failing
+    assert len(list((tmp_path / "artifacts" / "variants").glob("teacher-*"))) == 1
+
+    assert "1 variant(s) failed" in out_failing and "teacher>onnx>int8-static" in out_failing and "NoSuchNode" in out_failing
+    assert "exit code 3" in err_failing and "Traceback" not in out_failing + err_failing + out_plain + err_plain
+    report = next(p for p in (tmp_path / "artifacts" / "runs").glob("*/report/report.md") if "failed" in p.read_text())
+    assert "| teacher>onnx>int8-static | " in report.read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tree["tracking"]["uri"], registry_uri=tree["tracking"]["uri"])
+    assert [v.version for v in client.search_model_versions("name='tiny-classifier'")] in ([1], ["1"])
     statuses = run_statuses(tmp_path / "mlflow.db")
-    assert statuses.count("FINISHED") == 4 and statuses.count("FAILED") == 1
+    assert statuses.count("FINISHED") == 2 + 3 + 3 and statuses.count("FAILED") == 1 and "RUNNING" not in statuses
 
 
 def test_schema_and_validate(tmp_path, tiny_config):
