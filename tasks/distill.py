@@ -21,7 +21,7 @@ from .training import (
     UNLABELLED, LongTextPass, TrainConfig, accuracy_on, average_weights, cross_entropy, kd_loss, long_text_indices,
     predict_logits, sample_indices, soup_figures, train,
 )
-from .variant import StageContext, Variant, content_hash, derive, exclusive, making, save_hf_variant
+from .variant import StageContext, Variant, content_hash, derive, exclusive, intact, making, save_hf_variant, seal
 
 log = logging.getLogger("squeezeflow.distill")
 
@@ -139,13 +139,14 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
     key = hashlib.sha256(json.dumps([content_hash(teacher_dir), max_length, texts]).encode()).hexdigest()[:24]
     path = cache_dir / f"teacher-logits-{key}.npy"
     with exclusive(path):
-        if path.exists():
+        if intact(path):
             return np.load(path, allow_pickle=False)
         model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
         logits = predict_logits(model, AutoTokenizer.from_pretrained(teacher_dir), texts, max_length)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, logits, allow_pickle=False)
         tmp.rename(path)
+        seal(path)
     return logits
 
 

@@ -22,7 +22,7 @@ from .export import copy_tokenizer, fuse
 from .prune import encoder_layers
 from .runtime import EARLY_EXIT_FILE, EXIT_RULES, SEGMENTS_DIR
 from .training import TrainConfig, kd_loss, sample_indices, train
-from .variant import StageContext, Variant, derive, exclusive, making, save_record, staged_dir, variant_id
+from .variant import StageContext, Variant, derive, exclusive, intact, making, save_record, seal, staged_dir, variant_id
 
 log = logging.getLogger("squeezeflow.early_exit")
 
@@ -463,7 +463,7 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
     from transformers import AutoTokenizer
 
     trained = exits_dir(parent, cfg, ctx, out_root)
-    if (trained / EARLY_EXIT_FILE).is_file():
+    if intact(trained):
         return trained
     exit_model = build_exit_model(parent.path, cfg.train_backbone, cfg.pooling, cfg.embedding_exit)
     tokenizer = AutoTokenizer.from_pretrained(parent.path)
@@ -487,6 +487,7 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
         segments = export_segments(exit_model, scratch / SEGMENTS_DIR, cfg.opset, cfg.optimize)
         (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "pooling": cfg.pooling, "embedding_exit": cfg.embedding_exit,
                                                          "train_seconds": figures["train_seconds"]}))
+    seal(trained)
     return trained
 
 

@@ -180,6 +180,31 @@ def finished(child: Variant) -> Variant | None:
     return stored
 
 
+def _seal_of(path: Path) -> Path:
+    return Path(f"{path}.sha256")
+
+
+def _digest(path: Path) -> str:
+    return content_hash(path) if path.is_dir() else file_fingerprint(path)
+
+
+def seal(path: str | Path) -> None:
+    """Records the hash of a finished cache entry (a file or a directory) beside it, for `intact` to check."""
+    _seal_of(Path(path)).write_text(_digest(Path(path)))
+
+
+def intact(path: str | Path) -> bool:
+    """Whether a cache entry exists and still hashes to what `seal` recorded; a damaged or unsealed one is reported
+    (it is then made again by the caller)."""
+    path, recorded = Path(path), _seal_of(Path(path))
+    if not path.exists():
+        return False
+    if recorded.is_file() and recorded.read_text() == _digest(path):
+        return True
+    log.warning("cached %s does not match its recorded hash; making it again", path)
+    return False
+
+
 @contextmanager
 def making(child: Variant) -> Iterator[Variant | None]:
     """The stored `child` if an earlier run made it; else None, with `child` claimed until the block ends, so that

@@ -73,3 +73,54 @@ def test_a_damaged_stored_variant_is_made_again_with_a_warning(trained_tiny, tmp
     assert "do not match their recorded hash; making it again" in caplog.text
     assert again.id == made.id and finished(again) == again
     load_predictor(again.path, "onnx").logits(["a fine film"])
+
+
+def test_damaged_cached_teacher_logits_and_exits_are_made_again(trained_tiny, tmp_path, caplog):
+    import numpy as np
+
+    from squeezeflow.tasks.distill import teacher_logits
+    from squeezeflow.tasks.early_exit import HEADS_FILE, EarlyExitConfig, exits_dir, train_exits
+
+    teacher, data = trained_tiny
+    texts = ["a fine film", "an awful plot"]
+    first = teacher_logits(teacher.path, texts, 32, tmp_path / "cache")
+    cached = next((tmp_path / "cache").glob("teacher-logits-*.npy"))
+    cached.write_bytes(cached.read_bytes()[:40])  # truncated: np.load would fail, or read garbage
+    with caplog.at_level(logging.WARNING, logger="squeezeflow.variant"):
+        np.testing.assert_allclose(teacher_logits(teacher.path, texts, 32, tmp_path / "cache"), first)
+    assert f"cached {cached} does not match its recorded hash; making it again" in caplog.text
+
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
+    cfg = EarlyExitConfig(thresholds=[0.3], training={"epochs": 0.2, "batch_size": 16})
+    trained = train_exits(teacher, cfg, ctx, tmp_path / "v")
+    assert trained == exits_dir(teacher, cfg, ctx, tmp_path / "v")
+    heads = trained / HEADS_FILE
+    heads.write_bytes(b"not what was written")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="squeezeflow.variant"):
+        train_exits(teacher, cfg, ctx, tmp_path / "v")
+    assert f"cached {trained} does not match its recorded hash" in caplog.text
+    assert heads.read_bytes() != b"not what was written"
+
+
+def test_a_full_disk_while_saving_leaves_nothing_that_a_later_run_would_trust(trained_tiny, tmp_path, monkeypatch):
+    """The disk fills up in the middle of writing a variant: the error reaches the caller, no directory (or scratch
+    copy) is left under the variant's id, and the next attempt makes it whole."""
+    import errno
+
+    import squeezeflow.tasks.export as export_module
+
+    teacher, _ = trained_tiny
+    real = export_module.export_onnx
+
+    def full_disk(source, out, cfg):
+        real(source, out, cfg)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "export_onnx", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export(teacher, ExportConfig(), tmp_path)
+    assert list(tmp_path.iterdir()) == [] or all(p.name.startswith(".") and p.suffix == ".lock" for p in tmp_path.iterdir())
+    monkeypatch.setattr(export_module, "export_onnx", real)
+    made = export(teacher, ExportConfig(), tmp_path)
+    assert finished(made) == made
