@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test schema mlflow-ui clean
+.PHONY: install quickstart test lint format schema mlflow-ui clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 schema: install
 	$(BIN)/squeeze schema
