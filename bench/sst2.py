@@ -29,22 +29,50 @@ REPO = Path(__file__).resolve().parent.parent
 
 PEER_KEYS = ("name", "accuracy", "latency_p50_ms", "latency_p99_ms", "throughput_qps", "size_mb")
 VARIANT_KEYS = (
-    "variant_id", "parent_id", "lineage", "stage", "accuracy", "accuracy_drop", "latency_p50_ms", "latency_p99_ms",
-    "throughput_qps", "size_mb", "params_m",
+    "variant_id",
+    "parent_id",
+    "lineage",
+    "stage",
+    "accuracy",
+    "accuracy_drop",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "throughput_qps",
+    "size_mb",
+    "params_m",
 )
 CHAMPION_KEYS = (
-    "variant_id", "lineage", "accuracy", "accuracy_drop", "latency_p50_ms", "size_mb", "speedup_vs_torch_fp32",
-    "speedup_vs_optimum_dynamic", "speedup_vs_olive", "speedup_vs_best_peer", "size_ratio_vs_teacher",
+    "variant_id",
+    "lineage",
+    "accuracy",
+    "accuracy_drop",
+    "latency_p50_ms",
+    "size_mb",
+    "speedup_vs_torch_fp32",
+    "speedup_vs_optimum_dynamic",
+    "speedup_vs_olive",
+    "speedup_vs_best_peer",
+    "size_ratio_vs_teacher",
 )
 TOP_KEYS = ("machine", "wall_s", "teacher", "peers", "variants", "champion")
 
 TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OPTIMUM_STATIC, OLIVE = (
-    "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-o2-dynamic-int8", "optimum-static-int8", "olive-cpu-int8",
+    "pytorch-fp32",
+    "torch-quantize-dynamic",
+    "onnxruntime-fp32",
+    "optimum-o2-dynamic-int8",
+    "optimum-static-int8",
+    "olive-cpu-int8",
 )
 PEER_ORDER = (TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OPTIMUM_STATIC, OLIVE)
 CALIBRATION_TEXTS = 128  # the static peer's calibration sentences, as many as the recipe's static mode reads
 # the goals this benchmark is held to (the champion on the SST-2 dev set, batch 1)
-GOALS = {"speedup_vs_torch_fp32": 15.0, "speedup_vs_best_peer": 3.0, "size_ratio_vs_teacher": 10.0, "accuracy_drop": 0.01}
+GOALS = {
+    "speedup_vs_torch_fp32": 15.0,
+    "speedup_vs_best_peer": 3.0,
+    "size_ratio_vs_teacher": 10.0,
+    "accuracy_drop": 0.01,
+}
 
 
 def cpu_flags() -> set[str]:
@@ -58,16 +86,39 @@ def cpu_flags() -> set[str]:
 
 def machine(threads: int) -> dict:
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        cpu = next(
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
     libraries = {}
-    for name in ("squeezeflow", "torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "torch-pruning", "prefect", "mlflow", "olive-ai"):
+    for name in (
+        "squeezeflow",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "optimum",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime",
+        "torch-pruning",
+        "prefect",
+        "mlflow",
+        "olive-ai",
+    ):
         try:
             libraries[name] = version(name)
         except PackageNotFoundError:
             libraries[name] = "-"
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "vnni": "avx512_vnni" in cpu_flags(), "libraries": libraries}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "vnni": "avx512_vnni" in cpu_flags(),
+        "libraries": libraries,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ peers
@@ -112,7 +163,12 @@ def peer_optimum_dynamic(onnx_dir: Path, out: Path) -> None:
     optimized = out.parent / f".{out.name}-optimized"
     model = ORTModelForSequenceClassification.from_pretrained(onnx_dir, file_name="model.onnx")
     ORTOptimizer.from_pretrained(model).optimize(save_dir=optimized, optimization_config=AutoOptimizationConfig.O2())
-    quant_pre_process(str(optimized / "model_optimized.onnx"), str(optimized / "model_typed.onnx"), skip_optimization=True, auto_merge=True)
+    quant_pre_process(
+        str(optimized / "model_optimized.onnx"),
+        str(optimized / "model_typed.onnx"),
+        skip_optimization=True,
+        auto_merge=True,
+    )
     quantizer = ORTQuantizer.from_pretrained(optimized, file_name="model_typed.onnx")
     scratch = out.parent / f".{out.name}-optimum"
     quantizer.quantize(save_dir=scratch, quantization_config=_optimum_preset()(is_static=False, per_channel=False))
@@ -140,7 +196,8 @@ def peer_optimum_static(onnx_dir: Path, out: Path, calibration: list[str]) -> No
     scratch = out.parent / f".{out.name}-optimum"
     scratch.mkdir(parents=True, exist_ok=True)
     ranges = quantizer.fit(
-        dataset=dataset, calibration_config=AutoCalibrationConfig.minmax(dataset),
+        dataset=dataset,
+        calibration_config=AutoCalibrationConfig.minmax(dataset),
         onnx_augmented_model_name=scratch / "augmented_model.onnx",
     )
     config = _optimum_preset()(is_static=True, per_channel=False)
@@ -157,17 +214,27 @@ def peer_olive(teacher_dir: Path, out: Path) -> None:
     from squeezeflow.tasks.export import copy_tokenizer
 
     work = out.parent / f".{out.name}-olive"
-    olive_run({
-        "input_model": {"type": "HfModel", "model_path": str(teacher_dir), "task": "text-classification"},
-        "systems": {"local": {"type": "LocalSystem", "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
-        "passes": {
-            "conversion": {"type": "OnnxConversion"},
-            "optimization": {"type": "OrtTransformersOptimization", "model_type": "bert"},
-            "quantization": {"type": "OnnxDynamicQuantization"},
-        },
-        "host": "local", "target": "local", "output_dir": str(work / "output"), "cache_dir": str(work / "cache"),
-        "log_severity_level": 3,
-    })
+    olive_run(
+        {
+            "input_model": {"type": "HfModel", "model_path": str(teacher_dir), "task": "text-classification"},
+            "systems": {
+                "local": {
+                    "type": "LocalSystem",
+                    "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}],
+                }
+            },
+            "passes": {
+                "conversion": {"type": "OnnxConversion"},
+                "optimization": {"type": "OrtTransformersOptimization", "model_type": "bert"},
+                "quantization": {"type": "OnnxDynamicQuantization"},
+            },
+            "host": "local",
+            "target": "local",
+            "output_dir": str(work / "output"),
+            "cache_dir": str(work / "cache"),
+            "log_severity_level": 3,
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     shutil.move(str(next((work / "output").rglob("model.onnx"))), out / "model.onnx")
     shutil.rmtree(work, ignore_errors=True)
@@ -198,9 +265,17 @@ def make_peers(teacher, root: Path, calibration: list[str]) -> list:
             build(directory)
             (directory / "done").write_text(f"{time.perf_counter() - started:.1f}\n")
         params = {"ort_session": "default"} if fmt == "onnx" else {}
-        made.append(Variant(
-            id=f"peer-{name}", parent_id=teacher.id, stage=stage, lineage=f"peer:{name}", format=fmt, path=str(directory), params=params,
-        ))
+        made.append(
+            Variant(
+                id=f"peer-{name}",
+                parent_id=teacher.id,
+                stage=stage,
+                lineage=f"peer:{name}",
+                format=fmt,
+                path=str(directory),
+                params=params,
+            )
+        )
     return made
 
 
@@ -215,8 +290,7 @@ def results_document(machine_info: dict, wall_s: float, variants: list, side_by_
     by_name[TORCH_FP32] = teacher
     champion = next(v for v in side_by_side if v.id == champion_id)
     peers = [
-        {"name": name, **{k: by_name[name].metrics[k] for k in PEER_KEYS[1:]}}
-        for name in PEER_ORDER if name in by_name
+        {"name": name, **{k: by_name[name].metrics[k] for k in PEER_KEYS[1:]}} for name in PEER_ORDER if name in by_name
     ]
     p50 = champion.metrics["latency_p50_ms"]
     best_peer = min(p["latency_p50_ms"] for p in peers)
@@ -227,7 +301,10 @@ def results_document(machine_info: dict, wall_s: float, variants: list, side_by_
         "peers": peers,
         "variants": [
             {
-                "variant_id": v.id, "parent_id": v.parent_id, "lineage": v.lineage, "stage": v.stage,
+                "variant_id": v.id,
+                "parent_id": v.parent_id,
+                "lineage": v.lineage,
+                "stage": v.stage,
                 **{k: v.metrics.get(k) for k in VARIANT_KEYS[4:]},
             }
             for v in variants
@@ -240,7 +317,9 @@ def results_document(machine_info: dict, wall_s: float, variants: list, side_by_
             "latency_p50_ms": p50,
             "size_mb": champion.metrics["size_mb"],
             "speedup_vs_torch_fp32": by_name[TORCH_FP32].metrics["latency_p50_ms"] / p50,
-            "speedup_vs_optimum_dynamic": by_name[OPTIMUM].metrics["latency_p50_ms"] / p50 if OPTIMUM in by_name else None,
+            "speedup_vs_optimum_dynamic": by_name[OPTIMUM].metrics["latency_p50_ms"] / p50
+            if OPTIMUM in by_name
+            else None,
             "speedup_vs_olive": by_name[OLIVE].metrics["latency_p50_ms"] / p50 if OLIVE in by_name else None,
             "speedup_vs_best_peer": best_peer / p50,
             "size_ratio_vs_teacher": teacher.metrics["size_mb"] / champion.metrics["size_mb"],
@@ -279,19 +358,40 @@ def goal_lines(champion: dict) -> list[str]:
 def markdown(doc: dict, command: str) -> str:
     m, c = doc["machine"], doc["champion"]
     lines = [
-        "# squeezeflow SST-2 benchmark", "",
-        f"`{command}`", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads for every engine; wall time {doc['wall_s'] / 60:.1f} min.", "",
-        "## Champion vs peers (one interleaved benchmark, SST-2 dev, batch 1)", "",
-        "| model | accuracy | p50 ms | p99 ms | batch-32 qps | size MB |", "|---|---|---|---|---|---|",
+        "# squeezeflow SST-2 benchmark",
+        "",
+        f"`{command}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads for every engine; wall time "
+        f"{doc['wall_s'] / 60:.1f} min.",
+        "",
+        "## Champion vs peers (one interleaved benchmark, SST-2 dev, batch 1)",
+        "",
+        "| model | accuracy | p50 ms | p99 ms | batch-32 qps | size MB |",
+        "|---|---|---|---|---|---|",
     ]
     for p in doc["peers"]:
-        lines.append(f"| {p['name']} | {p['accuracy']:.4f} | {p['latency_p50_ms']:.2f} | {p['latency_p99_ms']:.2f} | {p['throughput_qps']:.0f} | {p['size_mb']:.1f} |")
-    lines.append(f"| **squeezeflow champion** `{c['lineage']}` | {c['accuracy']:.4f} | {c['latency_p50_ms']:.2f} | | | {c['size_mb']:.1f} |")
-    lines += ["", "Goals:", *goal_lines(c), "",
-              f"Speed-up vs Optimum dynamic INT8: {c['speedup_vs_optimum_dynamic']:.2f}×; vs Olive: {c['speedup_vs_olive']:.2f}×.", "",
-              "## Every variant of the recipe (as the flow measured them)", "",
-              "| lineage | accuracy | drop (pt) | p50 ms | p99 ms | qps | size MB | params M |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {p['name']} | {p['accuracy']:.4f} | {p['latency_p50_ms']:.2f} | {p['latency_p99_ms']:.2f} | "
+            f"{p['throughput_qps']:.0f} | {p['size_mb']:.1f} |"
+        )
+    lines.append(
+        f"| **squeezeflow champion** `{c['lineage']}` | {c['accuracy']:.4f} | {c['latency_p50_ms']:.2f} | | | "
+        f"{c['size_mb']:.1f} |"
+    )
+    lines += [
+        "",
+        "Goals:",
+        *goal_lines(c),
+        "",
+        f"Speed-up vs Optimum dynamic INT8: {c['speedup_vs_optimum_dynamic']:.2f}×; vs Olive: "
+        f"{c['speedup_vs_olive']:.2f}×.",
+        "",
+        "## Every variant of the recipe (as the flow measured them)",
+        "",
+        "| lineage | accuracy | drop (pt) | p50 ms | p99 ms | qps | size MB | params M |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for v in doc["variants"]:
         lines.append(
             f"| {v['lineage']} | {v['accuracy']:.4f} | {v['accuracy_drop'] * 100:+.2f} | {v['latency_p50_ms']:.2f} | "
@@ -305,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True, help="directory with train.tsv and dev.tsv")
     parser.add_argument("--out", type=Path, required=True, help="where results.json, results.md and the artifacts go")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "sst2.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value (repeatable)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="recipe override key=value (repeatable)"
+    )
     args = parser.parse_args(argv)
 
     import squeezeflow.tasks  # noqa: F401  (offline environment defaults)
@@ -318,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = args.out.resolve()
     try:
-        cfg = load_config(args.config, [f"data.dir={args.data_dir.resolve()}", f"artifacts_dir={out / 'artifacts'}", *args.overrides])
+        cfg = load_config(
+            args.config, [f"data.dir={args.data_dir.resolve()}", f"artifacts_dir={out / 'artifacts'}", *args.overrides]
+        )
         result = run_compress(cfg)
     except SqueezeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -331,8 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     train = load_splits(cfg.data, cfg.model.num_labels).train.texts
     peers = make_peers(teacher, out / "peers", random.Random(cfg.seed).sample(train, CALIBRATION_TEXTS))
     contenders = peers if champion.id == teacher.id else [*peers, champion]
-    side_by_side = benchmark(contenders, cfg.data, cfg.model.num_labels, cfg.benchmark.model_copy(update={"measure_rss": False}))
-    doc = results_document(machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id)
+    side_by_side = benchmark(
+        contenders, cfg.data, cfg.model.num_labels, cfg.benchmark.model_copy(update={"measure_rss": False})
+    )
+    doc = results_document(
+        machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id
+    )
     check_document(doc)
     command = "python -m bench.sst2 " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.json").write_text(json.dumps(doc, indent=2))

@@ -21,7 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress tra
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: key.sub=value (repeatable).")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config value: key.sub=value (repeatable).")
+]
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -85,7 +87,9 @@ def check_tracking_store(cfg) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise SqueezeError(f"{field}: the MLflow store {db} cannot be written ({e.strerror}); set tracking.uri elsewhere") from None
+        raise SqueezeError(
+            f"{field}: the MLflow store {db} cannot be written ({e.strerror}); set tracking.uri elsewhere"
+        ) from None
     if not db.exists():
         return
     try:
@@ -97,7 +101,9 @@ def check_tracking_store(cfg) -> None:
             conn.close()
     except sqlite3.OperationalError as e:
         reason = "is locked by another process" if "locked" in str(e) else f"cannot be written ({e})"
-        raise SqueezeError(f"{field}: the MLflow store {db} {reason}; wait for it or set tracking.uri elsewhere") from None
+        raise SqueezeError(
+            f"{field}: the MLflow store {db} {reason}; wait for it or set tracking.uri elsewhere"
+        ) from None
     except sqlite3.DatabaseError as e:
         raise SqueezeError(f"{field}: {db} is not a usable MLflow store ({e})") from None
 
@@ -123,8 +129,13 @@ def variants_table(result: dict) -> Table:
         star = "★ " if v["id"] == result["champion"] else ""
         interval = f" [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]" if "accuracy_ci_low" in m else ""
         table.add_row(
-            star + v["id"], v["lineage"], f"{m['val_accuracy']:.4f}" if "val_accuracy" in m else "", f"{m['accuracy']:.4f}{interval}",
-            f"{m['latency_p50_ms']:.2f}", f"{m['size_mb']:.1f}", f"{m['speedup']:.2f}×",
+            star + v["id"],
+            v["lineage"],
+            f"{m['val_accuracy']:.4f}" if "val_accuracy" in m else "",
+            f"{m['accuracy']:.4f}{interval}",
+            f"{m['latency_p50_ms']:.2f}",
+            f"{m['size_mb']:.1f}",
+            f"{m['speedup']:.2f}×",
         )
     return table
 
@@ -148,7 +159,10 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
     console.print(f"champion: [bold]{result['champion']}[/] — {result['selection']}")
     verb = "registered" if result["promoted"] else "kept (not beaten)"
     console.print(f"{verb}: models:/{result['registered_model']}@champion (version {result['model_version']})")
-    console.print(f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in {result['run_dir']}")
+    console.print(
+        f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in "
+        f"{result['run_dir']}"
+    )
     console.print(f"wall time: {time.perf_counter() - started:.0f}s")
     if result["failed"]:
         failed = Table(title=f"{len(result['failed'])} variant(s) failed", title_style="bold red")
@@ -157,8 +171,12 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         for f in result["failed"]:
             failed.add_row(f["lineage"], f["error"])
         console.print(failed)
-        err.print(f"[bold red]{len(result['failed'])} variant(s) failed[/] (listed above and in the report); exit code "
-                  f"{EXIT_VARIANTS_FAILED}", markup=True, highlight=False)
+        err.print(
+            f"[bold red]{len(result['failed'])} variant(s) failed[/] (listed above and in the report); exit code "
+            f"{EXIT_VARIANTS_FAILED}",
+            markup=True,
+            highlight=False,
+        )
         raise typer.Exit(EXIT_VARIANTS_FAILED)
 
 
@@ -195,7 +213,9 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: 
 @app.command()
 def report(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a pipeline run")],
-    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = f"sqlite:///{Path('artifacts').resolve() / 'mlflow.db'}",
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI")
+    ] = f"sqlite:///{Path('artifacts').resolve() / 'mlflow.db'}",
     out: Annotated[Path | None, typer.Option(help="Output directory (default: artifacts/reports/<run-id>)")] = None,
 ) -> None:
     """Rebuild a pipeline run's report (report.md, variants.csv, pareto.png) from MLflow."""
@@ -207,10 +227,14 @@ def report(
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
         _fail(f"--tracking-uri: no MLflow store at {tracking_uri.removeprefix('sqlite:///')}")
     try:
-        files, variants, selection = rebuild_report(MlflowClient(tracking_uri), run_id, out or Path("artifacts/reports") / run_id)
+        files, variants, selection = rebuild_report(
+            MlflowClient(tracking_uri), run_id, out or Path("artifacts/reports") / run_id
+        )
     except (MlflowException, ValueError) as e:
         _fail(f"run {run_id}: {str(e).splitlines()[0]}")
-    console.print(variants_table({"champion": selection.champion.id, "variants": [v.model_dump(mode="json") for v in variants]}))
+    console.print(
+        variants_table({"champion": selection.champion.id, "variants": [v.model_dump(mode="json") for v in variants]})
+    )
     console.print(f"report written to {files[0].parent}: {', '.join(f.name for f in files)}")
 
 

@@ -24,15 +24,20 @@ from squeezeflow.tasks.early_exit import early_exit_task
 from squeezeflow.tasks.evaluate import benchmark_task, cpu_flags
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.prune import prune_task
-from squeezeflow.tasks.quantize import EXIT_MODES
+from squeezeflow.tasks.quantize import EXIT_MODES, quantize_task
 from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
-from squeezeflow.tasks.quantize import quantize_task
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
 from squeezeflow.tasks.select import beats, same_variant, select_task
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import (
-    close_abandoned_runs, fetch_incumbent, log_failed_variant, log_variant, register_champion, store_lock, tracking_uri,
+    close_abandoned_runs,
+    fetch_incumbent,
+    log_failed_variant,
+    log_variant,
+    register_champion,
+    store_lock,
+    tracking_uri,
     use_experiment,
 )
 from squeezeflow.tasks.variant import StageContext, Variant
@@ -46,7 +51,10 @@ def submit_distill(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: di
     if parent.format != "hf":
         return []
     task = distill_task.with_options(retries=cfg.retries)
-    return [(f"distill[{shape.model_dump(exclude_none=True)}]", task.submit(parent, shape, cfg, ctx, out)) for shape in cfg.students]
+    return [
+        (f"distill[{shape.model_dump(exclude_none=True)}]", task.submit(parent, shape, cfg, ctx, out))
+        for shape in cfg.students
+    ]
 
 
 def submit_prune(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
@@ -64,7 +72,11 @@ def submit_early_exit(parent: Variant, cfg, ctx: StageContext, out: Path, by_id:
 
 
 def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    return [("onnx", export_task.with_options(retries=cfg.retries).submit(parent, cfg, out))] if parent.format == "hf" else []
+    return (
+        [("onnx", export_task.with_options(retries=cfg.retries).submit(parent, cfg, out))]
+        if parent.format == "hf"
+        else []
+    )
 
 
 def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
@@ -112,14 +124,24 @@ def carried_over(kind: str, parents: list[Variant]) -> list[Variant]:
     return [p for p in parents if p.format == "onnx-exit"]
 
 
-def grow(teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path) -> tuple[list[Variant], list[Failure]]:
+def grow(
+    teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path
+) -> tuple[list[Variant], list[Failure]]:
     """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export (and
     any stage with also_teacher) also takes the teacher, so the peer path teacher>onnx>int8 is always there."""
     logger = get_run_logger()
     by_id, frontier, failures = {teacher.id: teacher}, [teacher], []
     for stage in stages:
-        parents = frontier + [teacher] if (stage.kind == "export" or stage.also_teacher) and teacher not in frontier else frontier
-        submitted = [(parent, token, future) for parent in parents for token, future in STAGES[stage.kind](parent, stage, ctx, out, by_id)]
+        parents = (
+            frontier + [teacher]
+            if (stage.kind == "export" or stage.also_teacher) and teacher not in frontier
+            else frontier
+        )
+        submitted = [
+            (parent, token, future)
+            for parent in parents
+            for token, future in STAGES[stage.kind](parent, stage, ctx, out, by_id)
+        ]
         frontier = carried_over(stage.kind, parents)
         for parent, token, future in submitted:
             try:
@@ -151,7 +173,12 @@ def task_runner(runner: RunnerConfig):
         return DaskTaskRunner(address=runner.dask_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": runner.max_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+        cluster_kwargs={
+            "n_workers": runner.max_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        },
     )
 
 
@@ -169,8 +196,12 @@ def compress(config: SqueezeConfig) -> dict:
     experiment_id = use_experiment(uri, cfg.experiment, cfg.artifacts_dir)
     for run_id in close_abandoned_runs(MlflowClient(), experiment_id):
         logger.warning("marked run %s KILLED: the process that ran it is gone", run_id)
-    tags = {"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid()),
-            "squeeze.cpu_flags": cpu_flags()}
+    tags = {
+        "squeeze.role": "pipeline",
+        "squeeze.host": socket.gethostname(),
+        "squeeze.pid": str(os.getpid()),
+        "squeeze.cpu_flags": cpu_flags(),
+    }
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags=tags) as run:
         mlflow.log_text(dump_config(cfg), "config.yaml")
         counts = check_data_task(cfg.data, cfg.model.num_labels)
@@ -180,49 +211,83 @@ def compress(config: SqueezeConfig) -> dict:
         variants_dir = cfg.artifacts_dir / "variants"
         teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, variants_dir, cfg.seed)
         ctx = StageContext(
-            data=cfg.data, num_labels=cfg.model.num_labels, max_length=cfg.model.max_length, seed=cfg.seed,
-            teacher=teacher, cache_dir=cfg.artifacts_dir / "cache",
+            data=cfg.data,
+            num_labels=cfg.model.num_labels,
+            max_length=cfg.model.max_length,
+            seed=cfg.seed,
+            teacher=teacher,
+            cache_dir=cfg.artifacts_dir / "cache",
         )
         variants, failures = grow(teacher, cfg.stages, ctx, variants_dir)
         # the later of two pipelines on one store measures itself against the earlier one's champion: the benchmark
         # and the promotion are one step (two benchmarks at once would also slow each other's timings)
         with store_lock(uri, cfg.artifacts_dir, f"promote-{cfg.registered_model}"):
             incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
-            measured = benchmark_task(variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark)
+            measured = benchmark_task(
+                variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark
+            )
             if incumbent:
                 *measured, incumbent_measured = measured
 
             client = MlflowClient()
             run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
             for failure in failures:
-                log_failed_variant(client, experiment_id, run.info.run_id, failure.parent, failure.stage, failure.lineage, failure.error)
+                log_failed_variant(
+                    client,
+                    experiment_id,
+                    run.info.run_id,
+                    failure.parent,
+                    failure.stage,
+                    failure.lineage,
+                    failure.error,
+                )
             selection = select_task(measured, cfg.selection)
             champion = selection.champion
             if incumbent and not beats(champion, incumbent_measured, cfg.selection):
                 version = incumbent[1]
-                kept = (f"it is registered champion v{version} already" if same_variant(champion, incumbent_measured) else
-                        f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
-                        f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
-                        f"{incumbent_measured.metrics['val_accuracy']:.4f}) on this validation split, which stays champion")
+                kept = (
+                    f"it is registered champion v{version} already"
+                    if same_variant(champion, incumbent_measured)
+                    else f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
+                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
+                    f"{incumbent_measured.metrics['val_accuracy']:.4f}) on this validation split, which stays champion"
+                )
                 selection = replace(selection, reason=f"{selection.reason}; {kept}")
             else:
-                version = register_champion(champion, cfg.registered_model, cfg.label_names, cfg.benchmark.threads,
-                                            previous=incumbent[1] if incumbent else None)
-            mlflow.set_tags({
-                "squeeze.champion": champion.id,
-                "squeeze.champion_lineage": champion.lineage,
-                "squeeze.champion_run_id": run_ids[champion.id],
-                "squeeze.selection": selection.reason,
-                "squeeze.registered_version": version,
-            })
+                version = register_champion(
+                    champion,
+                    cfg.registered_model,
+                    cfg.label_names,
+                    cfg.benchmark.threads,
+                    previous=incumbent[1] if incumbent else None,
+                )
+            mlflow.set_tags(
+                {
+                    "squeeze.champion": champion.id,
+                    "squeeze.champion_lineage": champion.lineage,
+                    "squeeze.champion_run_id": run_ids[champion.id],
+                    "squeeze.selection": selection.reason,
+                    "squeeze.registered_version": version,
+                }
+            )
         report_files = write_report(
-            measured, selection, run_dir / "report", f"squeezeflow: {cfg.name}", cpu_flags(),
+            measured,
+            selection,
+            run_dir / "report",
+            f"squeezeflow: {cfg.name}",
+            cpu_flags(),
             [(f.lineage, f.error) for f in failures],
         )
         for path in report_files:
             mlflow.log_artifact(str(path))
         publish_to_prefect(cfg.name, report_files[0].read_text(), measured)
-        logger.info("best variant %s (%s); %s@champion is version %s", champion.id, champion.lineage, cfg.registered_model, version)
+        logger.info(
+            "best variant %s (%s); %s@champion is version %s",
+            champion.id,
+            champion.lineage,
+            cfg.registered_model,
+            version,
+        )
     return {
         "pipeline_run_id": run.info.run_id,
         "experiment_id": experiment_id,

@@ -21,7 +21,9 @@ from squeezeflow.tasks.select import SelectionConfig
 from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
 from squeezeflow.tasks.tracking import TrackingConfig
 
-StageConfig = Annotated[DistillConfig | PruneConfig | EarlyExitConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+StageConfig = Annotated[
+    DistillConfig | PruneConfig | EarlyExitConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")
+]
 
 
 class RunnerConfig(StrictModel):
@@ -31,12 +33,15 @@ class RunnerConfig(StrictModel):
         "prefect-dask (a LocalCluster of worker processes, or the scheduler at dask_address).",
     )
     max_workers: int = Field(
-        2, ge=1, le=64,
+        2,
+        ge=1,
+        le=64,
         description="Sibling variants made at once: threads, or the LocalCluster's worker processes. PyTorch-heavy "
         "sections take turns inside one process; ONNX Runtime work overlaps.",
     )
     dask_address: str | None = Field(
-        None, description="An existing Dask scheduler (e.g. tcp://10.0.0.5:8786) for kind dask; its workers need this "
+        None,
+        description="An existing Dask scheduler (e.g. tcp://10.0.0.5:8786) for kind dask; its workers need this "
         "package installed and artifacts_dir on storage they share with this machine.",
     )
 
@@ -55,7 +60,9 @@ class RunnerConfig(StrictModel):
 
 
 class SqueezeConfig(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Recipe name; the MLflow experiment by default.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Recipe name; the MLflow experiment by default."
+    )
     seed: int = Field(13, ge=0, description="Seed for sampling, initialisation and training.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
@@ -76,11 +83,16 @@ class SqueezeConfig(StrictModel):
         if names is not None and len(names) != self.model.num_labels:
             raise ValueError(f"data.label_names has {len(names)} names but model.num_labels is {self.model.num_labels}")
         if self.teacher.finetune and not self.data.train_has_labels:
-            raise ValueError("teacher.finetune needs labels, but data.train_has_labels is false (use an already fine-tuned teacher)")
+            raise ValueError(
+                "teacher.finetune needs labels, but data.train_has_labels is false (use an already fine-tuned teacher)"
+            )
         kinds = [s.kind for s in self.stages]
         for i, kind in enumerate(kinds):
             if kind == "quantize" and not {"export", "early_exit"} & set(kinds[:i]):
-                raise ValueError(f"stages.{i}: quantize works on ONNX variants, so an export (or early_exit) stage must come before it")
+                raise ValueError(
+                    f"stages.{i}: quantize works on ONNX variants, so an export (or early_exit) stage must come "
+                    f"before it"
+                )
             if kind == "export" and "export" in kinds[:i]:
                 raise ValueError(f"stages.{i}: a second export stage has nothing left to export")
             if kind in ("distill", "prune", "early_exit") and "export" in kinds[:i]:
@@ -134,7 +146,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             message = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            message = f"unknown stage kind {e.get('input', {}).get('kind')!r}; expected one of: distill, prune, early_exit, export, quantize"
+            kind = e.get("input", {}).get("kind")
+            message = f"unknown stage kind {kind!r}; expected one of: distill, prune, early_exit, export, quantize"
         elif "input" in e and not isinstance(e["input"], dict | list) and e["type"] != "missing":
             message += f" (got {e['input']!r})"
         parts.append(f"{where}: {message}")
@@ -145,12 +158,14 @@ def _absolute(cfg: SqueezeConfig) -> SqueezeConfig:
     """Relative paths resolve against the working directory, once, so a flow run elsewhere sees the same files."""
     data = cfg.data
     base = data.dir.resolve() if data.dir else None
-    data = data.model_copy(update={
-        "dir": base,
-        "train": data.path_of("train").resolve() if base is None else data.train,
-        "eval": data.path_of("eval").resolve() if base is None else data.eval,
-        "validation": data.path_of("validation").resolve() if base is None and data.validation else data.validation,
-    })
+    data = data.model_copy(
+        update={
+            "dir": base,
+            "train": data.path_of("train").resolve() if base is None else data.train,
+            "eval": data.path_of("eval").resolve() if base is None else data.eval,
+            "validation": data.path_of("validation").resolve() if base is None and data.validation else data.validation,
+        }
+    )
     model = cfg.model
     if not model.source.startswith("packaged:") and Path(model.source).expanduser().exists():
         model = model.model_copy(update={"source": str(Path(model.source).expanduser().resolve())})

@@ -14,8 +14,9 @@ def make_deployment(cfg: SqueezeConfig, name: str | None = None, cron: str | Non
     """A RunnerDeployment of `compress` for `cfg`; `flow.serve`/`prefect.serve` run it."""
     schedules = []
     if cron:
-        from cronsim import CronSim, CronSimError
         from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
 
         try:
             CronSim(cron, datetime(2026, 1, 1))
@@ -27,6 +28,7 @@ def make_deployment(cfg: SqueezeConfig, name: str | None = None, cron: str | Non
         name=name or cfg.name,
         parameters={"config": cfg.model_dump(mode="json")},
         schedules=schedules,
-        description=f"squeezeflow recipe {cfg.name!r}: teacher {cfg.model.source}, stages {[s.kind for s in cfg.stages]}",
+        description=f"squeezeflow recipe {cfg.name!r}: teacher {cfg.model.source}, stages "
+        f"{[s.kind for s in cfg.stages]}",
         tags=["squeezeflow", cfg.name],
     )

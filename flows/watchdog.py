@@ -26,7 +26,9 @@ def guard_children() -> None:
     os.environ[TOKEN_VARIABLE] = token
     subprocess.Popen(
         [sys.executable, "-m", __name__, str(os.getpid()), token],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C in the terminal reaches the CLI, not the watchdog, which cleans up after it
     )
 

@@ -12,9 +12,19 @@ from .base import StrictModel
 
 
 class AugmentConfig(StrictModel):
-    copies: int = Field(1, ge=1, le=20, description="Augmented copies made of each training text (a copy equal to its text is dropped).")
-    replace_prob: float = Field(0.3, gt=0, le=1, description="Chance that each word with neighbours is swapped in a copy.")
-    neighbours: int = Field(8, ge=1, le=100, description="Swap candidates per word: the whole words nearest to it by the cosine of the teacher's input embeddings.")
+    copies: int = Field(
+        1, ge=1, le=20, description="Augmented copies made of each training text (a copy equal to its text is dropped)."
+    )
+    replace_prob: float = Field(
+        0.3, gt=0, le=1, description="Chance that each word with neighbours is swapped in a copy."
+    )
+    neighbours: int = Field(
+        8,
+        ge=1,
+        le=100,
+        description="Swap candidates per word: the whole words nearest to it by the cosine of the teacher's input "
+        "embeddings.",
+    )
 
 
 def word_neighbours(model, tokenizer, words: set[str], k: int) -> dict[str, list[str]]:
@@ -52,7 +62,9 @@ def augment_texts(texts: list[str], neighbours: dict[str, list[str]], cfg: Augme
     for _ in range(cfg.copies):
         for text in texts:
             words = text.split()
-            swapped = [rng.choice(neighbours[w]) if w in neighbours and rng.random() < cfg.replace_prob else w for w in words]
+            swapped = [
+                rng.choice(neighbours[w]) if w in neighbours and rng.random() < cfg.replace_prob else w for w in words
+            ]
             if swapped != words:
                 copies.append(" ".join(swapped))
     return copies

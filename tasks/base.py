@@ -6,6 +6,7 @@ import threading
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
 # transformers loads weights under a process-global "meta device" context and torch.onnx export swaps global
 # state too, so a thread doing either corrupts any other thread's PyTorch work at that moment. Sibling variants
 # still run concurrently (ONNX Runtime work, file I/O, calibration); PyTorch loading, training and export take
@@ -43,9 +44,13 @@ class StrictModel(BaseModel):
 class StageBase(StrictModel):
     """What every stage's config has besides its own knobs."""
 
-    retries: int = Field(0, ge=0, le=10, description="Retries of a failing task of this stage before its variant is marked failed.")
+    retries: int = Field(
+        0, ge=0, le=10, description="Retries of a failing task of this stage before its variant is marked failed."
+    )
     also_teacher: bool = Field(
-        False, description="Also apply this stage to the teacher, not only to what the previous stage made (export always does)."
+        False,
+        description="Also apply this stage to the teacher, not only to what the previous stage made (export always "
+        "does).",
     )
 
     def knobs(self, *per_variant: str) -> dict:

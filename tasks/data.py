@@ -22,19 +22,33 @@ FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
 class DataConfig(StrictModel):
-    dir: Path | None = Field(None, description="Base directory for `train` and `eval` (relative paths resolve against it).")
+    dir: Path | None = Field(
+        None, description="Base directory for `train` and `eval` (relative paths resolve against it)."
+    )
     train: Path = Field(description="Training split: a .tsv, .csv or .jsonl file with a header / keys.")
-    eval: Path = Field(description="Evaluation split, same format: read only to report each variant's figures, never to choose.")
+    eval: Path = Field(
+        description="Evaluation split, same format: read only to report each variant's figures, never to choose."
+    )
     validation: Path | None = Field(
-        None, description="Validation split, same format, with labels: every choice (best epoch, fallback, champion) is made "
+        None,
+        description="Validation split, same format, with labels: every choice (best epoch, fallback, champion) is made "
         "on it. None: a stratified slice of the train file (validation_fraction), which no stage trains on.",
     )
-    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Without data.validation: the share of train set aside.")
-    validation_max: int = Field(2000, ge=10, description="Without data.validation: at most this many train rows set aside.")
-    validation_seed: int = Field(
-        0, ge=0, description="Seed of that slice; apart from the recipe's seed, so runs with other seeds choose on the same rows.",
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Without data.validation: the share of train set aside."
     )
-    format: Literal["auto", "tsv", "csv", "jsonl"] = Field("auto", description="File format; auto = from the extension.")
+    validation_max: int = Field(
+        2000, ge=10, description="Without data.validation: at most this many train rows set aside."
+    )
+    validation_seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of that slice; apart from the recipe's seed, so runs with other seeds choose on the same "
+        "rows.",
+    )
+    format: Literal["auto", "tsv", "csv", "jsonl"] = Field(
+        "auto", description="File format; auto = from the extension."
+    )
     text_column: str = Field("text", description="Column (or JSON key) holding the input text.")
     label_column: str = Field("label", description="Column holding the class: an integer index or one of label_names.")
     label_names: list[str] | None = Field(None, description="Class names in index order (optional).")
@@ -121,7 +135,9 @@ def _parse_label(raw, names: list[str] | None, num_labels: int, where: str) -> i
     else:
         value = raw
     if not 0 <= value < num_labels:
-        raise DataError(f"{where}: label {value} is out of range, expected 0..{num_labels - 1} (model.num_labels={num_labels})")
+        raise DataError(
+            f"{where}: label {value} is out of range, expected 0..{num_labels - 1} (model.num_labels={num_labels})"
+        )
     return value
 
 
@@ -140,12 +156,17 @@ def _read_split(cfg: DataConfig, split: Literal["train", "validation", "eval"], 
         raise DataError(f"data.{split}: file not found: {path}")
     fmt = cfg.format if cfg.format != "auto" else FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"data.{split}: cannot tell the format of {path} from its extension; set data.format to tsv, csv or jsonl")
+        raise DataError(
+            f"data.{split}: cannot tell the format of {path} from its extension; set data.format to tsv, csv or jsonl"
+        )
     labelled = split != "train" or cfg.train_has_labels
     columns = _columns(path, fmt)
     for column in (cfg.text_column, cfg.label_column) if labelled else (cfg.text_column,):
         if columns and column not in columns:
-            raise DataError(f"{path}: missing column {column!r} (found: {', '.join(columns)}); set data.{'text' if column == cfg.text_column else 'label'}_column")
+            raise DataError(
+                f"{path}: missing column {column!r} (found: {', '.join(columns)}); set "
+                f"data.{'text' if column == cfg.text_column else 'label'}_column"
+            )
     texts: list[str] = []
     labels: list[int] = []
     for line_no, record in _rows(path, fmt):
@@ -158,7 +179,11 @@ def _read_split(cfg: DataConfig, split: Literal["train", "validation", "eval"], 
             raise DataError(f"{where}, column {cfg.text_column!r}: expected non-empty text, got {text!r}")
         texts.append(text)
         if labelled:
-            labels.append(_parse_label(record[cfg.label_column], cfg.label_names, num_labels, f"{where}, column {cfg.label_column!r}"))
+            labels.append(
+                _parse_label(
+                    record[cfg.label_column], cfg.label_names, num_labels, f"{where}, column {cfg.label_column!r}"
+                )
+            )
     if not texts:
         raise DataError(f"data.{split}: {path} holds no examples")
     return Split(path=path, texts=texts, labels=labels if labelled else None)
@@ -191,7 +216,9 @@ def validation_rows(labels: list[int] | None, n: int, cfg: DataConfig) -> list[i
 
 def _subset(split: Split, rows: list[int]) -> Split:
     return Split(
-        path=split.path, texts=[split.texts[i] for i in rows], labels=None if split.labels is None else [split.labels[i] for i in rows]
+        path=split.path,
+        texts=[split.texts[i] for i in rows],
+        labels=None if split.labels is None else [split.labels[i] for i in rows],
     )
 
 
@@ -207,10 +234,15 @@ def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
             _same_classes(train, validation, "validation")
     else:
         if len(train) < 2:
-            raise DataError(f"data.train: {train.path} has one example; a validation slice needs more (or set data.validation)")
+            raise DataError(
+                f"data.train: {train.path} has one example; a validation slice needs more (or set data.validation)"
+            )
         held = validation_rows(train.labels, len(train), cfg)
         if not held:
-            raise DataError(f"data.train: {train.path} has too few examples per class to set a validation slice aside; set data.validation")
+            raise DataError(
+                f"data.train: {train.path} has too few examples per class to set a validation slice aside; set "
+                f"data.validation"
+            )
         held_set = set(held)
         validation = _subset(train, held)
         train = _subset(train, [i for i in range(len(train.texts)) if i not in held_set])
@@ -222,10 +254,12 @@ def _same_classes(train: Split, other: Split, name: str) -> None:
     if train_set != other_set:
         only_train, only_other = sorted(train_set - other_set), sorted(other_set - train_set)
         detail = "; ".join(
-            part for part in (
+            part
+            for part in (
                 f"only in train: {only_train}" if only_train else "",
                 f"only in {name}: {only_other}" if only_other else "",
-            ) if part
+            )
+            if part
         )
         raise DataError(f"data: train ({train.path}) and {name} ({other.path}) have different label sets ({detail})")
 
@@ -245,4 +279,8 @@ def data_fingerprint(cfg: DataConfig) -> str:
 def check_data_task(cfg: DataConfig, num_labels: int) -> dict[str, int]:
     """Validates the splits up front (stages re-read the files themselves: records and paths flow, not data)."""
     splits = load_splits(cfg, num_labels)
-    return {"train_examples": len(splits.train), "validation_examples": len(splits.validation), "eval_examples": len(splits.eval)}
+    return {
+        "train_examples": len(splits.train),
+        "validation_examples": len(splits.validation),
+        "eval_examples": len(splits.eval),
+    }

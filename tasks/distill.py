@@ -15,11 +15,21 @@ from prefect import task
 from pydantic import Field, model_validator
 
 from .augment import AugmentConfig, augment_texts, word_neighbours
-from .base import StageBase, TORCH_LOCK, ModelError, StrictModel
+from .base import TORCH_LOCK, ModelError, StageBase, StrictModel
 from .data import load_splits
 from .training import (
-    UNLABELLED, LongTextPass, TrainConfig, accuracy_on, average_weights, cross_entropy, kd_loss, long_text_indices,
-    predict_logits, sample_indices, soup_figures, train,
+    UNLABELLED,
+    LongTextPass,
+    TrainConfig,
+    accuracy_on,
+    average_weights,
+    cross_entropy,
+    kd_loss,
+    long_text_indices,
+    predict_logits,
+    sample_indices,
+    soup_figures,
+    train,
 )
 from .variant import StageContext, Variant, content_hash, derive, exclusive, intact, making, save_hf_variant, seal
 
@@ -27,10 +37,18 @@ log = logging.getLogger("squeezeflow.distill")
 
 
 class StudentShape(StrictModel):
-    num_layers: int | None = Field(None, ge=1, description="Keep this many teacher layers, evenly spaced (first and last included).")
-    layers: list[int] | None = Field(None, min_length=1, description="Or: the exact teacher layer indices to keep, in order.")
-    intermediate_size: int | None = Field(None, ge=1, description="A smaller FFN width; those weights start from scratch.")
-    hidden_size: int | None = Field(None, ge=8, description="A smaller hidden size; the whole student then starts from scratch.")
+    num_layers: int | None = Field(
+        None, ge=1, description="Keep this many teacher layers, evenly spaced (first and last included)."
+    )
+    layers: list[int] | None = Field(
+        None, min_length=1, description="Or: the exact teacher layer indices to keep, in order."
+    )
+    intermediate_size: int | None = Field(
+        None, ge=1, description="A smaller FFN width; those weights start from scratch."
+    )
+    hidden_size: int | None = Field(
+        None, ge=8, description="A smaller hidden size; the whole student then starts from scratch."
+    )
 
     @model_validator(mode="after")
     def _one_depth(self) -> StudentShape:
@@ -60,28 +78,44 @@ class DistillConfig(StageBase):
     kind: Literal["distill"] = "distill"
     students: list[StudentShape] = Field(description="Student shapes; each becomes a variant.", min_length=1)
     training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=1e-4, batch_size=32))
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft targets (the loss is scaled by T²).")
-    soft_weight: float = Field(0.7, ge=0, le=1, description="Weight of the soft-target KL; 1 − this goes to the label cross-entropy.")
-    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE (student layer i vs its teacher layer, per real token).")
+    temperature: float = Field(
+        2.0, gt=0, description="Softmax temperature of the soft targets (the loss is scaled by T²)."
+    )
+    soft_weight: float = Field(
+        0.7, ge=0, le=1, description="Weight of the soft-target KL; 1 − this goes to the label cross-entropy."
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="Weight of the hidden-state MSE (student layer i vs its teacher layer, per real token)."
+    )
     attention_weight: float = Field(
-        0.0, ge=0,
-        description="Weight of the attention-distribution KL (same layer map, same head count; per head and real token). "
+        0.0,
+        ge=0,
+        description="Weight of the attention-distribution KL (same layer map, same head count; per head and real "
+        "token). "
         "The student then trains with attention dropout off.",
     )
-    layer_map: list[int] | None = Field(None, description="Teacher layer matched by each student layer; default: the layers it was initialised from.")
+    layer_map: list[int] | None = Field(
+        None, description="Teacher layer matched by each student layer; default: the layers it was initialised from."
+    )
     best_on_validation: bool = Field(
-        True, description="Score the student on the validation split before training and after each epoch, and keep the "
+        True,
+        description="Score the student on the validation split before training and after each epoch, and keep the "
         "best weights (false: keep the last).",
     )
-    from_labels_only: bool = Field(False, description="Train on labels only (no teacher): the baseline that shows what KD adds.")
+    from_labels_only: bool = Field(
+        False, description="Train on labels only (no teacher): the baseline that shows what KD adds."
+    )
     augment: AugmentConfig | None = Field(
         None,
         description="Also train on augmented copies of the training texts (words swapped for their neighbours), "
         "which learn from the teacher's soft targets alone.",
     )
     soup: int = Field(
-        1, ge=1, le=16,
-        description="Train this many copies of each student from the same initial weights, each on the training data in "
+        1,
+        ge=1,
+        le=16,
+        description="Train this many copies of each student from the same initial weights, each on the training data "
+        "in "
         "another order (seeds seed, seed + 1, …), and make their average weights the student (n× the training time).",
     )
     long_text_pass: LongTextPass | None = Field(
@@ -93,7 +127,9 @@ class DistillConfig(StageBase):
     @model_validator(mode="after")
     def _augment_needs_teacher(self) -> DistillConfig:
         if self.augment is not None and self.from_labels_only:
-            raise ValueError("augment: augmented texts have no labels, so they need the teacher (from_labels_only is true)")
+            raise ValueError(
+                "augment: augmented texts have no labels, so they need the teacher (from_labels_only is true)"
+            )
         return self
 
 
@@ -121,7 +157,7 @@ def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dro
     mapped = {}
     for key in student.state_dict():
         if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
+            index, rest = key[len(prefix) :].split(".", 1)
             mapped[key] = source.get(f"{prefix}{chosen[int(index)]}.{rest}")
         else:
             mapped[key] = source.get(key)
@@ -150,7 +186,9 @@ def teacher_logits(teacher_dir: str | Path, texts: list[str], max_length: int, c
     return logits
 
 
-def validation_truth(validation, teacher_dir: str | Path, max_length: int, cache_dir: Path) -> tuple[list[str], np.ndarray]:
+def validation_truth(
+    validation, teacher_dir: str | Path, max_length: int, cache_dir: Path
+) -> tuple[list[str], np.ndarray]:
     """The validation texts and what a model should predict on them: their labels, or where the split has none (a
     slice of an unlabelled train file), the teacher's labels."""
     if validation.labels is not None:
@@ -158,7 +196,9 @@ def validation_truth(validation, teacher_dir: str | Path, max_length: int, cache
     return validation.texts, teacher_logits(teacher_dir, validation.texts, max_length, cache_dir).argmax(-1)
 
 
-def layer_matching_loss(student_out, teacher_out, attention_mask, layer_map: list[int], *, hidden_weight: float, attention_weight: float):
+def layer_matching_loss(
+    student_out, teacher_out, attention_mask, layer_map: list[int], *, hidden_weight: float, attention_weight: float
+):
     """TinyBERT/MiniLM-style terms for each student layer and its teacher layer: the MSE between their hidden states
     and the KL from the teacher's attention distributions to the student's, both averaged over the real (not padding)
     tokens, and the KL over heads too. A padding position's attention row is ignored: it attends to nothing real."""
@@ -169,7 +209,9 @@ def layer_matching_loss(student_out, teacher_out, attention_mask, layer_map: lis
     total = 0.0
     for s_index, t_index in enumerate(layer_map):
         if hidden_weight:
-            diff = (student_out.hidden_states[s_index + 1].float() - teacher_out.hidden_states[t_index + 1].float()) ** 2
+            diff = (
+                student_out.hidden_states[s_index + 1].float() - teacher_out.hidden_states[t_index + 1].float()
+            ) ** 2
             total = total + hidden_weight * (diff.mean(-1) * mask).sum() / tokens
         if attention_weight:
             s_att, t_att = student_out.attentions[s_index].float(), teacher_out.attentions[t_index].float()
@@ -184,13 +226,24 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
     def loss(outputs, batch):
         if cfg.from_labels_only:
             return cross_entropy(outputs, batch)
-        total = kd_loss(outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+        total = kd_loss(
+            outputs.logits,
+            batch["teacher_logits"],
+            batch.get("labels"),
+            temperature=cfg.temperature,
+            soft_weight=cfg.soft_weight,
+        )
         if cfg.hidden_weight or cfg.attention_weight:
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=True, output_attentions=bool(cfg.attention_weight))
             total = total + layer_matching_loss(
-                outputs, t_out, batch["attention_mask"], layer_map, hidden_weight=cfg.hidden_weight, attention_weight=cfg.attention_weight,
+                outputs,
+                t_out,
+                batch["attention_mask"],
+                layer_map,
+                hidden_weight=cfg.hidden_weight,
+                attention_weight=cfg.attention_weight,
             )
         return total
 
@@ -208,7 +261,9 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
     unset = (["augment"] if cfg.augment is None else []) + (["soup"] if cfg.soup == 1 else [])
     unset += ["long_text_pass"] if cfg.long_text_pass is None else []
     knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *unset)}
-    child = derive(parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint)
+    child = derive(
+        parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint
+    )
     with making(child) as done:
         if done:
             return done
@@ -217,12 +272,17 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         train_split = splits.train
         if train_split.labels is None and cfg.from_labels_only:
             raise ModelError("distill.from_labels_only needs a labelled train split")
-        # the attentions a model returns in training are the ones after dropout, zeros and all: matching them needs it off
-        student, teacher, chosen = build_student(parent.path, shape, attention_dropout=0.0 if cfg.attention_weight else None)
+        # the attentions a model returns in training are the ones after dropout, zeros and all: matching them needs it
+        # off
+        student, teacher, chosen = build_student(
+            parent.path, shape, attention_dropout=0.0 if cfg.attention_weight else None
+        )
         tokenizer = AutoTokenizer.from_pretrained(parent.path)
         layer_map = cfg.layer_map or chosen
         if len(layer_map) != student.config.num_hidden_layers:
-            raise ModelError(f"distill.layer_map has {len(layer_map)} entries for a {student.config.num_hidden_layers}-layer student")
+            raise ModelError(
+                f"distill.layer_map has {len(layer_map)} entries for a {student.config.num_hidden_layers}-layer student"
+            )
         if cfg.attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
             raise ModelError("distill.attention_weight needs the student and teacher to have the same number of heads")
 
@@ -232,11 +292,17 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         labels = [train_split.labels[i] for i in fit] if train_split.labels is not None else None
         targets = None if cfg.from_labels_only else teacher_logits(parent.path, texts, ctx.max_length, cache_dir)
         # checked before the main training, so that a min_words no text reaches fails at once
-        long_texts = long_text_indices(texts, cfg.long_text_pass, "distill.long_text_pass") if cfg.long_text_pass else None
+        long_texts = (
+            long_text_indices(texts, cfg.long_text_pass, "distill.long_text_pass") if cfg.long_text_pass else None
+        )
         if cfg.augment is not None:
-            neighbours = word_neighbours(teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours)
+            neighbours = word_neighbours(
+                teacher, tokenizer, {w for text in texts for w in text.split()}, cfg.augment.neighbours
+            )
             copies = augment_texts(texts, neighbours, cfg.augment, ctx.seed)
-            log.info("augmented: %d copies of %d texts (%d words have neighbours)", len(copies), len(texts), len(neighbours))
+            log.info(
+                "augmented: %d copies of %d texts (%d words have neighbours)", len(copies), len(texts), len(neighbours)
+            )
             targets = np.concatenate([targets, teacher_logits(parent.path, copies, ctx.max_length, cache_dir)])
             labels = labels + [UNLABELLED] * len(copies) if labels is not None else None
             texts = texts + copies
@@ -248,10 +314,19 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         def fit(model, seed: int, keep: list[int] | None = None, budget: TrainConfig = budget) -> dict[str, float]:
             keep = list(range(len(texts))) if keep is None else keep
             return train(
-                model, tokenizer, [texts[i] for i in keep], [labels[i] for i in keep] if labels is not None else None, budget,
-                max_length=ctx.max_length, seed=seed, loss_fn=_loss(cfg, teacher, layer_map),
-                targets=targets[keep] if targets is not None else None, model_kwargs={k: v for k, v in wants.items() if v},
-                evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if cfg.best_on_validation else None,
+                model,
+                tokenizer,
+                [texts[i] for i in keep],
+                [labels[i] for i in keep] if labels is not None else None,
+                budget,
+                max_length=ctx.max_length,
+                seed=seed,
+                loss_fn=_loss(cfg, teacher, layer_map),
+                targets=targets[keep] if targets is not None else None,
+                model_kwargs={k: v for k, v in wants.items() if v},
+                evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length))
+                if cfg.best_on_validation
+                else None,
             )
 
         log.info("distilling %s from %s on %d examples (%d validation)", token, parent.id, len(texts), len(validation))
@@ -266,14 +341,20 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
         figures = soup_figures(figures) if others else figures[0]
         if long_texts is not None:  # indices among the original texts: augmented copies come after them
             log.info("long-text pass: %d training texts have %d+ words", len(long_texts), cfg.long_text_pass.min_words)
-            figures |= {f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, long_texts, cfg.long_text_pass).items()}
+            figures |= {
+                f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, long_texts, cfg.long_text_pass).items()
+            }
         # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
         student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
-        return save_hf_variant(child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer)
+        return save_hf_variant(
+            child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer
+        )
 
 
 @task(name="distill")
-def distill_task(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path) -> Variant:
+def distill_task(
+    parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path
+) -> Variant:
     # whole-stage lock: a from_pretrained in another thread switches torch to the meta device mid-step
     with TORCH_LOCK:
         return distill(parent, shape, cfg, ctx, out_root)

@@ -1,6 +1,7 @@
 """Dynamic pruning by early exit: a classifier after every encoder layer (and optionally one on the embeddings),
 trained by self-distillation from the final layer; at inference each input stops at the first exit that is confident
-enough (entropy) or stable enough (patience). The runtime is per-segment ONNX run by ONNX Runtime (see runtime.EarlyExitPredictor)."""
+enough (entropy) or stable enough (patience). The runtime is per-segment ONNX run by ONNX Runtime
+(see runtime.EarlyExitPredictor)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from prefect import task
 from pydantic import Field, model_validator
 
-from .base import StageBase, TORCH_LOCK, ModelError
+from .base import TORCH_LOCK, ModelError, StageBase
 from .data import load_splits
 from .distill import teacher_logits
 from .export import copy_tokenizer, fuse
@@ -32,26 +33,35 @@ HEADS_FILE = "exit_heads.safetensors"
 class EarlyExitConfig(StageBase):
     kind: Literal["early_exit"] = "early_exit"
     criterion: Literal["entropy", "patience"] = Field(
-        "entropy", description="entropy: leave when an exit's normalised entropy is below the threshold; patience: when this many successive exits agree."
+        "entropy",
+        description="entropy: leave when an exit's normalised entropy is below the threshold; patience: when this "
+        "many successive exits agree.",
     )
     thresholds: list[float] = Field(
-        min_length=1, description="Exit thresholds; each is a variant. entropy: 0..1 (0 never exits early); patience: an integer ≥ 1."
+        min_length=1,
+        description="Exit thresholds; each is a variant. entropy: 0..1 (0 never exits early); patience: an integer ≥ "
+        "1.",
     )
     train_backbone: bool = Field(False, description="Train the encoder with the exits (joint) instead of freezing it.")
     pooling: Literal["mean", "cls"] = Field(
-        "mean", description="What an exit reads: the mean of the layer's token states (what sentence encoders such as "
+        "mean",
+        description="What an exit reads: the mean of the layer's token states (what sentence encoders such as "
         "MiniLM are trained for; early layers' [CLS] carries little), or the [CLS] state like the final pooler.",
     )
     embedding_exit: bool = Field(
-        False, description="Also an exit on the mean of the token embeddings, before the first layer: a bag-of-words "
-        "guess that lets inputs it is sure of skip every layer (layer 0 in exit_layer and mean_exit_layer). Needs pooling: mean.",
+        False,
+        description="Also an exit on the mean of the token embeddings, before the first layer: a bag-of-words "
+        "guess that lets inputs it is sure of skip every layer (layer 0 in exit_layer and mean_exit_layer). Needs "
+        "pooling: mean.",
     )
     training: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=5e-4, batch_size=32, max_examples=8000),
         description="Training of the exit classifiers (and the backbone when train_backbone).",
     )
     temperature: float = Field(2.0, gt=0, description="Temperature of the self-distillation from the final layer.")
-    soft_weight: float = Field(0.7, ge=0, le=1, description="Weight of the final layer's soft targets; 1 − this goes to the labels.")
+    soft_weight: float = Field(
+        0.7, ge=0, le=1, description="Weight of the final layer's soft targets; 1 − this goes to the labels."
+    )
     opset: int = Field(18, ge=14, le=21, description="ONNX opset of the segment graphs.")
     optimize: Literal["none", "fusion"] = Field("fusion", description="ORT transformer fusion of each segment.")
 
@@ -160,16 +170,29 @@ def _torch_modules():
             return self
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, output_hidden_states=True)
-            hidden_states = out.hidden_states[: -1] if self.embedding_exit else out.hidden_states[1:-1]
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=True,
+            )
+            hidden_states = out.hidden_states[:-1] if self.embedding_exit else out.hidden_states[1:-1]
             exits = [head(hidden, attention_mask) for head, hidden in zip(self.heads, hidden_states)]
             return SimpleNamespace(logits=out.logits, exit_logits=exits)
 
-    return SimpleNamespace(ExitHead=ExitHead, FinalHead=FinalHead, EntrySegment=EntrySegment, EmbeddingSegment=EmbeddingSegment,
-                           InnerSegment=InnerSegment, ExitModel=ExitModel)
+    return SimpleNamespace(
+        ExitHead=ExitHead,
+        FinalHead=FinalHead,
+        EntrySegment=EntrySegment,
+        EmbeddingSegment=EmbeddingSegment,
+        InnerSegment=InnerSegment,
+        ExitModel=ExitModel,
+    )
 
 
-def build_exit_model(model_dir: str | Path, train_backbone: bool = False, pooling: str = "mean", embedding_exit: bool = False):
+def build_exit_model(
+    model_dir: str | Path, train_backbone: bool = False, pooling: str = "mean", embedding_exit: bool = False
+):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
@@ -177,7 +200,9 @@ def build_exit_model(model_dir: str | Path, train_backbone: bool = False, poolin
     if getattr(base, "pooler", None) is None or not hasattr(model, "classifier"):
         raise ModelError(f"early_exit: {model_dir} has no pooler + classifier head to copy into the exits")
     modules = _torch_modules()
-    heads = [modules.ExitHead(base.pooler.dense, model.classifier, pooling) for _ in range(len(layers) - 1 + embedding_exit)]
+    heads = [
+        modules.ExitHead(base.pooler.dense, model.classifier, pooling) for _ in range(len(layers) - 1 + embedding_exit)
+    ]
     return modules.ExitModel(model, heads, train_backbone, embedding_exit)
 
 
@@ -233,8 +258,14 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
         args, inputs = (entry_args, entry_inputs) if k == 0 else ((hidden, mask), ["hidden_states", "attention_mask"])
         axes = {n: batch_seq for n in inputs} | {"hidden_out": batch_seq, "logits": {0: "batch"}}
         torch.onnx.export(
-            segment.eval(), args, str(out_dir / name), input_names=inputs, output_names=["hidden_out", "logits"],
-            dynamic_axes=axes, opset_version=opset, dynamo=False,
+            segment.eval(),
+            args,
+            str(out_dir / name),
+            input_names=inputs,
+            output_names=["hidden_out", "logits"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
         )
         if optimize == "fusion":
             fuse(out_dir / name, 0, 0)  # 0, 0: the fusion reads head count and width from the graph
@@ -255,13 +286,16 @@ def _copied_node(node, name: str, inputs: list[str], outputs: list[str]):
 def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list, shared: dict[str, str]):
     """Segment k's nodes with every value renamed `s{k}/...` (one namespace for the chained model), its graph
     inputs wired to `feeds`; the nodes computing values in `shared` are left out and those values read under
-    their shared names. Its initializers still in use are appended to `initializers`. Returns (nodes, outputs by name)."""
+    their shared names. Its initializers still in use are appended to `initializers`.
+    Returns (nodes, outputs by name)."""
     import onnx
 
     rename = {i.name: feeds[i.name] for i in graph.input} | shared
     kept = [node for node in graph.node if not all(x in shared for x in node.output if x)]
     used = {x for node in kept for x in node.input} | {o.name for o in graph.output}
-    kept = [node for node in kept if node.op_type != "Constant" or node.output[0] in used]  # those only the mask work read
+    kept = [
+        node for node in kept if node.op_type != "Constant" or node.output[0] in used
+    ]  # those only the mask work read
     for init in graph.initializer:
         if init.name not in used:
             continue
@@ -303,15 +337,26 @@ def _mask_work(segments):
         shared, nodes, added = {}, [], []
         for node in graph.node:
             inputs = [x for x in node.input if x]
-            if not inputs or not all(x in keys for x in inputs) or not any(x == "attention_mask" or x in shared for x in inputs):
+            if (
+                not inputs
+                or not all(x in keys for x in inputs)
+                or not any(x == "attention_mask" or x in shared for x in inputs)
+            ):
                 continue
-            key = digest(node.domain, node.op_type, sorted(a.SerializeToString() for a in node.attribute), [keys.get(x) for x in node.input])
+            key = digest(
+                node.domain,
+                node.op_type,
+                sorted(a.SerializeToString() for a in node.attribute),
+                [keys.get(x) for x in node.input],
+            )
             outputs = [f"mask/{key}/{j}" for j in range(len(node.output))]
             for x in inputs:  # the constants it reads, under shared names too
                 if x != "attention_mask" and x not in shared and f"mask/{keys[x]}" not in placed:
                     placed.add(f"mask/{keys[x]}")
                     if x in small:
-                        added.append(numpy_helper.from_array(numpy_helper.to_array(small[x]), f"mask/{keys[x]}"))  # a renamed copy
+                        added.append(
+                            numpy_helper.from_array(numpy_helper.to_array(small[x]), f"mask/{keys[x]}")
+                        )  # a renamed copy
                     else:
                         nodes.append(_copied_node(constants[x], f"mask/{keys[x]}", [], [f"mask/{keys[x]}"]))
             if key not in placed:
@@ -362,7 +407,8 @@ def _exit_rule_nodes(k: int, logits: str, criterion: str):
 def write_exit_graph(variant_dir: Path) -> None:
     """Chains `segments/*.onnx` into one `model.onnx` that stops at the first exit whose rule fires: each
     segment's exit decides an If whose else-branch holds the rest of the network, so ONNX Runtime runs only the
-    layers an input needs, in one session with one thread pool. Outputs: logits and exit_layer (1-based; 0: the embedding exit)."""
+    layers an input needs, in one session with one thread pool. Outputs: logits and exit_layer (1-based; 0: the
+    embedding exit)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -374,10 +420,20 @@ def write_exit_graph(variant_dir: Path) -> None:
         logits = next(o for o in segments[0].graph.output if o.name == "logits")
         classes = logits.type.tensor_type.shape.dim[-1].dim_value
         if classes < 2:
-            raise ModelError(f"{variant_dir}: the first segment's logits have no fixed number of classes (got {classes or 'a symbolic size'})")
-        constants = {"last_axis": np.array([-1], dtype=np.int64), "neg_entropy_bound": np.array(-spec["threshold"] * np.log(classes), dtype=np.float32)}
+            raise ModelError(
+                f"{variant_dir}: the first segment's logits have no fixed number of classes (got "
+                f"{classes or 'a symbolic size'})"
+            )
+        constants = {
+            "last_axis": np.array([-1], dtype=np.int64),
+            "neg_entropy_bound": np.array(-spec["threshold"] * np.log(classes), dtype=np.float32),
+        }
     else:
-        constants = {"patience": np.array(int(spec["threshold"]), dtype=np.int64), "one": np.array(1, dtype=np.int64), "zero": np.array(0, dtype=np.int64)}
+        constants = {
+            "patience": np.array(int(spec["threshold"]), dtype=np.int64),
+            "one": np.array(1, dtype=np.int64),
+            "zero": np.array(0, dtype=np.int64),
+        }
     initializers = [numpy_helper.from_array(value, f"rule/{name}") for name, value in constants.items()]
 
     mask_work = _mask_work([segment.graph for segment in segments])
@@ -386,7 +442,11 @@ def write_exit_graph(variant_dir: Path) -> None:
     # each segment's weights live in the (sub)graph that uses them: ONNX Runtime pre-packs MatMul weights only
     # for initializers of the node's own graph, and outer-scope weights ran ~50 % slower
     def level(k: int, hidden: str | None):
-        feeds = {i.name: i.name for i in segments[0].graph.input} if k == 0 else {"hidden_states": hidden, "attention_mask": "attention_mask"}
+        feeds = (
+            {i.name: i.name for i in segments[0].graph.input}
+            if k == 0
+            else {"hidden_states": hidden, "attention_mask": "attention_mask"}
+        )
         shared, mask_nodes, mask_constants = mask_work[k]
         weights = list(mask_constants)
         nodes, outputs = _renamed_segment(k, segments[k].graph, feeds, weights, shared)
@@ -394,32 +454,53 @@ def write_exit_graph(variant_dir: Path) -> None:
         result = ("logits", "exit_layer") if k == 0 else (f"s{k}/result_logits", f"s{k}/result_layer")
         layer = numpy_helper.from_array(np.array([k + first_layer], dtype=np.int64))
         if k == len(segments) - 1:
-            return nodes + [
-                helper.make_node("Identity", [outputs["logits"]], [result[0]]),
-                helper.make_node("Constant", [], [result[1]], value=layer),
-            ], weights, result
+            return (
+                nodes
+                + [
+                    helper.make_node("Identity", [outputs["logits"]], [result[0]]),
+                    helper.make_node("Constant", [], [result[1]], value=layer),
+                ],
+                weights,
+                result,
+            )
         rule, condition = _exit_rule_nodes(k, outputs["logits"], spec["criterion"])
         then_branch = helper.make_graph(
-            [helper.make_node("Identity", [outputs["logits"]], [f"s{k}/exit_logits"]),
-             helper.make_node("Constant", [], [f"s{k}/exit_layer"], value=layer)],
-            f"exit_{k + 1}", [],
-            [helper.make_tensor_value_info(f"s{k}/exit_logits", TensorProto.FLOAT, None),
-             helper.make_tensor_value_info(f"s{k}/exit_layer", TensorProto.INT64, None)],
+            [
+                helper.make_node("Identity", [outputs["logits"]], [f"s{k}/exit_logits"]),
+                helper.make_node("Constant", [], [f"s{k}/exit_layer"], value=layer),
+            ],
+            f"exit_{k + 1}",
+            [],
+            [
+                helper.make_tensor_value_info(f"s{k}/exit_logits", TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(f"s{k}/exit_layer", TensorProto.INT64, None),
+            ],
         )
         rest, rest_weights, rest_result = level(k + 1, outputs["hidden_out"])
         else_branch = helper.make_graph(
-            rest, f"after_{k + 1}", [],
-            [helper.make_tensor_value_info(rest_result[0], TensorProto.FLOAT, None),
-             helper.make_tensor_value_info(rest_result[1], TensorProto.INT64, None)],
+            rest,
+            f"after_{k + 1}",
+            [],
+            [
+                helper.make_tensor_value_info(rest_result[0], TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(rest_result[1], TensorProto.INT64, None),
+            ],
             initializer=rest_weights,
         )
-        branch = helper.make_node("If", [condition], list(result), name=f"s{k}/exit", then_branch=then_branch, else_branch=else_branch)
+        branch = helper.make_node(
+            "If", [condition], list(result), name=f"s{k}/exit", then_branch=then_branch, else_branch=else_branch
+        )
         return nodes + rule + [branch], weights, result
 
     nodes, weights, _ = level(0, None)
     graph = helper.make_graph(
-        nodes, "early_exit", list(segments[0].graph.input),
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None), helper.make_tensor_value_info("exit_layer", TensorProto.INT64, None)],
+        nodes,
+        "early_exit",
+        list(segments[0].graph.input),
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("exit_layer", TensorProto.INT64, None),
+        ],
         initializer=initializers + weights,
     )
     opsets = {}
@@ -438,11 +519,16 @@ def _self_distillation(cfg: EarlyExitConfig):
         labels = batch.get("labels")
         final = outputs.logits
         target = final.detach()
-        total = sum(kd_loss(e, target, labels, temperature=cfg.temperature, soft_weight=cfg.soft_weight) for e in outputs.exit_logits)
+        total = sum(
+            kd_loss(e, target, labels, temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+            for e in outputs.exit_logits
+        )
         total = total / max(1, len(outputs.exit_logits))
         if cfg.train_backbone:  # the final layer keeps learning from the teacher (or the labels)
             if "teacher_logits" in batch:
-                total = total + kd_loss(final, batch["teacher_logits"], labels, temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+                total = total + kd_loss(
+                    final, batch["teacher_logits"], labels, temperature=cfg.temperature, soft_weight=cfg.soft_weight
+                )
             elif labels is not None:
                 total = total + F.cross_entropy(final, labels)
         return total
@@ -452,7 +538,9 @@ def _self_distillation(cfg: EarlyExitConfig):
 
 def exits_dir(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path) -> Path:
     """Where the exits of `parent` trained with these knobs live (every threshold reuses them)."""
-    key = variant_id(f"{parent.lineage}>exits", cfg.training_knobs(), parent.id, made_by="early_exit", data=ctx.data_fingerprint)
+    key = variant_id(
+        f"{parent.lineage}>exits", cfg.training_knobs(), parent.id, made_by="early_exit", data=ctx.data_fingerprint
+    )
     return Path(out_root) / key
 
 
@@ -474,10 +562,24 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
     targets = None
     if cfg.train_backbone and ctx.teacher is not None:
         targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, ctx.cache_dir or Path(out_root) / ".cache")
-    log.info("training %d exits of %s on %d examples (backbone %s)", len(exit_model.heads), parent.id, len(texts),
-             "trained" if cfg.train_backbone else "frozen")
-    figures = train(exit_model, tokenizer, texts, labels, cfg.training.model_copy(update={"max_examples": None}),
-                    max_length=ctx.max_length, seed=ctx.seed, loss_fn=_self_distillation(cfg), targets=targets)
+    log.info(
+        "training %d exits of %s on %d examples (backbone %s)",
+        len(exit_model.heads),
+        parent.id,
+        len(texts),
+        "trained" if cfg.train_backbone else "frozen",
+    )
+    figures = train(
+        exit_model,
+        tokenizer,
+        texts,
+        labels,
+        cfg.training.model_copy(update={"max_examples": None}),
+        max_length=ctx.max_length,
+        seed=ctx.seed,
+        loss_fn=_self_distillation(cfg),
+        targets=targets,
+    )
     exit_model.eval()
     with staged_dir(trained) as scratch:
         exit_model.model.save_pretrained(scratch, safe_serialization=True)
@@ -485,8 +587,16 @@ def train_exits(parent: Variant, cfg: EarlyExitConfig, ctx: StageContext, out_ro
         save_file({k: v.contiguous() for k, v in exit_model.heads.state_dict().items()}, str(scratch / HEADS_FILE))
         (scratch / SEGMENTS_DIR).mkdir()
         segments = export_segments(exit_model, scratch / SEGMENTS_DIR, cfg.opset, cfg.optimize)
-        (scratch / EARLY_EXIT_FILE).write_text(json.dumps({"segments": segments, "pooling": cfg.pooling, "embedding_exit": cfg.embedding_exit,
-                                                         "train_seconds": figures["train_seconds"]}))
+        (scratch / EARLY_EXIT_FILE).write_text(
+            json.dumps(
+                {
+                    "segments": segments,
+                    "pooling": cfg.pooling,
+                    "embedding_exit": cfg.embedding_exit,
+                    "train_seconds": figures["train_seconds"],
+                }
+            )
+        )
     seal(trained)
     return trained
 
@@ -496,7 +606,12 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
         raise ModelError(f"early_exit: variant {parent.id} is {parent.format}; exits are trained on PyTorch variants")
     knobs = {"threshold": threshold, "criterion": cfg.criterion, **cfg.training_knobs()}
     child = derive(
-        parent, stage="early_exit", token=cfg.token(threshold), params=knobs, format="onnx-exit", out_root=out_root,
+        parent,
+        stage="early_exit",
+        token=cfg.token(threshold),
+        params=knobs,
+        format="onnx-exit",
+        out_root=out_root,
         data=ctx.data_fingerprint,
     )
     with making(child) as done:
@@ -510,7 +625,12 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
             for name in made["segments"]:
                 shutil.copy2(trained / SEGMENTS_DIR / name, scratch / SEGMENTS_DIR / name)
             copy_tokenizer(trained, scratch)
-            spec = {"criterion": cfg.criterion, "threshold": threshold, "segments": made["segments"], "embedding_exit": made["embedding_exit"]}
+            spec = {
+                "criterion": cfg.criterion,
+                "threshold": threshold,
+                "segments": made["segments"],
+                "embedding_exit": made["embedding_exit"],
+            }
             (scratch / EARLY_EXIT_FILE).write_text(json.dumps(spec, indent=2))
             write_exit_graph(scratch)
             layers = len(made["segments"]) - made["embedding_exit"]
@@ -521,5 +641,7 @@ def early_exit(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: Sta
 
 
 @task(name="early_exit")
-def early_exit_task(parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path) -> Variant:
+def early_exit_task(
+    parent: Variant, threshold: float, cfg: EarlyExitConfig, ctx: StageContext, out_root: Path
+) -> Variant:
     return early_exit(parent, threshold, cfg, ctx, out_root)

@@ -29,11 +29,17 @@ PROGRESS, FAILURE = "squeezeflow.evaluate: ", "squeezeflow.evaluate failed: "
 
 
 class BenchmarkConfig(StrictModel):
-    threads: int = Field(2, ge=1, le=256, description="Threads for every engine (torch.set_num_threads, ORT intra_op_num_threads).")
+    threads: int = Field(
+        2, ge=1, le=256, description="Threads for every engine (torch.set_num_threads, ORT intra_op_num_threads)."
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Batch size for accuracy and the throughput measurement.")
     warmup: int = Field(10, ge=0, description="Untimed batch-1 calls per variant before the timed rounds.")
-    rounds: int = Field(3, ge=1, le=100, description="Timed rounds; each round runs every variant over the latency texts.")
-    latency_texts: int | None = Field(200, ge=1, description="Eval texts timed at batch 1 per round (None: all of them).")
+    rounds: int = Field(
+        3, ge=1, le=100, description="Timed rounds; each round runs every variant over the latency texts."
+    )
+    latency_texts: int | None = Field(
+        200, ge=1, description="Eval texts timed at batch 1 per round (None: all of them)."
+    )
     measure_rss: bool = Field(True, description="Measure peak resident memory of each variant in a fresh process.")
 
 
@@ -51,18 +57,30 @@ def count_params(variant: Variant) -> int:
     def graph_params(graph) -> int:  # subgraphs too: an early-exit model keeps later layers inside If branches
         # a 4-bit table holds two values per byte; its block scales, zero points and shapes are not parameters
         own = sum(
-            int(np.prod(t.dims)) * (2 if t.name.endswith(FOUR_BIT_CODES) else 1) for t in graph.initializer if FOUR_BIT_CODES + "/" not in t.name
+            int(np.prod(t.dims)) * (2 if t.name.endswith(FOUR_BIT_CODES) else 1)
+            for t in graph.initializer
+            if FOUR_BIT_CODES + "/" not in t.name
         )
-        return own + sum(graph_params(attr.g) for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH)
+        return own + sum(
+            graph_params(attr.g)
+            for node in graph.node
+            for attr in node.attribute
+            if attr.type == onnx.AttributeProto.GRAPH
+        )
 
-    return sum(graph_params(onnx.load(str(file)).graph) for file in weight_files(variant.path) if file.suffix == ".onnx")
+    return sum(
+        graph_params(onnx.load(str(file)).graph) for file in weight_files(variant.path) if file.suffix == ".onnx"
+    )
 
 
 def peak_rss_mb(variant: Variant, texts: list[str], threads: int) -> float:
     request = {"path": variant.path, "format": variant.format, "threads": threads, "texts": texts}
     done = subprocess.run(
         [sys.executable, "-m", "squeezeflow.tasks.runtime"],
-        input=json.dumps(request), capture_output=True, text=True, timeout=600,
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if done.returncode != 0:
         raise RuntimeError(f"peak-RSS probe failed for {variant.id}: {done.stderr.strip().splitlines()[-1:]}")
@@ -82,7 +100,9 @@ BUSY_SHARE = 0.10
 def cpu_flags() -> str:
     """The speed-relevant flags of this CPU, e.g. `avx2,avx512f,avx512_vnni`, or `unknown` off Linux."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
     except (OSError, StopIteration):
         return "unknown"
     return ",".join(f for f in SPEED_FLAGS if f in flags) or "none"
@@ -128,11 +148,19 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
     5.99 ms in a fresh process, 11.9 ms beside one idle pool), which would flatter every speed-up over it."""
     with tempfile.TemporaryDirectory(prefix="squeezeflow-benchmark-") as tmp:
         request, answer = Path(tmp) / "request.json", Path(tmp) / "measured.json"
-        request.write_text(json.dumps({
-            "variants": [v.model_dump(mode="json") for v in variants], "data": data_cfg.model_dump(mode="json"),
-            "num_labels": num_labels, "benchmark": cfg.model_dump(mode="json"),
-        }))
-        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(answer)], stderr=subprocess.PIPE, text=True)
+        request.write_text(
+            json.dumps(
+                {
+                    "variants": [v.model_dump(mode="json") for v in variants],
+                    "data": data_cfg.model_dump(mode="json"),
+                    "num_labels": num_labels,
+                    "benchmark": cfg.model_dump(mode="json"),
+                }
+            )
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(request), str(answer)], stderr=subprocess.PIPE, text=True
+        )
         tail: deque[str] = deque(maxlen=3)  # the last lines it wrote, should it die without saying why
         reason = None
         for line in child.stderr:
@@ -160,7 +188,9 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     predictors = {}
     for v in variants:
         try:
-            predictors[v.id] = load_predictor(v.path, v.format, cfg.threads, ort_defaults=v.params.get("ort_session") == "default")
+            predictors[v.id] = load_predictor(
+                v.path, v.format, cfg.threads, ort_defaults=v.params.get("ort_session") == "default"
+            )
         except Exception as e:  # ORT, tokenizers and transformers each raise their own types for unreadable files
             raise RuntimeError(f"cannot load {v.id} ({v.format}) from {v.path}: {e}") from e
 
@@ -176,7 +206,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     meter = LoadMeter().start()
     for round_no in range(cfg.rounds):
         # rotate the order each round so no variant always runs first (or right after the heaviest one)
-        order = variants[round_no % len(variants):] + variants[: round_no % len(variants)]
+        order = variants[round_no % len(variants) :] + variants[: round_no % len(variants)]
         for v in order:
             predictor = predictors[v.id]
             started = time.perf_counter()
@@ -198,11 +228,15 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
         log.info("benchmark round %d/%d done", round_no + 1, cfg.rounds)
     other_share = meter.stop()
     if other_share > BUSY_SHARE:
-        log.warning("the machine was busy during the benchmark: other processes took %.0f %% of its CPU", 100 * other_share)
+        log.warning(
+            "the machine was busy during the benchmark: other processes took %.0f %% of its CPU", 100 * other_share
+        )
 
     reference = next(v for v in variants if v.stage == "teacher")
     # a slice of an unlabelled train file is scored against the teacher's labels
-    val_truth = np.asarray(splits.validation.labels) if splits.validation.labels is not None else val_preds[reference.id]
+    val_truth = (
+        np.asarray(splits.validation.labels) if splits.validation.labels is not None else val_preds[reference.id]
+    )
     correct = {v.id: logits[v.id].argmax(-1) == labels for v in variants}
     measured = {}
     for v in variants:
@@ -253,7 +287,9 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
 
 
 @task(name="benchmark")
-def benchmark_task(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
+def benchmark_task(
+    variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig
+) -> list[Variant]:
     return benchmark(variants, data_cfg, num_labels, cfg)
 
 
@@ -266,7 +302,9 @@ def _measure_request(request: Path, answer: Path) -> None:
     asked = json.loads(request.read_text())
     try:
         measured = measure(
-            [Variant.model_validate(v) for v in asked["variants"]], DataConfig.model_validate(asked["data"]), asked["num_labels"],
+            [Variant.model_validate(v) for v in asked["variants"]],
+            DataConfig.model_validate(asked["data"]),
+            asked["num_labels"],
             BenchmarkConfig.model_validate(asked["benchmark"]),
         )
     except Exception as e:

@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import StageBase, TORCH_LOCK, ModelError
+from .base import TORCH_LOCK, ModelError, StageBase
 from .variant import Variant, derive, making, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.export")
@@ -22,8 +22,9 @@ class ExportConfig(StageBase):
     kind: Literal["export"] = "export"
     opset: int = Field(18, ge=14, le=21, description="ONNX opset of the exported graph.")
     optimize: Literal["none", "fusion"] = Field(
-        "fusion", description="fusion: ORT transformer fusions (EmbedLayerNorm, Attention, BiasGelu; residual LayerNorms "
-        "kept as Add + LayerNormalization, faster on CPU); none: the plain export."
+        "fusion",
+        description="fusion: ORT transformer fusions (EmbedLayerNorm, Attention, BiasGelu; residual LayerNorms "
+        "kept as Add + LayerNormalization, faster on CPU); none: the plain export.",
     )
 
 
@@ -38,7 +39,9 @@ def fuse(onnx_path: Path, num_heads: int, hidden_size: int) -> None:
     LayerNorm then split again (`split_skip_layer_norms`)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    optimized = optimize_model(
+        str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+    )
     split_skip_layer_norms(optimized.model)
     if fuse_lone_embeddings(optimized.model):
         optimized.prune_graph()
@@ -73,7 +76,9 @@ def fuse_lone_embeddings(model) -> bool:
         if total is None or total.op_type != "Add" or len(norm.input) < 3:
             continue
         inner = next((made_by[x] for x in total.input if x in made_by and made_by[x].op_type == "Add"), None)
-        position = next((g for g in map(lookup, total.input) if g is not None and not reads_input_values(g.input[1])), None)
+        position = next(
+            (g for g in map(lookup, total.input) if g is not None and not reads_input_values(g.input[1])), None
+        )
         if inner is None or position is None:
             continue
         by_input = {g.input[1]: g for g in map(lookup, inner.input) if g is not None}
@@ -83,12 +88,24 @@ def fuse_lone_embeddings(model) -> bool:
         p = norm.name or norm.output[0]
         fused = [
             helper.make_node("Cast", ["input_ids"], [p + "/input_ids_int32"], name=p + "/ids", to=TensorProto.INT32),
-            helper.make_node("Cast", ["token_type_ids"], [p + "/token_type_ids_int32"], name=p + "/types", to=TensorProto.INT32),
+            helper.make_node(
+                "Cast", ["token_type_ids"], [p + "/token_type_ids_int32"], name=p + "/types", to=TensorProto.INT32
+            ),
             helper.make_node(
                 "EmbedLayerNormalization",
-                [p + "/input_ids_int32", p + "/token_type_ids_int32", by_input["input_ids"].input[0], position.input[0],
-                 by_input["token_type_ids"].input[0], norm.input[1], norm.input[2]],
-                [norm.output[0], p + "/mask_index"], name=p + "/embed", domain="com.microsoft", epsilon=epsilon,
+                [
+                    p + "/input_ids_int32",
+                    p + "/token_type_ids_int32",
+                    by_input["input_ids"].input[0],
+                    position.input[0],
+                    by_input["token_type_ids"].input[0],
+                    norm.input[1],
+                    norm.input[2],
+                ],
+                [norm.output[0], p + "/mask_index"],
+                name=p + "/embed",
+                domain="com.microsoft",
+                epsilon=epsilon,
             ),
         ]
         replace_node(graph, norm, fused)
@@ -118,8 +135,14 @@ def split_skip_layer_norms(model) -> None:
         total = total or p + "sum"
         nodes += [
             helper.make_node("Add", [x, skip], [total], name=p + "sum"),
-            helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []), [out, mean, inv_std] if inv_std else
-                             [out, mean] if mean else [out], name=p + "norm", axis=-1, epsilon=epsilon),
+            helper.make_node(
+                "LayerNormalization",
+                [total, gamma] + ([beta] if beta else []),
+                [out, mean, inv_std] if inv_std else [out, mean] if mean else [out],
+                name=p + "norm",
+                axis=-1,
+                epsilon=epsilon,
+            ),
         ]
         replace_node(graph, fused, nodes)
 
@@ -141,8 +164,13 @@ def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None
         from optimum.exporters.onnx import main_export
 
         main_export(
-            str(model_dir), out_dir, task="text-classification", opset=cfg.opset,
-            local_files_only=True, do_validation=False, library_name="transformers",
+            str(model_dir),
+            out_dir,
+            task="text-classification",
+            opset=cfg.opset,
+            local_files_only=True,
+            do_validation=False,
+            library_name="transformers",
         )
         config = AutoConfig.from_pretrained(model_dir)
     if cfg.optimize == "fusion":

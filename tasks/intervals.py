@@ -23,7 +23,9 @@ def wilson(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     return low, high
 
 
-def paired_drop_interval(reference_correct, variant_correct, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def paired_drop_interval(
+    reference_correct, variant_correct, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """A 95 % percentile-bootstrap interval of mean(reference correct) − mean(variant correct), resampling examples
     (pairs), so what both models get right or wrong alike adds no noise to the difference."""
     diff = np.asarray(reference_correct, dtype=np.float64) - np.asarray(variant_correct, dtype=np.float64)

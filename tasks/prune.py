@@ -13,7 +13,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field, field_validator, model_validator
 
-from .base import StageBase, TORCH_LOCK, ModelError
+from .base import TORCH_LOCK, ModelError, StageBase
 from .data import load_splits
 from .distill import teacher_logits
 from .training import TrainConfig, kd_loss, sample_indices, train
@@ -44,14 +44,20 @@ CRITERIA: dict[str, tuple[Callable, bool]] = {
 class PruneConfig(StageBase):
     kind: Literal["prune"] = "prune"
     ratios: list[float] = Field(
-        description="Share of heads and FFN channels to remove; each ratio is a variant (0: only the vocabulary is pruned).", min_length=1
+        description="Share of heads and FFN channels to remove; each ratio is a variant (0: only the vocabulary is "
+        "pruned).",
+        min_length=1,
     )
     heads: bool = Field(True, description="Remove whole attention heads (the same number in every layer).")
     ffn: bool = Field(True, description="Remove FFN intermediate channels (the same number in every layer).")
     criterion: Literal["magnitude", "taylor"] = Field(
-        "taylor", description="Importance: magnitude (L2 norm of the weights) or taylor (|weight × gradient| on training batches)."
+        "taylor",
+        description="Importance: magnitude (L2 norm of the weights) or taylor (|weight × gradient| on training "
+        "batches).",
     )
-    taylor_batches: int = Field(8, ge=1, le=1000, description="Training batches whose gradients feed the Taylor criterion.")
+    taylor_batches: int = Field(
+        8, ge=1, le=1000, description="Training batches whose gradients feed the Taylor criterion."
+    )
     iterative_steps: int = Field(1, ge=1, le=20, description="Prune in this many steps, recovering between them.")
     recovery: TrainConfig | None = Field(
         default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=5e-5, batch_size=32, max_examples=4000),
@@ -63,7 +69,9 @@ class PruneConfig(StageBase):
         "a number N: keep the N most frequent of those (rarer words become [UNK]). Shrinks the word embedding.",
     )
     temperature: float = Field(2.0, gt=0, description="Temperature of the recovery distillation.")
-    soft_weight: float = Field(0.7, ge=0, le=1, description="Weight of the teacher's soft targets in the recovery loss.")
+    soft_weight: float = Field(
+        0.7, ge=0, le=1, description="Weight of the teacher's soft targets in the recovery loss."
+    )
 
     @field_validator("ratios")
     @classmethod
@@ -96,12 +104,22 @@ def encoder_layers(model):
     base = getattr(model, model.base_model_prefix, None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if layers is None or not hasattr(layers[0], "attention") or not hasattr(layers[0].attention, "self"):
-        raise ModelError(f"prune: {type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].attention.self)")
+        raise ModelError(
+            f"prune: {type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].attention.self)"
+        )
     return base, layers
 
 
-def prune_model(model, tokenizer, ratio: float, cfg: PruneConfig, texts: list[str], labels: list[int] | None,
-                max_length: int, recover: Callable[[int], None] | None = None) -> dict[int, list[int]]:
+def prune_model(
+    model,
+    tokenizer,
+    ratio: float,
+    cfg: PruneConfig,
+    texts: list[str],
+    labels: list[int] | None,
+    max_length: int,
+    recover: Callable[[int], None] | None = None,
+) -> dict[int, list[int]]:
     """Prunes `model` in place by `ratio` (heads and/or FFN channels, uniformly per layer) and returns the heads
     removed per layer, in the original numbering. `recover(step)` runs after each pruning step."""
     import torch
@@ -113,7 +131,10 @@ def prune_model(model, tokenizer, ratio: float, cfg: PruneConfig, texts: list[st
     batch = dict(tokenizer(texts[:8], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     # The residual stream keeps its width: every layer that writes to it is left whole; so are the heads' owners
     # when only FFN channels go, and the FFN when only heads go.
-    ignored = [base.embeddings, *(m for m in (getattr(base, "pooler", None), getattr(model, "classifier", None)) if m is not None)]
+    ignored = [
+        base.embeddings,
+        *(m for m in (getattr(base, "pooler", None), getattr(model, "classifier", None)) if m is not None),
+    ]
     value_layer = {}
     for index, layer in enumerate(layers):
         attention = layer.attention.self
@@ -143,10 +164,17 @@ def prune_model(model, tokenizer, ratio: float, cfg: PruneConfig, texts: list[st
         if needs_gradients:
             _accumulate_gradients(model, tokenizer, texts, labels, cfg.taylor_batches, max_length)
         pruner = tp.pruner.MetaPruner(
-            model, batch, importance=make_importance(), global_pruning=False,
-            pruning_ratio=ffn_ratio if cfg.ffn else head_ratio, head_pruning_ratio=head_ratio,
-            num_heads=num_heads, prune_num_heads=cfg.heads, prune_head_dims=False,
-            ignored_layers=ignored, output_transform=lambda out: out.logits.sum(),
+            model,
+            batch,
+            importance=make_importance(),
+            global_pruning=False,
+            pruning_ratio=ffn_ratio if cfg.ffn else head_ratio,
+            head_pruning_ratio=head_ratio,
+            num_heads=num_heads,
+            prune_num_heads=cfg.heads,
+            prune_head_dims=False,
+            ignored_layers=ignored,
+            output_transform=lambda out: out.logits.sum(),
         )
         for group in pruner.step(interactive=True):
             for dep, idxs in group:
@@ -168,7 +196,13 @@ def prune_model(model, tokenizer, ratio: float, cfg: PruneConfig, texts: list[st
             raise ModelError(f"prune: layers ended up with different shapes (heads {heads}, FFN {widths})")
         model.config.intermediate_size = widths.pop()
         model.config.pruned_heads = {i: sorted(h) for i, h in removed.items() if h}
-        log.info("prune step %d/%d: %d heads, FFN %d per layer", step + 1, cfg.iterative_steps, heads.pop(), model.config.intermediate_size)
+        log.info(
+            "prune step %d/%d: %d heads, FFN %d per layer",
+            step + 1,
+            cfg.iterative_steps,
+            heads.pop(),
+            model.config.intermediate_size,
+        )
         if recover is not None:
             with torch.enable_grad():
                 recover(step)
@@ -189,7 +223,9 @@ def _accumulate_gradients(model, tokenizer, texts, labels, batches: int, max_len
     model.zero_grad(set_to_none=True)
     size = 16
     for start in range(0, min(len(texts), batches * size), size):
-        inputs = tokenizer(texts[start : start + size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        inputs = tokenizer(
+            texts[start : start + size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         with torch.enable_grad():
             logits = model(**inputs).logits
             target = torch.tensor(labels[start : start + size]) if labels is not None else logits.argmax(-1).detach()
@@ -202,7 +238,15 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
     if parent.format != "hf":
         raise ModelError(f"prune: variant {parent.id} is {parent.format}; pruning works on PyTorch variants")
     knobs = {"ratio": ratio, **cfg.knobs("ratios")}
-    child = derive(parent, stage="prune", token=cfg.token(ratio), params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint)
+    child = derive(
+        parent,
+        stage="prune",
+        token=cfg.token(ratio),
+        params=knobs,
+        format="hf",
+        out_root=out_root,
+        data=ctx.data_fingerprint,
+    )
     with making(child) as done:
         if done:
             return done
@@ -225,12 +269,29 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
             targets = teacher_logits(teacher.path, texts, ctx.max_length, cache_dir)
 
             def loss(outputs, batch):
-                return kd_loss(outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+                return kd_loss(
+                    outputs.logits,
+                    batch["teacher_logits"],
+                    batch.get("labels"),
+                    temperature=cfg.temperature,
+                    soft_weight=cfg.soft_weight,
+                )
 
             def recover(step: int) -> None:
-                budget = cfg.recovery.model_copy(update={"epochs": cfg.recovery.epochs / cfg.iterative_steps, "max_examples": None})
-                result = train(model, tokenizer, texts, labels, budget, max_length=ctx.max_length, seed=ctx.seed + step,
-                               loss_fn=loss, targets=targets)
+                budget = cfg.recovery.model_copy(
+                    update={"epochs": cfg.recovery.epochs / cfg.iterative_steps, "max_examples": None}
+                )
+                result = train(
+                    model,
+                    tokenizer,
+                    texts,
+                    labels,
+                    budget,
+                    max_length=ctx.max_length,
+                    seed=ctx.seed + step,
+                    loss_fn=loss,
+                    targets=targets,
+                )
                 figures["recovery_seconds"] = figures.get("recovery_seconds", 0.0) + result["train_seconds"]
 
         if ratio > 0:
@@ -239,8 +300,11 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
             kept = task_vocabulary(tokenizer, train_split.texts, None if cfg.vocabulary == "task" else cfg.vocabulary)
             before = unknown_rate(tokenizer, splits.validation.texts)
             tokenizer = shrink_vocabulary(model, tokenizer, kept)
-            figures |= {"vocabulary_size": float(len(kept)), "unk_rate_validation_before": before,
-                        "unk_rate_validation": unknown_rate(tokenizer, splits.validation.texts)}
+            figures |= {
+                "vocabulary_size": float(len(kept)),
+                "unk_rate_validation_before": before,
+                "unk_rate_validation": unknown_rate(tokenizer, splits.validation.texts),
+            }
         params_after = sum(p.numel() for p in model.parameters())
         figures |= {
             "params_before_m": params_before / 1e6,
@@ -248,8 +312,12 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
             "heads_per_layer": float(encoder_layers(model)[1][0].attention.self.num_attention_heads),
             "intermediate_size": float(model.config.intermediate_size),
         }
-        log.info("pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6)
-        return save_hf_variant(child.model_copy(update={"metrics": {f"prune_{k}": v for k, v in figures.items()}}), model, tokenizer)
+        log.info(
+            "pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6
+        )
+        return save_hf_variant(
+            child.model_copy(update={"metrics": {f"prune_{k}": v for k, v in figures.items()}}), model, tokenizer
+        )
 
 
 def task_vocabulary(tokenizer, texts: list[str], limit: int | None) -> list[int]:
@@ -282,7 +350,9 @@ def shrink_vocabulary(model, tokenizer, kept: list[int]):
         tokenizer.save_pretrained(scratch)
         spec = json.loads(Path(scratch, "tokenizer.json").read_text(encoding="utf-8"))
         if spec["model"].get("type") != "WordPiece":
-            raise ModelError(f"prune.vocabulary: only WordPiece tokenizers can be pruned, this one is {spec['model'].get('type')}")
+            raise ModelError(
+                f"prune.vocabulary: only WordPiece tokenizers can be pruned, this one is {spec['model'].get('type')}"
+            )
         spec["model"]["vocab"] = {t: remap[i] for t, i in spec["model"]["vocab"].items() if i in remap}
         for token in spec.get("added_tokens", []):
             token["id"] = remap[token["id"]]
@@ -295,7 +365,9 @@ def shrink_vocabulary(model, tokenizer, kept: list[int]):
         Path(scratch, "vocab.txt").write_text("".join(by_id[i] + "\n" for i in range(len(kept))), encoding="utf-8")
         settings_file = Path(scratch, "tokenizer_config.json")
         settings = json.loads(settings_file.read_text(encoding="utf-8"))
-        settings["added_tokens_decoder"] = {str(remap[int(i)]): v for i, v in settings.get("added_tokens_decoder", {}).items()}
+        settings["added_tokens_decoder"] = {
+            str(remap[int(i)]): v for i, v in settings.get("added_tokens_decoder", {}).items()
+        }
         settings_file.write_text(json.dumps(settings, indent=2), encoding="utf-8")
         smaller = AutoTokenizer.from_pretrained(scratch)
     old = model.get_input_embeddings()

@@ -26,7 +26,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field, field_validator
 
-from .base import StageBase, TORCH_LOCK, DataError, ModelError, StrictModel
+from .base import TORCH_LOCK, DataError, ModelError, StageBase, StrictModel
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx, replace_node
 from .runtime import EARLY_EXIT_FILE, FOUR_BIT_CODES, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
@@ -35,7 +35,10 @@ from .variant import StageContext, Variant, derive, making, save_record, staged_
 log = logging.getLogger("squeezeflow.quantize")
 
 Mode = Literal["dynamic", "static", "qat", "torch-dynamic"]
-QUANTIZABLE = ("MatMul", "Attention")  # the fp32 ops static INT8 runs on integer kernels (and the fallback keeps in float)
+QUANTIZABLE = (
+    "MatMul",
+    "Attention",
+)  # the fp32 ops static INT8 runs on integer kernels (and the fallback keeps in float)
 
 
 class QATConfig(StrictModel):
@@ -46,13 +49,17 @@ class QATConfig(StrictModel):
     temperature: float = Field(2.0, gt=0, description="Distillation temperature.")
     soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the teacher's soft targets vs the labels.")
     best_on_validation: bool = Field(
-        True, description="Score the fake-quant model on the validation split before and after fine-tuning, and export "
+        True,
+        description="Score the fake-quant model on the validation split before and after fine-tuning, and export "
         "the better weights (false: always the fine-tuned ones).",
     )
     activations: Literal["static", "dynamic"] = Field(
-        "static", description="static: each Linear's input is fake-quantized with a fixed uint8 range, its min and max over "
-        "the calibration examples (calibration_examples), and the fine-tuned model is exported as the static INT8 graph, "
-        "calibrated anew (calibration_method); dynamic: ranges measured on every batch, exported as the dynamic INT8 graph.",
+        "static",
+        description="static: each Linear's input is fake-quantized with a fixed uint8 range, its min and max over "
+        "the calibration examples (calibration_examples), and the fine-tuned model is exported as the static INT8 "
+        "graph, "
+        "calibrated anew (calibration_method); dynamic: ranges measured on every batch, exported as the dynamic INT8 "
+        "graph.",
     )
 
 
@@ -61,23 +68,41 @@ class QuantizeConfig(StageBase):
     modes: list[Mode] = Field(["dynamic"], min_length=1, description="INT8 modes; each becomes a variant.")
     per_channel: bool = Field(False, description="Per-output-channel weight scales.")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where 8-bit can saturate.")
-    quantize_embeddings: bool = Field(False, description="ONNX Runtime modes: also store the word-embedding Gather in INT8 (smaller file).")
+    quantize_embeddings: bool = Field(
+        False, description="ONNX Runtime modes: also store the word-embedding Gather in INT8 (smaller file)."
+    )
     embedding_bits: Literal[8, 4] = Field(
-        8, description="With quantize_embeddings: 8 (fused QEmbedLayerNormalization) or 4 (the word and position tables "
-        "stored in 4 bits, about half the bytes of 8, in blocks that each keep a scale and zero point; ONNX Runtime decodes "
+        8,
+        description="With quantize_embeddings: 8 (fused QEmbedLayerNormalization) or 4 (the word and position tables "
+        "stored in 4 bits, about half the bytes of 8, in blocks that each keep a scale and zero point; ONNX Runtime "
+        "decodes "
         "them to float once, when the session is created).",
     )
-    embedding_block_size: int = Field(64, ge=16, le=1024, description="4-bit embeddings: values per scale (a power of two).")
-    calibration_examples: int = Field(128, ge=1, description="static (and QAT with static activations): training examples used for calibration.")
-    calibration_method: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="static (and QAT with static activations): how activation ranges are chosen.")
+    embedding_block_size: int = Field(
+        64, ge=16, le=1024, description="4-bit embeddings: values per scale (a power of two)."
+    )
+    calibration_examples: int = Field(
+        128, ge=1, description="static (and QAT with static activations): training examples used for calibration."
+    )
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="static (and QAT with static activations): how activation ranges are chosen."
+    )
     exclude_nodes: list[str] = Field(
-        [], description="static: MatMul / Attention node names (of the ONNX parent) to keep in float; of an early-exit parent, "
+        [],
+        description="static: MatMul / Attention node names (of the ONNX parent) to keep in float; of an early-exit "
+        "parent, "
         "`<segment>:<node>` (e.g. `segment_01:Attention_0`).",
     )
     accuracy_tolerance: float | None = Field(
-        0.005, ge=0, le=1, description="static: largest accepted accuracy drop vs the fp32 parent before nodes fall back to float (None: no fallback)."
+        0.005,
+        ge=0,
+        le=1,
+        description="static: largest accepted accuracy drop vs the fp32 parent before nodes fall back to float (None: "
+        "no fallback).",
     )
-    max_fallback_nodes: int = Field(16, ge=0, description="static: at most this many MatMul / Attention nodes are kept in float by the fallback.")
+    max_fallback_nodes: int = Field(
+        16, ge=0, description="static: at most this many MatMul / Attention nodes are kept in float by the fallback."
+    )
     qat: QATConfig = Field(default_factory=QATConfig)
 
     @field_validator("embedding_block_size")
@@ -98,7 +123,8 @@ class QuantizeConfig(StageBase):
     def preflight(self, train_examples: int) -> None:
         if self.calibrates and self.calibration_examples > train_examples:
             raise DataError(
-                f"quantize.calibration_examples is {self.calibration_examples} but the train split has only {train_examples} examples"
+                f"quantize.calibration_examples is {self.calibration_examples} but the train split has only "
+                f"{train_examples} examples"
             )
 
 
@@ -126,8 +152,13 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str] |
         local = Path(private) / src.name
         shutil.copyfile(src, local)
         quantize_dynamic(
-            local, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [],
+            local,
+            dst,
+            op_types_to_quantize=op_types,
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude or [],
             # shape inference cannot type the outputs of fused com.microsoft ops; they are all float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -174,8 +205,11 @@ def _unpacked(packed: str, rows: int, pairs: int, width: int, prefix: str):
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    constants = {"sixteen": np.array(16, np.int32), "half_shape": np.array([rows, pairs, 1], np.int64),
-                 "shape": np.array([rows, 2 * pairs], np.int64)}
+    constants = {
+        "sixteen": np.array(16, np.int32),
+        "half_shape": np.array([rows, pairs, 1], np.int64),
+        "shape": np.array([rows, 2 * pairs], np.int64),
+    }
     c = {name: f"{prefix}{name}" for name in constants}
     nodes = [
         helper.make_node("Cast", [packed], [prefix + "int"], to=TensorProto.INT32),
@@ -212,9 +246,21 @@ def _four_bit_embeddings(path: Path, block_size: int) -> None:
 
     model = onnx.load(str(path))
     graph = model.graph
-    tables = {t.name: t for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] >= 16}
-    read = [(node, slot) for node in graph.node for slot, name in enumerate(node.input) if name in tables and (
-        (node.op_type == "Gather" and slot == 0) or (node.op_type == "EmbedLayerNormalization" and slot in (2, 3, 4)))]
+    tables = {
+        t.name: t
+        for t in graph.initializer
+        if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] >= 16
+    }
+    read = [
+        (node, slot)
+        for node in graph.node
+        for slot, name in enumerate(node.input)
+        if name in tables
+        and (
+            (node.op_type == "Gather" and slot == 0)
+            or (node.op_type == "EmbedLayerNormalization" and slot in (2, 3, 4))
+        )
+    ]
     if not read:
         return
     first_reader = min(list(graph.node).index(node) for node, _ in read)
@@ -228,23 +274,34 @@ def _four_bit_embeddings(path: Path, block_size: int) -> None:
         code_nodes, code_constants = _unpacked(packed, rows, (width + 1) // 2, width, p + "codes/")
         zero_nodes, zero_constants = _unpacked(p + "zero_points", rows, (blocks + 1) // 2, blocks, p + "zero_points/")
         graph.initializer.remove(tables[name])
-        graph.initializer.extend([
-            numpy_helper.from_array(_two_per_byte(codes), packed),
-            numpy_helper.from_array(_two_per_byte(zero), p + "zero_points"),
-            numpy_helper.from_array(scales[..., None], p + "scales"),
-            numpy_helper.from_array(np.array([rows, blocks, block_size], np.int64), p + "blocked_shape"),
-            numpy_helper.from_array(np.array([rows, blocks, 1], np.int64), p + "block_shape"),
-            numpy_helper.from_array(np.array([rows, width], np.int64), p + "table_shape"),
-            *code_constants, *zero_constants,
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(_two_per_byte(codes), packed),
+                numpy_helper.from_array(_two_per_byte(zero), p + "zero_points"),
+                numpy_helper.from_array(scales[..., None], p + "scales"),
+                numpy_helper.from_array(np.array([rows, blocks, block_size], np.int64), p + "blocked_shape"),
+                numpy_helper.from_array(np.array([rows, blocks, 1], np.int64), p + "block_shape"),
+                numpy_helper.from_array(np.array([rows, width], np.int64), p + "table_shape"),
+                *code_constants,
+                *zero_constants,
+            ]
+        )
         decoded = name + "_decoded"
-        decoders += code_nodes + zero_nodes + [
-            helper.make_node("Reshape", [p + "codes/codes", p + "blocked_shape"], [p + "blocked"], name=p + "blocked"),
-            helper.make_node("Reshape", [p + "zero_points/codes", p + "block_shape"], [p + "zero"], name=p + "zero"),
-            helper.make_node("Sub", [p + "blocked", p + "zero"], [p + "centred"], name=p + "centred"),
-            helper.make_node("Mul", [p + "centred", p + "scales"], [p + "values"], name=p + "values"),
-            helper.make_node("Reshape", [p + "values", p + "table_shape"], [decoded], name=decoded),
-        ]
+        decoders += (
+            code_nodes
+            + zero_nodes
+            + [
+                helper.make_node(
+                    "Reshape", [p + "codes/codes", p + "blocked_shape"], [p + "blocked"], name=p + "blocked"
+                ),
+                helper.make_node(
+                    "Reshape", [p + "zero_points/codes", p + "block_shape"], [p + "zero"], name=p + "zero"
+                ),
+                helper.make_node("Sub", [p + "blocked", p + "zero"], [p + "centred"], name=p + "centred"),
+                helper.make_node("Mul", [p + "centred", p + "scales"], [p + "values"], name=p + "values"),
+                helper.make_node("Reshape", [p + "values", p + "table_shape"], [decoded], name=decoded),
+            ]
+        )
         for node, slot in read:
             if node.input[slot] == name:
                 node.input[slot] = decoded
@@ -294,7 +351,7 @@ def _reader(feeds: list[dict]):
 
 
 def _validation(splits, ctx: StageContext, out: Path) -> tuple[list[str], list[int]]:
-    """The validation texts and what the fallback scores them against (labels, or the teacher's where there are none)."""
+    """The validation texts and what the fallback scores them against (labels, or the teacher's if it has none)."""
     from .distill import validation_truth
 
     if splits.validation.labels is None and ctx.teacher is None:
@@ -327,8 +384,9 @@ def _uint8_scale_zero(low: float, high: float):
 def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> None:
     """Turns the dynamic INT8 graph at `path` static, in place: each DynamicQuantizeLinear (which measures its
     input's range on every call) becomes a QuantizeLinear with the calibrated scale and zero point, and each
-    MatMulInteger -> Cast -> Mul(scales) (-> Add(bias)) chain becomes one MatMulIntegerToFloat. ONNX Runtime only fuses that
-    chain itself when the activation scale is computed at run time, and unfused it costs more than it saves."""
+    MatMulInteger -> Cast -> Mul(scales) (-> Add(bias)) chain becomes one MatMulIntegerToFloat. ONNX Runtime only
+    fuses that chain itself when the activation scale is computed at run time, and unfused it costs more than it
+    saves."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -342,11 +400,21 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
         low, high = ranges[tensor]
         zero, scale = _uint8_scale_zero(low, high)
         quantized, scale_name, zero_name = node.output
-        graph.initializer.extend([
-            numpy_helper.from_array(np.asarray(scale, dtype=np.float32), scale_name),
-            numpy_helper.from_array(np.asarray(zero, dtype=np.uint8), zero_name),
-        ])
-        replace_node(graph, node, [helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized], name=node.name + "_static")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.asarray(scale, dtype=np.float32), scale_name),
+                numpy_helper.from_array(np.asarray(zero, dtype=np.uint8), zero_name),
+            ]
+        )
+        replace_node(
+            graph,
+            node,
+            [
+                helper.make_node(
+                    "QuantizeLinear", [tensor, scale_name, zero_name], [quantized], name=node.name + "_static"
+                )
+            ],
+        )
     producer = {out: n for n in graph.node for out in n.output}
     widths = {t.name: t.dims[-1] for t in graph.initializer if t.dims}
     vectors = {t.name: t.dims[0] for t in graph.initializer if len(t.dims) == 1}  # a bias: one value per output column
@@ -366,8 +434,11 @@ def _static_activations(path: Path, ranges: dict[str, tuple[float, float]]) -> N
         if product is None or product.op_type != "Mul":
             continue  # not the chain ORT's quantizer writes: leave it unfused
         inputs = [matmul.input[0], matmul.input[1], *product.input, *(list(matmul.input[2:4]) + ["", ""])[:2]]
-        fused = helper.make_node("MatMulIntegerToFloat", inputs, [scale.output[0]], name=matmul.name + "_to_float", domain="com.microsoft")
-        # the bias Add after it goes into the kernel too, as ORT fuses it into the dynamic graph's DynamicQuantizeMatMul:
+        fused = helper.make_node(
+            "MatMulIntegerToFloat", inputs, [scale.output[0]], name=matmul.name + "_to_float", domain="com.microsoft"
+        )
+        # the bias Add after it goes into the kernel too, as ORT fuses it into the dynamic graph's
+        # DynamicQuantizeMatMul:
         # (profiled on the 3-layer student, the Adds took 122 µs a call in the static graph, 53 in the dynamic one)
         add = only_consumer(scale.output[0], "Add")
         bias = add and next((i for i in add.input if i != scale.output[0]), None)
@@ -396,7 +467,9 @@ def _weight_sqnr(weight, cfg: QuantizeConfig) -> float:
     return float(compute_signal_to_quantization_noice_ratio(weight, np.round(weight / scale) * scale))
 
 
-def _calibrated_ranges(dynamic_graph: Path, feeds: list[dict], method) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+def _calibrated_ranges(
+    dynamic_graph: Path, feeds: list[dict], method
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
     """(range, quantization noise) of every activation the dynamic INT8 graph quantizes at run time, measured on
     that graph — so the ranges are those its integer kernels will see. The noise is the signal-to-quantization-
     noise ratio (dB) of the activation quantized with its static range, on up to 32 of the feeds."""
@@ -410,12 +483,17 @@ def _calibrated_ranges(dynamic_graph: Path, feeds: list[dict], method) -> tuple[
     tensors = sorted({n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"})
     # shape inference cannot type the outputs of com.microsoft ops; these are all float
     known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.input}
-    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in known)
+    model.graph.value_info.extend(
+        onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in known
+    )
     with tempfile.TemporaryDirectory() as tmp:
         typed = Path(tmp) / "typed.onnx"
         onnx.save(model, str(typed))
         calibrator = create_calibrator(
-            typed, ["DynamicQuantizeLinear"], augmented_model_path=str(Path(tmp) / "augmented.onnx"), calibrate_method=method,
+            typed,
+            ["DynamicQuantizeLinear"],
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=method,
             extra_options={"symmetric": False},
         )
         calibrator.collect_data(_reader(feeds))
@@ -438,7 +516,8 @@ def _calibrated_ranges(dynamic_graph: Path, feeds: list[dict], method) -> tuple[
 def _calibration_texts(train, cfg: QuantizeConfig, seed: int) -> list[str]:
     if cfg.calibration_examples > len(train):
         raise DataError(
-            f"quantize.calibration_examples is {cfg.calibration_examples} but the train split ({train.path}) has only {len(train)} examples"
+            f"quantize.calibration_examples is {cfg.calibration_examples} but the train split ({train.path}) has only "
+            f"{len(train)} examples"
         )
     return random.Random(seed).sample(train.texts, cfg.calibration_examples)
 
@@ -446,7 +525,11 @@ def _calibration_texts(train, cfg: QuantizeConfig, seed: int) -> list[str]:
 def _calibration_method(cfg: QuantizeConfig):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[cfg.calibration_method]
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[cfg.calibration_method]
 
 
 def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
@@ -490,7 +573,9 @@ def static(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: St
         return attempt()
 
     scores = _sensitivity(graph, activation_sqnr, cfg)
-    excluded, metrics = _fall_back(parent, scores, excluded, accuracy, _accuracy(Path(parent.path), *validation), rebuild, cfg)
+    excluded, metrics = _fall_back(
+        parent, scores, excluded, accuracy, _accuracy(Path(parent.path), *validation), rebuild, cfg
+    )
     return Produced(metrics, {"excluded_nodes": excluded})
 
 
@@ -508,8 +593,15 @@ def _sensitivity(graph, activation_sqnr: dict[str, float], cfg: QuantizeConfig) 
     }
 
 
-def _fall_back(parent: Variant, scores: dict[str, float], excluded: list[str], accuracy: float, parent_accuracy: float,
-               rebuild: Callable[[list[str]], float], cfg: QuantizeConfig) -> tuple[list[str], dict[str, float]]:
+def _fall_back(
+    parent: Variant,
+    scores: dict[str, float],
+    excluded: list[str],
+    accuracy: float,
+    parent_accuracy: float,
+    rebuild: Callable[[list[str]], float],
+    cfg: QuantizeConfig,
+) -> tuple[list[str], dict[str, float]]:
     """The accuracy-aware fallback: while the drop against the fp32 parent exceeds the tolerance, the next 1, 2, 4, ...
     nodes not yet `excluded`, lowest score (most sensitive) first, stay in float (`rebuild(excluded)` makes the graph
     again and returns its accuracy), up to max_fallback_nodes. Returns the excluded nodes and the fallback's metrics."""
@@ -518,13 +610,26 @@ def _fall_back(parent: Variant, scores: dict[str, float], excluded: list[str], a
         take, ranked = ranked[:step], ranked[step:]
         excluded = excluded + take[: cfg.max_fallback_nodes - len(excluded)]
         accuracy = rebuild(excluded)
-        log.info("static fallback: %d nodes in float, accuracy %.4f (fp32 parent %.4f)", len(excluded), accuracy, parent_accuracy)
+        log.info(
+            "static fallback: %d nodes in float, accuracy %.4f (fp32 parent %.4f)",
+            len(excluded),
+            accuracy,
+            parent_accuracy,
+        )
         step *= 2
     met = parent_accuracy - accuracy <= cfg.accuracy_tolerance
     if not met:
-        log.warning("static INT8 of %s: drop %.4f still above tolerance %.4f with %d nodes in float",
-                    parent.id, parent_accuracy - accuracy, cfg.accuracy_tolerance, len(excluded))
-    return excluded, {"fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)), "fallback_tolerance_met": float(met)}
+        log.warning(
+            "static INT8 of %s: drop %.4f still above tolerance %.4f with %d nodes in float",
+            parent.id,
+            parent_accuracy - accuracy,
+            cfg.accuracy_tolerance,
+            len(excluded),
+        )
+    return excluded, {
+        "fallback_excluded_nodes": float(len(excluded) - len(cfg.exclude_nodes)),
+        "fallback_tolerance_met": float(met),
+    }
 
 
 def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
@@ -560,12 +665,20 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
         """Makes segments `first`... static, keeping the nodes `in_float` in float, and chains them again."""
         for k in range(first, len(segments)):
             int8 = out / SEGMENTS_DIR / segments[k].name
-            _ort_dynamic(segments[k], int8, cfg, [node for segment, node in map(_segment_node, in_float) if segment == segments[k].stem])
+            _ort_dynamic(
+                segments[k],
+                int8,
+                cfg,
+                [node for segment, node in map(_segment_node, in_float) if segment == segments[k].stem],
+            )
             ranges, noise[k] = _calibrated_ranges(int8, inputs[k], _calibration_method(cfg))
             _static_activations(int8, ranges)
             if k + 1 < len(segments):
                 session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
-                hidden = [{"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]} for feed in inputs[k]]
+                hidden = [
+                    {"hidden_states": session.run(["hidden_out"], feed)[0], "attention_mask": feed["attention_mask"]}
+                    for feed in inputs[k]
+                ]
                 inputs[k + 1 :] = [hidden]  # later segments are all made again after this one
         write_exit_graph(out)
 
@@ -583,7 +696,11 @@ def _static_segments(parent: Variant, cfg: QuantizeConfig, ctx: StageContext, ou
         excluded[:] = now
         return score()
 
-    scores = {f"{s.stem}:{name}": v for k, (s, g) in enumerate(zip(segments, graphs)) for name, v in _sensitivity(g, noise[k], cfg).items()}
+    scores = {
+        f"{s.stem}:{name}": v
+        for k, (s, g) in enumerate(zip(segments, graphs))
+        for name, v in _sensitivity(g, noise[k], cfg).items()
+    }
     parent_accuracy = _accuracy(Path(parent.path), *validation, "onnx-exit")
     kept, metrics = _fall_back(parent, scores, list(excluded), score(), parent_accuracy, rebuild, cfg)
     return Produced(metrics, {"excluded_nodes": kept})
@@ -598,7 +715,9 @@ def _segment_node(name: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------- QAT
 
 
-def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool, activation_range: tuple[float, float] | None = None):
+def _fake_quant_linear(
+    linear, per_channel: bool, reduce_range: bool, activation_range: tuple[float, float] | None = None
+):
     """Wraps an nn.Linear so training sees what ORT's INT8 kernels compute: uint8 activations with a per-batch
     range (dynamic) or the fixed `activation_range` (static), int8 symmetric weights, per tensor or per output
     channel, 7-bit with `reduce_range` (straight-through gradients)."""
@@ -628,7 +747,9 @@ def _fake_quant_linear(linear, per_channel: bool, reduce_range: bool, activation
                 wq = torch.fake_quantize_per_channel_affine(w, w_scale, zeros, 0, -int(levels), int(levels))
             else:  # approximate inside fused Attention, where Q, K and V share one scale; per channel is exact
                 w_scale = torch.clamp(w.detach().abs().max() / levels, min=1e-8)
-                wq = torch.fake_quantize_per_tensor_affine(w, w_scale, torch.zeros((), dtype=torch.int32), -int(levels), int(levels))
+                wq = torch.fake_quantize_per_tensor_affine(
+                    w, w_scale, torch.zeros((), dtype=torch.int32), -int(levels), int(levels)
+                )
             return torch.nn.functional.linear(xq, wq, self.inner.bias)
 
     return FakeQuantLinear(linear)
@@ -644,7 +765,8 @@ def _swap_linears(module, cfg: QuantizeConfig | None, ranges: dict[str, tuple[fl
     else:
         found = [
             (name, _fake_quant_linear(m, cfg.per_channel, cfg.reduce_range, None if ranges is None else ranges[name]))
-            for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+            for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear)
         ]
     for name, replacement in found:
         owner, _, attribute = name.rpartition(".")
@@ -666,7 +788,11 @@ def _linear_input_ranges(module, model, tokenizer, texts: list[str]) -> dict[str
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(observe(name)) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_pre_hook(observe(name))
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         with torch.inference_mode():
             for text in texts:
@@ -725,14 +851,27 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
     targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, cache_dir)
     validation, val_truth = validation_truth(splits.validation, ctx.teacher.path, ctx.max_length, cache_dir)
     figures = train(
-        model, tokenizer, texts, labels,
+        model,
+        tokenizer,
+        texts,
+        labels,
         # fp32: the fake quantization must see the values ORT's integer kernels will see, not bf16 roundings of them
-        TrainConfig(epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1, precision="fp32"),
-        max_length=ctx.max_length, seed=ctx.seed, targets=targets,
-        loss_fn=lambda outputs, batch: kd_loss(
-            outputs.logits, batch["teacher_logits"], batch.get("labels"), temperature=q.temperature, soft_weight=q.soft_weight
+        TrainConfig(
+            epochs=q.epochs, learning_rate=q.learning_rate, batch_size=q.batch_size, warmup_ratio=0.1, precision="fp32"
         ),
-        evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length)) if q.best_on_validation else None,
+        max_length=ctx.max_length,
+        seed=ctx.seed,
+        targets=targets,
+        loss_fn=lambda outputs, batch: kd_loss(
+            outputs.logits,
+            batch["teacher_logits"],
+            batch.get("labels"),
+            temperature=q.temperature,
+            soft_weight=q.soft_weight,
+        ),
+        evaluate=(lambda: accuracy_on(model, tokenizer, validation, val_truth, ctx.max_length))
+        if q.best_on_validation
+        else None,
     )
     _swap_linears(encoder.encoder, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -742,18 +881,25 @@ def _qat(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: Stag
         _ort_dynamic(Path(tmp) / "onnx" / "model.onnx", out / "model.onnx", cfg)
         if calibration is not None:  # the ranges of the fine-tuned model, calibrated as the static mode does
             feeds = _encoded(parent.path, calibration, [i.name for i in onnx.load(str(out / "model.onnx")).graph.input])
-            _static_activations(out / "model.onnx", _calibrated_ranges(out / "model.onnx", feeds, _calibration_method(cfg))[0])
+            _static_activations(
+                out / "model.onnx", _calibrated_ranges(out / "model.onnx", feeds, _calibration_method(cfg))[0]
+            )
     copy_tokenizer(parent.path, out)
     metrics = {"qat_train_seconds": figures["train_seconds"], "qat_train_loss": figures["train_loss"]}
     if q.best_on_validation:  # the fake-quant model on the validation split, before fine-tuning (PTQ) and as exported
-        metrics |= {"qat_initial_validation_accuracy": figures["initial_validation_score"], "qat_validation_accuracy": figures["best_validation_score"]}
+        metrics |= {
+            "qat_initial_validation_accuracy": figures["initial_validation_score"],
+            "qat_validation_accuracy": figures["best_validation_score"],
+        }
     return Produced(metrics, {})
 
 
 # ---------------------------------------------------------------------------------------------- torch
 
 
-def torch_dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> Produced:
+def torch_dynamic(
+    parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path
+) -> Produced:
     """The weights stay fp32 safetensors on disk (a quantized PyTorch module has no safe serialisation); the
     marker file tells the runtime to apply `torch.ao.quantization.quantize_dynamic` on load."""
     for file in Path(parent.path).iterdir():
@@ -767,7 +913,13 @@ def torch_dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, 
 # budget does not make the dynamic and static variants (calibration, fallback) anew
 _WEIGHT_KNOBS = ("per_channel", "reduce_range")
 _EMBEDDING_KNOBS = ("quantize_embeddings", "embedding_bits", "embedding_block_size")
-_CALIBRATION_KNOBS = ("calibration_examples", "calibration_method", "exclude_nodes", "accuracy_tolerance", "max_fallback_nodes")
+_CALIBRATION_KNOBS = (
+    "calibration_examples",
+    "calibration_method",
+    "exclude_nodes",
+    "accuracy_tolerance",
+    "max_fallback_nodes",
+)
 MODE_KNOBS: dict[str, tuple[str, ...]] = {
     "dynamic": _WEIGHT_KNOBS + _EMBEDDING_KNOBS,
     "static": _WEIGHT_KNOBS + _EMBEDDING_KNOBS + _CALIBRATION_KNOBS,
@@ -786,7 +938,9 @@ MODES: dict[str, tuple[str, str, str, Strategy]] = {
 }
 
 
-def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext, out_root: Path, source: Variant | None = None) -> Variant:
+def quantize(
+    parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext, out_root: Path, source: Variant | None = None
+) -> Variant:
     """`parent` is the variant the mode works on (ONNX for ORT modes, PyTorch for torch-dynamic); `source` is the
     PyTorch model an ONNX parent was exported from (QAT fine-tunes it)."""
     token, fmt, parent_format, strategy = MODES[mode]
@@ -797,7 +951,12 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
     knobs = {"mode": mode, **{k: v for k, v in cfg.knobs("modes").items() if k in MODE_KNOBS[mode]}}
     reads_data = mode in ("static", "qat")  # calibration, the fallback and QAT read the data; the others do not
     child = derive(
-        parent, stage="quantize", token=token, params=knobs, format=fmt, out_root=out_root,
+        parent,
+        stage="quantize",
+        token=token,
+        params=knobs,
+        format=fmt,
+        out_root=out_root,
         data=ctx.data_fingerprint if reads_data else None,
     )
     with making(child) as done:
@@ -805,11 +964,16 @@ def quantize(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext
             return done
         with staged_dir(Path(child.path)) as scratch:
             produced = strategy(parent, source, cfg, ctx, scratch)
-            child = save_record(scratch, child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}}))
+            child = save_record(
+                scratch,
+                child.model_copy(update={"metrics": produced.metrics, "params": {**child.params, **produced.params}}),
+            )
         log.info("quantized %s (%s) -> %s", parent.id, mode, child.id)
         return child
 
 
 @task(name="quantize")
-def quantize_task(parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext, out_root: Path, source: Variant | None = None) -> Variant:
+def quantize_task(
+    parent: Variant, mode: Mode, cfg: QuantizeConfig, ctx: StageContext, out_root: Path, source: Variant | None = None
+) -> Variant:
     return quantize(parent, mode, cfg, ctx, out_root, source)

@@ -28,7 +28,13 @@ COLUMNS = [
 
 def _interval(v: Variant, name: str) -> str:
     low, high = v.metrics.get(f"{name}_low"), v.metrics.get(f"{name}_high")
-    return "" if low is None or high is None else f"[{low:+.4f}, {high:+.4f}]" if "drop" in name else f"[{low:.4f}, {high:.4f}]"
+    return (
+        ""
+        if low is None or high is None
+        else f"[{low:+.4f}, {high:+.4f}]"
+        if "drop" in name
+        else f"[{low:.4f}, {high:.4f}]"
+    )
 
 
 def budget_verdict(champion: Variant, budget: float | None) -> str:
@@ -37,8 +43,10 @@ def budget_verdict(champion: Variant, budget: float | None) -> str:
     if budget is None or low is None or high is None:
         return ""
     where = "inside the budget" if high <= budget else "above the budget" if low > budget else "straddles the budget"
-    return (f"Its eval accuracy drop is {champion.metrics['accuracy_drop']:+.4f} (95 % paired interval [{low:+.4f}, "
-            f"{high:+.4f}]): {where} of {budget} (the budget is applied on the validation split).")
+    return (
+        f"Its eval accuracy drop is {champion.metrics['accuracy_drop']:+.4f} (95 % paired interval [{low:+.4f}, "
+        f"{high:+.4f}]): {where} of {budget} (the budget is applied on the validation split)."
+    )
 
 
 def machine_note(variants: list[Variant], cpu_flags: str | None) -> str:
@@ -46,7 +54,11 @@ def machine_note(variants: list[Variant], cpu_flags: str | None) -> str:
     from .evaluate import BUSY_SHARE
 
     share = max((v.metrics.get("bench_other_cpu_share", 0.0) for v in variants), default=0.0)
-    busy = f" **Warning: the machine was busy** (other processes took {share:.0%} of its CPU): latencies are inflated." if share > BUSY_SHARE else ""
+    busy = (
+        f" **Warning: the machine was busy** (other processes took {share:.0%} of its CPU): latencies are inflated."
+        if share > BUSY_SHARE
+        else ""
+    )
     return f"Benchmark machine: CPU flags {cpu_flags or 'not recorded'}; other processes {share:.0%} of its CPU.{busy}"
 
 
@@ -55,22 +67,41 @@ def table_rows(variants: list[Variant]) -> list[list[str]]:
 
 
 def markdown(
-    variants: list[Variant], selection: Selection, title: str, cpu_flags: str | None = None, failed: list[tuple[str, str]] = (),
+    variants: list[Variant],
+    selection: Selection,
+    title: str,
+    cpu_flags: str | None = None,
+    failed: list[tuple[str, str]] = (),
 ) -> str:
     """The report; `failed`: (lineage, error) of each variant that could not be made."""
     header = [name for name, _ in COLUMNS]
-    lines = [f"# {title}", "", f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}."]
-    lines += [budget_verdict(selection.champion, selection.max_accuracy_drop), "", machine_note(variants, cpu_flags), ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}.",
+    ]
+    lines += [
+        budget_verdict(selection.champion, selection.max_accuracy_drop),
+        "",
+        machine_note(variants, cpu_flags),
+        "",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v, row in zip(variants, table_rows(variants)):
         marks = ("★ " if v.id == selection.champion.id else "") + ("◆ " if v.id in selection.pareto_ids else "")
         lines.append("| " + " | ".join([marks + row[0], *row[1:]]) + " |")
-    lines += ["", "★ champion, ◆ on the Pareto front (validation accuracy, p50 latency, size). Choices are made on the validation "
-              "split; accuracy is the eval split's, with 95 % intervals (Wilson; the drop paired against the teacher). "
-              "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties."]
+    lines += [
+        "",
+        "★ champion, ◆ on the Pareto front (validation accuracy, p50 latency, size). Choices are made on the "
+        "validation "
+        "split; accuracy is the eval split's, with 95 % intervals (Wilson; the drop paired against the teacher). "
+        "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties.",
+    ]
     if failed:
         lines += ["", f"## {len(failed)} variant(s) failed", "", "| lineage | error |", "|---|---|"]
-        lines += [f"| {lineage} | {error.replace('|', '/').splitlines()[0] if error else ''} |" for lineage, error in failed]
+        lines += [
+            f"| {lineage} | {error.replace('|', '/').splitlines()[0] if error else ''} |" for lineage, error in failed
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -80,7 +111,9 @@ def write_csv(variants: list[Variant], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["variant_id", "parent_id", "stage", "lineage", "format", *keys])
         for v in variants:
-            writer.writerow([v.id, v.parent_id or "", v.stage, v.lineage, v.format, *(v.metrics.get(k, "") for k in keys)])
+            writer.writerow(
+                [v.id, v.parent_id or "", v.stage, v.lineage, v.format, *(v.metrics.get(k, "") for k in keys)]
+            )
 
 
 def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> None:
@@ -93,13 +126,25 @@ def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> No
     for v in variants:
         on_front = v.id in selection.pareto_ids
         ax.scatter(
-            v.metrics["latency_p50_ms"], v.metrics["accuracy"], s=20 + 4 * v.metrics["size_mb"],
-            c="tab:orange" if on_front else "tab:blue", alpha=0.7, edgecolors="black" if on_front else "none",
+            v.metrics["latency_p50_ms"],
+            v.metrics["accuracy"],
+            s=20 + 4 * v.metrics["size_mb"],
+            c="tab:orange" if on_front else "tab:blue",
+            alpha=0.7,
+            edgecolors="black" if on_front else "none",
         )
         label = v.lineage.replace("teacher>", "") if v.id != selection.champion.id else f"★ champion: {v.lineage}"
-        ax.annotate(label, (v.metrics["latency_p50_ms"], v.metrics["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            label,
+            (v.metrics["latency_p50_ms"], v.metrics["accuracy"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     front = sorted((v for v in variants if v.id in selection.pareto_ids), key=lambda v: v.metrics["latency_p50_ms"])
-    ax.plot([v.metrics["latency_p50_ms"] for v in front], [v.metrics["accuracy"] for v in front], "--", c="tab:orange", lw=1)
+    ax.plot(
+        [v.metrics["latency_p50_ms"] for v in front], [v.metrics["accuracy"] for v in front], "--", c="tab:orange", lw=1
+    )
     ax.set_xlabel("p50 latency, batch 1 (ms)")
     ax.set_ylabel("accuracy")
     ax.set_title("Variants (marker area ~ size on disk; orange = Pareto front)")
@@ -110,7 +155,11 @@ def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> No
 
 
 def write_report(
-    variants: list[Variant], selection: Selection, out_dir: Path, title: str, cpu_flags: str | None = None,
+    variants: list[Variant],
+    selection: Selection,
+    out_dir: Path,
+    title: str,
+    cpu_flags: str | None = None,
     failed: list[tuple[str, str]] = (),
 ) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,15 +175,20 @@ def variants_from_mlflow(client, pipeline_run_id: str) -> tuple[list[Variant], d
     pipeline = client.get_run(pipeline_run_id)
     children = client.search_runs(
         [pipeline.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}' and tags.`squeeze.role` = 'variant' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}' and tags.`squeeze.role` = 'variant' and "
+        f"attributes.status = 'FINISHED'",
         max_results=10000,
     )
     variants = [
         Variant(
-            id=r.data.tags["squeeze.variant_id"], parent_id=r.data.tags.get("squeeze.parent_id") or None,
-            stage=r.data.tags["squeeze.stage"], lineage=r.data.tags["squeeze.lineage"],
-            format=r.data.tags.get("squeeze.format", "onnx"), path=r.data.tags.get("squeeze.path", ""),
-            params=dict(r.data.params), metrics=dict(r.data.metrics),
+            id=r.data.tags["squeeze.variant_id"],
+            parent_id=r.data.tags.get("squeeze.parent_id") or None,
+            stage=r.data.tags["squeeze.stage"],
+            lineage=r.data.tags["squeeze.lineage"],
+            format=r.data.tags.get("squeeze.format", "onnx"),
+            path=r.data.tags.get("squeeze.path", ""),
+            params=dict(r.data.params),
+            metrics=dict(r.data.metrics),
         )
         for r in sorted(children, key=lambda r: r.info.start_time)
     ]
@@ -151,7 +205,9 @@ def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Pa
     by_id = {v.id: v for v in variants}
     champion = by_id.get(tags.get("squeeze.champion", ""), variants[0])
     selection = Selection(
-        champion=champion, feasible=True, reason=tags.get("squeeze.selection", "as recorded"),
+        champion=champion,
+        feasible=True,
+        reason=tags.get("squeeze.selection", "as recorded"),
         pareto_ids=[v.id for v in pareto_front(variants)],
     )
     title = f"squeezeflow: {tags.get('mlflow.runName', pipeline_run_id)}"
@@ -160,4 +216,8 @@ def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Pa
         filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}' and attributes.status = 'FAILED'",
     )
     failures = [(r.data.tags.get("squeeze.lineage", "?"), r.data.tags.get("squeeze.error", "")) for r in failed]
-    return write_report(variants, selection, out_dir, title, tags.get("squeeze.cpu_flags"), failures), variants, selection
+    return (
+        write_report(variants, selection, out_dir, title, tags.get("squeeze.cpu_flags"), failures),
+        variants,
+        selection,
+    )

@@ -48,7 +48,9 @@ def fast_tokenizer(path: Path):
     """The `tokenizers` tokenizer saved beside the model, set to truncate and pad like the PyTorch one."""
     from tokenizers import Tokenizer
 
-    settings = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    settings = (
+        json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    )
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     max_length = int(settings.get("model_max_length") or 512)
     tokenizer.enable_truncation(max_length=min(max_length, 512))
@@ -75,7 +77,9 @@ def ort_session(file: Path, threads: int, defaults: bool = False):
     try:
         # ORT would fuse each residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is
         # 2-3x slower per row here (export.split_skip_layer_norms); graphs that already hold it keep it
-        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"])
+        return ort.InferenceSession(
+            str(file), options, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
+        )
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types for unreadable models
         raise ModelError(f"{file}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
 
@@ -103,7 +107,7 @@ class PlainWordPiece:
         self.lowercase = spec["normalizer"].get("lowercase", True)
         self.vocab = model["vocab"]
         prefix = model["continuing_subword_prefix"]
-        self.continuation = {piece[len(prefix):]: i for piece, i in self.vocab.items() if piece.startswith(prefix)}
+        self.continuation = {piece[len(prefix) :]: i for piece, i in self.vocab.items() if piece.startswith(prefix)}
         self.unk, self.max_chars = self.vocab[model["unk_token"]], model["max_input_chars_per_word"]
         self.cls, self.sep = _bert_specials(spec["post_processor"])
         self.max_pieces = None if max_length is None else max_length - 2
@@ -122,8 +126,10 @@ class PlainWordPiece:
             and spec["model"].get("type") == "WordPiece"
             and _bert_specials(spec.get("post_processor")) is not None
             and (truncation is None or truncation.get("direction", "right").lower() == "right")
-            and padding.get("direction", "right").lower() == "right" and padding.get("pad_type_id", 0) == 0
-            and padding.get("length") is None and padding.get("pad_to_multiple_of") is None
+            and padding.get("direction", "right").lower() == "right"
+            and padding.get("pad_type_id", 0) == 0
+            and padding.get("length") is None
+            and padding.get("pad_to_multiple_of") is None
         )
         return cls(spec, truncation and truncation["max_length"]) if usual else None
 
@@ -139,7 +145,7 @@ class PlainWordPiece:
             whole = self.vocab.get(word)
             ids.extend([whole] if whole is not None else self._pieces(word))
         if self.max_pieces is not None:
-            del ids[self.max_pieces:]
+            del ids[self.max_pieces :]
         return [self.cls, *ids, self.sep]
 
     def _pieces(self, word: str) -> list[int]:
@@ -168,7 +174,9 @@ def _bert_specials(post_processor: dict | None) -> tuple[int, int] | None:
         return None
     single = post_processor["single"]
     shape = [next(iter(part)) for part in single]
-    if shape != ["SpecialToken", "Sequence", "SpecialToken"] or any(next(iter(p.values()))["type_id"] != 0 for p in single):
+    if shape != ["SpecialToken", "Sequence", "SpecialToken"] or any(
+        next(iter(p.values()))["type_id"] != 0 for p in single
+    ):
         return None
     ids = [post_processor["special_tokens"][part["SpecialToken"]["id"]]["ids"] for part in (single[0], single[2])]
     return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
@@ -271,8 +279,10 @@ class EarlyExitPredictor:
         return runs[0][0] if len(runs) == 1 else np.concatenate([logits for logits, _ in runs])
 
 
-def load_predictor(path: str | Path, fmt: str, threads: int = 1, ort_defaults: bool = False) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:
-    """`ort_defaults`: an ONNX graph is run with ONNX Runtime's default session options (a peer, as its users run it)."""
+def load_predictor(
+    path: str | Path, fmt: str, threads: int = 1, ort_defaults: bool = False
+) -> TorchPredictor | OrtPredictor | EarlyExitPredictor:
+    """`ort_defaults`: an ONNX graph runs with ONNX Runtime's default session options (a peer, as its users run it)."""
     if fmt == "hf":
         return TorchPredictor(path, threads)
     if fmt == "onnx":

@@ -45,7 +45,10 @@ def best_of(variants: list[Variant], objective: str) -> Variant:
 
 class SelectionConfig(StrictModel):
     max_accuracy_drop: float = Field(
-        0.01, ge=0, le=1, description="Largest accepted accuracy drop vs the teacher on the validation split (0.01 = 1 point).",
+        0.01,
+        ge=0,
+        le=1,
+        description="Largest accepted accuracy drop vs the teacher on the validation split (0.01 = 1 point).",
     )
     max_latency_ms: float | None = Field(None, gt=0, description="Optional ceiling on batch-1 p50 latency (ms).")
     max_size_mb: float | None = Field(None, gt=0, description="Optional ceiling on the weights' size on disk (MB).")
@@ -60,7 +63,9 @@ class Selection:
     feasible: bool
     reason: str
     pareto_ids: list[str]
-    max_accuracy_drop: float | None = None  # the budget, applied on validation; the report holds the eval drop against it
+    max_accuracy_drop: float | None = (
+        None  # the budget, applied on validation; the report holds the eval drop against it
+    )
 
 
 def dominates(a: Variant, b: Variant) -> bool:
@@ -96,7 +101,11 @@ def select(variants: list[Variant], cfg: SelectionConfig) -> Selection:
     if feasible:
         best = best_of(feasible, cfg.objective)
         return Selection(
-            best, True, f"best {cfg.objective} of {len(feasible)} feasible variants", [v.id for v in front], cfg.max_accuracy_drop,
+            best,
+            True,
+            f"best {cfg.objective} of {len(feasible)} feasible variants",
+            [v.id for v in front],
+            cfg.max_accuracy_drop,
         )
     best = min(variants, key=lambda v: (len(violations(v, cfg)), key(v)))
     reason = f"no variant meets the constraints; best-so-far {best.id} violates: {'; '.join(violations(best, cfg))}"
@@ -109,7 +118,7 @@ PROMOTION_MARGIN = 0.03
 
 
 def same_variant(challenger: Variant, incumbent: Variant) -> bool:
-    """Whether the registered champion (`incumbent`, tagged with the variant id it was registered from) is `challenger`."""
+    """Whether the registered champion (`incumbent`, tagged with the variant id it came from) is `challenger`."""
     return incumbent.params.get("variant_id") == challenger.id
 
 

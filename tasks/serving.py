@@ -19,7 +19,8 @@ def checked_texts(raw: list) -> list[str]:
         if not isinstance(text, str) or not text.strip():
             problem = "null" if text is None else "not a string" if not isinstance(text, str) else "empty"
             raise MlflowException(
-                f"text of row {row} is {problem} ({text!r}): send a non-empty string per row", error_code=INVALID_PARAMETER_VALUE
+                f"text of row {row} is {problem} ({text!r}): send a non-empty string per row",
+                error_code=INVALID_PARAMETER_VALUE,
             )
     return list(raw)
 
@@ -38,7 +39,9 @@ class ChampionModel(PythonModel):
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
                 raise ValueError(f"expected a DataFrame with a 'text' column, got columns {list(model_input.columns)}")
-            texts = checked_texts([None if isinstance(t, float) and t != t else t for t in model_input["text"]])  # NaN: a null
+            texts = checked_texts(
+                [None if isinstance(t, float) and t != t else t for t in model_input["text"]]
+            )  # NaN: a null
         else:
             texts = checked_texts(list(model_input))
         if not texts:

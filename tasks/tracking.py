@@ -10,7 +10,6 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -32,7 +31,9 @@ SERVED_MODULES = ("__init__.py", "base.py", "runtime.py")
 class TrackingConfig(StrictModel):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<artifacts_dir>/mlflow.db.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's name.")
-    registered_model: str | None = Field(None, description="Registry name for the champion; default: squeezeflow-<name>.")
+    registered_model: str | None = Field(
+        None, description="Registry name for the champion; default: squeezeflow-<name>."
+    )
 
 
 def tracking_uri(cfg: TrackingConfig, artifacts_dir: Path) -> str:
@@ -131,13 +132,26 @@ def log_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, 
     return run.info.run_id
 
 
-def log_failed_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, parent: Variant, stage: str, lineage: str, error: str) -> str:
+def log_failed_variant(
+    client: MlflowClient,
+    experiment_id: str,
+    pipeline_run_id: str,
+    parent: Variant,
+    stage: str,
+    lineage: str,
+    error: str,
+) -> str:
     """A FAILED child run for a variant whose stage raised, carrying the error."""
     run = client.create_run(
-        experiment_id, run_name=f"failed: {lineage.rsplit('>', 1)[-1]}",
+        experiment_id,
+        run_name=f"failed: {lineage.rsplit('>', 1)[-1]}",
         tags={
-            "mlflow.parentRunId": pipeline_run_id, "squeeze.role": "variant", "squeeze.parent_id": parent.id,
-            "squeeze.stage": stage, "squeeze.lineage": lineage, "squeeze.error": error[:5000],
+            "mlflow.parentRunId": pipeline_run_id,
+            "squeeze.role": "variant",
+            "squeeze.parent_id": parent.id,
+            "squeeze.stage": stage,
+            "squeeze.lineage": lineage,
+            "squeeze.error": error[:5000],
         },
     )
     client.set_terminated(run.info.run_id, "FAILED")
@@ -156,7 +170,9 @@ def fetch_incumbent(registered_model: str, dst: Path, label_names: list[str]) ->
         version = MlflowClient().get_model_version_by_alias(registered_model, "champion")
     except MlflowException:
         return None
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}@champion", dst_path=str(dst)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model}@champion", dst_path=str(dst))
+    )
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     config = flavor.get("config") or {}
     if list(config.get("label_names", [])) != list(label_names):
@@ -164,29 +180,37 @@ def fetch_incumbent(registered_model: str, dst: Path, label_names: list[str]) ->
         return None
     tags = version.tags
     variant = Variant(
-        id=f"champion-v{version.version}", stage=tags.get("squeeze.stage", "export"),
-        lineage=f"champion v{version.version}: {tags.get('squeeze.lineage', '?')}", format=config["format"],
-        path=str(local / flavor["artifacts"]["model"]["path"]), params={"registered_version": str(version.version), "variant_id": tags.get("squeeze.variant_id")},
+        id=f"champion-v{version.version}",
+        stage=tags.get("squeeze.stage", "export"),
+        lineage=f"champion v{version.version}: {tags.get('squeeze.lineage', '?')}",
+        format=config["format"],
+        path=str(local / flavor["artifacts"]["model"]["path"]),
+        params={"registered_version": str(version.version), "variant_id": tags.get("squeeze.variant_id")},
     )
     return variant, str(version.version)
 
 
-def register_champion(v: Variant, registered_model: str, label_names: list[str], threads: int, previous: str | None = None) -> str:
+def register_champion(
+    v: Variant, registered_model: str, label_names: list[str], threads: int, previous: str | None = None
+) -> str:
     """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it and points the
     `champion` alias at the new version (and `previous` at the one it replaces); returns the version."""
     import mlflow
-    from mlflow.models.signature import ModelSignature
-    from mlflow.tracking import MlflowClient
-    from mlflow.types import ColSpec, Schema
     import numpy
     import onnxruntime
     import pandas
     import pydantic
     import tokenizers
+    from mlflow.models.signature import ModelSignature
+    from mlflow.tracking import MlflowClient
+    from mlflow.types import ColSpec, Schema
 
     requirements = [
-        f"mlflow=={mlflow.__version__}", f"tokenizers=={tokenizers.__version__}", f"pandas=={pandas.__version__}",
-        f"numpy=={numpy.__version__}", f"pydantic=={pydantic.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"tokenizers=={tokenizers.__version__}",
+        f"pandas=={pandas.__version__}",
+        f"numpy=={numpy.__version__}",
+        f"pydantic=={pydantic.__version__}",
     ]
     if v.format != "hf":
         requirements.append(f"onnxruntime=={onnxruntime.__version__}")
@@ -209,7 +233,11 @@ def register_champion(v: Variant, registered_model: str, label_names: list[str],
             artifacts={"model": v.path},
             # per_row: one text per call, as the benchmark measured it (see serving.py)
             model_config={
-                "format": v.format, "label_names": label_names, "threads": threads, "variant_id": v.id, "batch_policy": "per_row",
+                "format": v.format,
+                "label_names": label_names,
+                "threads": threads,
+                "variant_id": v.id,
+                "batch_policy": "per_row",
             },
             signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
             pip_requirements=requirements,

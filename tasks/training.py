@@ -35,11 +35,13 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     group_by_length: bool = Field(
-        False, description="Batch texts of similar length together (less padding: faster on short, varied texts).",
+        False,
+        description="Batch texts of similar length together (less padding: faster on short, varied texts).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Forward and backward in bfloat16 autocast (weights and optimizer stay fp32). auto: bf16 where the CPU has "
+        description="Forward and backward in bfloat16 autocast (weights and optimizer stay fp32). auto: bf16 where "
+        "the CPU has "
         "AMX-BF16 units, which run it about twice as fast; fp32 elsewhere, where bf16 is emulated and slower.",
     )
 
@@ -62,7 +64,9 @@ def long_text_indices(texts: list[str], pass_cfg: LongTextPass, field: str) -> l
     """The indices of the texts with at least `pass_cfg.min_words` words; a clear error naming `field` if none has."""
     keep = [i for i, text in enumerate(texts) if len(text.split()) >= pass_cfg.min_words]
     if not keep:
-        raise DataError(f"{field}.min_words: none of the {len(texts)} training texts has {pass_cfg.min_words} or more words")
+        raise DataError(
+            f"{field}.min_words: none of the {len(texts)} training texts has {pass_cfg.min_words} or more words"
+        )
     return keep
 
 
@@ -93,10 +97,18 @@ def accuracy_on(model, tokenizer, texts: list[str], truth: np.ndarray, max_lengt
     import torch
 
     with torch.inference_mode():
-        preds = np.concatenate([
-            model(**tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")).logits.argmax(-1).numpy()
-            for i in range(0, len(texts), 64)
-        ])
+        preds = np.concatenate(
+            [
+                model(
+                    **tokenizer(
+                        texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                    )
+                )
+                .logits.argmax(-1)
+                .numpy()
+                for i in range(0, len(texts), 64)
+            ]
+        )
     return float((preds == truth).mean())
 
 
@@ -118,7 +130,9 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int) -> np.nd
     return logits
 
 
-def batch_order(order: list[int], texts: list[str], batch_size: int, group_by_length: bool, generator) -> list[list[int]]:
+def batch_order(
+    order: list[int], texts: list[str], batch_size: int, group_by_length: bool, generator
+) -> list[list[int]]:
     """`order` cut into batches. Grouped by length: chunks of 64 batches are each sorted by text length before
     cutting, then the batches are shuffled, so a batch pads to a similar length and the order stays random."""
     import torch
@@ -184,7 +198,11 @@ def train(
     bf16 = cfg.uses_bf16()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
+        lambda step: (
+            (step + 1) / max(1, warmup)
+            if step < warmup
+            else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        ),
     )
     generator = torch.Generator().manual_seed(seed)
     figures: dict[str, float] = {}
@@ -201,7 +219,11 @@ def train(
         for idx in batch_order(order, texts, cfg.batch_size, cfg.group_by_length, generator):
             if step >= total_steps:
                 break
-            inputs = dict(tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            inputs = dict(
+                tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                )
+            )
             batch = dict(inputs)
             if labels is not None:
                 batch["labels"] = torch.tensor([labels[i] for i in idx])
@@ -230,13 +252,19 @@ def train(
         model.load_state_dict(best_state)
         figures["best_validation_score"] = best_score
     model.eval()
-    return {**figures, "train_loss": running, "train_steps": float(total_steps), "train_seconds": time.perf_counter() - started,
-            "train_bf16": float(bf16)}
+    return {
+        **figures,
+        "train_loss": running,
+        "train_steps": float(total_steps),
+        "train_seconds": time.perf_counter() - started,
+        "train_bf16": float(bf16),
+    }
 
 
 def average_weights(into: torch.nn.Module, others: list[torch.nn.Module]) -> None:
     """Sets `into`'s floating-point weights to the mean of its own and those of `others` (same architecture): a uniform
-    model soup. Copies fine-tuned from one starting point stay in one basin of the loss, so their mean is a model too."""
+    model soup. Copies fine-tuned from one starting point stay in one basin of the loss, so their mean is a model
+    too."""
     total = {k: v.detach().clone() for k, v in into.state_dict().items() if v.is_floating_point()}
     for other in others:
         for key, value in other.state_dict().items():
@@ -260,12 +288,15 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature: float, soft_
 
     # autocast leaves log_softmax in bf16, which would blur the soft targets
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="none",
-        log_target=True,
-    ).sum(-1) * temperature**2
+    soft = (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            reduction="none",
+            log_target=True,
+        ).sum(-1)
+        * temperature**2
+    )
     if soft_weight >= 1.0 or labels is None:
         return soft.mean()
     labelled = labels != UNLABELLED

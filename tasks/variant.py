@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +39,9 @@ class Variant(BaseModel):
     format: Format
     path: str = Field(description="Directory with the model (save_pretrained or model.onnx) and its tokenizer.")
     metrics: dict[str, float] = Field(default_factory=dict)
-    content_sha256: str | None = Field(None, description="SHA-256 of the stored files, checked before the variant is reused.")
+    content_sha256: str | None = Field(
+        None, description="SHA-256 of the stored files, checked before the variant is reused."
+    )
 
     @property
     def token(self) -> str:
@@ -59,7 +61,9 @@ class StageContext(BaseModel):
     max_length: int
     seed: int
     teacher: Variant | None = None
-    cache_dir: Path | None = Field(None, description="Where stages keep reusable intermediate results (teacher logits).")
+    cache_dir: Path | None = Field(
+        None, description="Where stages keep reusable intermediate results (teacher logits)."
+    )
 
     @property
     def data_fingerprint(self) -> str:
@@ -88,13 +92,15 @@ def _project_imports(module: Path) -> set[str]:
     """The names of the modules of this package that `module` imports, at its top or inside a function."""
     names = set()
     for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("squeezeflow.tasks")):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level == 1 or (node.module or "").startswith("squeezeflow.tasks")
+        ):
             base = (node.module or "").removeprefix("squeezeflow.tasks").lstrip(".")
             names |= {base.split(".")[0]} if base else {alias.name for alias in node.names}
     return {name for name in names if (PACKAGE_ROOT / f"{name}.py").is_file()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_fingerprint(module: str) -> str:
     """A hash of the source of `module` (a module of this package, e.g. "quantize") and of every module of the package
     it imports, directly or not: part of the id of what that stage makes, so editing a stage's code, or a helper it
@@ -111,7 +117,9 @@ def code_fingerprint(module: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = None, *, made_by: str, data: str | None = None) -> str:
+def variant_id(
+    lineage: str, params: dict[str, Any], parent_id: str | None = None, *, made_by: str, data: str | None = None
+) -> str:
     """A readable, stable id: the last lineage token plus a short hash of the parent, lineage, knobs, library
     versions, the code of the module `made_by` (see code_fingerprint) and, for a stage that reads the train or
     validation data, their fingerprint. Stage outputs are stored by id, so the id is also the stage's cache key."""
@@ -122,7 +130,14 @@ def variant_id(lineage: str, params: dict[str, Any], parent_id: str | None = Non
 
 
 def derive(
-    parent: Variant, *, stage: Stage, token: str, params: dict[str, Any], format: Format, out_root: Path, data: str | None = None,
+    parent: Variant,
+    *,
+    stage: Stage,
+    token: str,
+    params: dict[str, Any],
+    format: Format,
+    out_root: Path,
+    data: str | None = None,
 ) -> Variant:
     """The child record of `parent` made by `stage` (the module of that name), to be written to `out_root/<id>`;
     `token` is its lineage token (e.g. `int8-dynamic`); `data` the data fingerprint, if the stage reads the data."""
@@ -175,7 +190,9 @@ def finished(child: Variant) -> Variant | None:
         log.warning("variant %s: its record %s is unreadable; making it again", child.id, record)
         return None
     if stored.content_sha256 != content_hash(child.path):
-        log.warning("variant %s: its files in %s do not match their recorded hash; making it again", child.id, child.path)
+        log.warning(
+            "variant %s: its files in %s do not match their recorded hash; making it again", child.id, child.path
+        )
         return None
     return stored
 

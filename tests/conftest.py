@@ -14,7 +14,22 @@ import squeezeflow.tasks  # noqa: F401  (sets the offline environment before pre
 
 POSITIVE = ["good", "great", "excellent", "lovely", "superb", "wonderful"]
 NEGATIVE = ["bad", "awful", "terrible", "poor", "dreadful", "boring"]
-FILLER = ["the", "movie", "film", "plot", "acting", "was", "really", "quite", "very", "and", "story", "music", "a", "it"]
+FILLER = [
+    "the",
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "was",
+    "really",
+    "quite",
+    "very",
+    "and",
+    "story",
+    "music",
+    "a",
+    "it",
+]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -39,9 +54,8 @@ def write_tsv(path: Path, rows, header=("text", "label")) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT classifier (hidden 32, 4 heads) with a WordPiece tokenizer over the test vocabulary."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny-bert")
     vocab = root / "vocab.txt"
@@ -49,8 +63,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=32)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
     )
     model = BertForSequenceClassification(config)
     out = root / "model"
@@ -72,7 +91,10 @@ def trained_tiny(tmp_path_factory, tiny_model_dir):
     )
     teacher = make_teacher(
         ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
-        TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16), data, root / "variants", seed=7,
+        TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16),
+        data,
+        root / "variants",
+        seed=7,
     )
     return teacher, data
 

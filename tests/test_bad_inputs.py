@@ -23,7 +23,10 @@ def workdir(tmp_path_factory):
     shutil.copytree(CORPUS, work, dirs_exist_ok=True)
     corrupt = work / "models" / "corrupt"  # made here so no fake model file is tracked in the repository
     corrupt.mkdir(parents=True)
-    (corrupt / "config.json").write_text('{"model_type": "bert", "vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}')
+    (corrupt / "config.json").write_text(
+        '{"model_type": "bert", "vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1, '
+        '"num_attention_heads": 2, "intermediate_size": 16}'
+    )
     (corrupt / "model.safetensors").write_bytes(b"this is not a safetensors file")
     make_models(work / "models")
     return work
@@ -37,9 +40,17 @@ def make_models(root: Path) -> None:
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(20)]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
-    shape = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16, "num_labels": 2}
+    shape = {
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "num_labels": 2,
+    }
     for name, vocab_size, positions, with_tokenizer in (
-        ("no_tokenizer", len(tokenizer), 64, False), ("big_vocab", 8, 64, True), ("short_positions", len(tokenizer), 64, True),
+        ("no_tokenizer", len(tokenizer), 64, False),
+        ("big_vocab", 8, 64, True),
+        ("short_positions", len(tokenizer), 64, True),
     ):
         config = BertConfig(vocab_size=vocab_size, max_position_embeddings=positions, **shape)
         BertForSequenceClassification(config).save_pretrained(root / name)

@@ -7,7 +7,14 @@ import onnx
 import pytest
 
 from bench.sst2 import (
-    CHAMPION_KEYS, PEER_KEYS, TOP_KEYS, VARIANT_KEYS, check_document, make_peers, markdown, results_document,
+    CHAMPION_KEYS,
+    PEER_KEYS,
+    TOP_KEYS,
+    VARIANT_KEYS,
+    check_document,
+    make_peers,
+    markdown,
+    results_document,
 )
 from squeezeflow.tasks.data import load_splits
 from squeezeflow.tasks.runtime import load_predictor
@@ -32,12 +39,18 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
         variant("p4", "peer:olive-cpu-int8", "quantize", 0.89, 3.0, 23.0),
         champion,
     ]
-    doc = results_document({"cpu": "test", "cores": 2, "threads": 2, "libraries": {}}, 12.5, [teacher, champion], side_by_side, "c")
+    doc = results_document(
+        {"cpu": "test", "cores": 2, "threads": 2, "libraries": {}}, 12.5, [teacher, champion], side_by_side, "c"
+    )
     check_document(doc)
     assert tuple(doc) == TOP_KEYS and tuple(doc["champion"]) == CHAMPION_KEYS
     assert all(tuple(p) == PEER_KEYS for p in doc["peers"]) and all(tuple(v) == VARIANT_KEYS for v in doc["variants"])
     assert [p["name"] for p in doc["peers"]] == [
-        "pytorch-fp32", "torch-quantize-dynamic", "onnxruntime-fp32", "optimum-o2-dynamic-int8", "olive-cpu-int8",
+        "pytorch-fp32",
+        "torch-quantize-dynamic",
+        "onnxruntime-fp32",
+        "optimum-o2-dynamic-int8",
+        "olive-cpu-int8",
     ]
     c = doc["champion"]
     assert c["speedup_vs_torch_fp32"] == pytest.approx(20.0)
@@ -60,12 +73,18 @@ def test_peers_are_built_from_the_teacher_and_run(tmp_path, trained_tiny, monkey
     import bench.sst2 as sst2
 
     teacher, data = trained_tiny
-    monkeypatch.setattr(sst2, "peer_olive", lambda teacher_dir, out: sst2.peer_ort_fp32(teacher_dir, out))  # olive-ai is a bench-only extra
+    monkeypatch.setattr(
+        sst2, "peer_olive", lambda teacher_dir, out: sst2.peer_ort_fp32(teacher_dir, out)
+    )  # olive-ai is a bench-only extra
     calibration = load_splits(data, 2).train.texts[:16]
     peers = make_peers(teacher, tmp_path / "peers", calibration)
     assert [p.lineage for p in peers] == [
-        "teacher", "peer:torch-quantize-dynamic", "peer:onnxruntime-fp32", "peer:optimum-o2-dynamic-int8",
-        "peer:optimum-static-int8", "peer:olive-cpu-int8",
+        "teacher",
+        "peer:torch-quantize-dynamic",
+        "peer:onnxruntime-fp32",
+        "peer:optimum-o2-dynamic-int8",
+        "peer:optimum-static-int8",
+        "peer:olive-cpu-int8",
     ]
     assert all(Path(p.path).parent.name == teacher.id for p in peers[1:])  # a new teacher gets new peers
     assert {p.params.get("ort_session") for p in peers if p.format == "onnx"} == {"default"}

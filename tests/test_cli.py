@@ -88,25 +88,42 @@ def test_two_runs_at_once_on_a_new_store_and_a_failed_variant_is_loud(tmp_path, 
     branch that names a node its graph does not have: it is listed on the console and in the report, and that run
     exits 3 while its champion is still chosen from the rest."""
     tree = make_tiny_config(tmp_path, tiny_model_dir)
-    tree["selection"] = {"objective": "size", "max_accuracy_drop": 0.05}  # the same champion for both, whatever the timings
+    tree["selection"] = {
+        "objective": "size",
+        "max_accuracy_drop": 0.05,
+    }  # the same champion for both, whatever the timings
     plain = recipe(tmp_path, tree)
     tree["stages"][1] = {"kind": "quantize", "modes": ["dynamic", "static"], "exclude_nodes": ["NoSuchNode"]}
     (tmp_path / "failing").mkdir()
     failing = recipe(tmp_path / "failing", tree)
     env = {**os.environ, "COLUMNS": "200"}
-    runs = [subprocess.Popen([SQUEEZE, "run", path, "--set", "benchmark.rounds=1"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env) for path in (plain, failing)]
+    runs = [
+        subprocess.Popen(
+            [SQUEEZE, "run", path, "--set", "benchmark.rounds=1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for path in (plain, failing)
+    ]
     (out_plain, err_plain), (out_failing, err_failing) = (run.communicate(timeout=600) for run in runs)
     assert runs[0].returncode == 0, err_plain[-3000:]
     assert runs[1].returncode == 3, err_failing[-3000:]
     for out in (out_plain, out_failing):
         assert "teacher>onnx>int8-dynamic" in out and "champion:" in out
-    said = sorted(out.split("models:/tiny-classifier@champion")[0].rsplit("\n", 1)[-1] for out in (out_plain, out_failing))
+    said = sorted(
+        out.split("models:/tiny-classifier@champion")[0].rsplit("\n", 1)[-1] for out in (out_plain, out_failing)
+    )
     assert said == ["kept (not beaten): ", "registered: "], said
     assert "registered champion v1 already" in out_plain + out_failing
     assert len(list((tmp_path / "artifacts" / "variants").glob("teacher-*"))) == 1
 
-    assert "1 variant(s) failed" in out_failing and "teacher>onnx>int8-static" in out_failing and "NoSuchNode" in out_failing
+    assert (
+        "1 variant(s) failed" in out_failing
+        and "teacher>onnx>int8-static" in out_failing
+        and "NoSuchNode" in out_failing
+    )
     assert "exit code 3" in err_failing and "Traceback" not in out_failing + err_failing + out_plain + err_plain
     report = next(p for p in (tmp_path / "artifacts" / "runs").glob("*/report/report.md") if "failed" in p.read_text())
     assert "| teacher>onnx>int8-static | " in report.read_text()
@@ -128,8 +145,9 @@ def test_schema_and_validate(tmp_path, tiny_config):
 
 
 def test_a_store_locked_by_another_process_is_one_clear_line(tmp_path, tiny_config, monkeypatch):
-    import squeezeflow.flows.cli as cli
     from typer.testing import CliRunner
+
+    import squeezeflow.flows.cli as cli
 
     monkeypatch.setattr(cli, "STORE_LOCK_WAIT_S", 1)
     db = tmp_path / "mlflow.db"  # tiny_config's tracking store
@@ -142,7 +160,11 @@ def test_a_store_locked_by_another_process_is_one_clear_line(tmp_path, tiny_conf
         holder.rollback()
         holder.close()
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: tracking.uri: the MLflow store {db} is locked by another process; wait for it or set tracking.uri elsewhere"
+    assert (
+        result.stderr.strip()
+        == f"error: tracking.uri: the MLflow store {db} is locked by another process; wait for it or set tracking.uri "
+        f"elsewhere"
+    )
 
 
 def test_kill_9_of_the_cli_leaves_no_process_it_started(tmp_path, tiny_model_dir):
@@ -157,20 +179,28 @@ def test_kill_9_of_the_cli_leaves_no_process_it_started(tmp_path, tiny_model_dir
 
     tree = make_tiny_config(tmp_path, tiny_model_dir)
     tree["teacher"] |= {"epochs": 500}  # long enough to be killed while training
-    cli = subprocess.Popen([SQUEEZE, "run", recipe(tmp_path, tree)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = subprocess.Popen(
+        [SQUEEZE, "run", recipe(tmp_path, tree)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
+
         def training_with_a_server():
             started = psutil.Process(cli.pid).children(recursive=True)
             has_server = any("uvicorn" in " ".join(p.cmdline()) for p in started if p.is_running())
             return started if has_server and "RUNNING" in run_statuses(tmp_path / "mlflow.db") else None
 
         descendants = wait_for(training_with_a_server, 300, "the run to start training beside its Prefect server")
-        descendants += [p for p in psutil.process_iter() if "squeezeflow.flows.watchdog" in " ".join(p.cmdline() or [])
-                        and str(cli.pid) in p.cmdline()]
+        descendants += [
+            p
+            for p in psutil.process_iter()
+            if "squeezeflow.flows.watchdog" in " ".join(p.cmdline() or []) and str(cli.pid) in p.cmdline()
+        ]
         cli.send_signal(signal.SIGKILL)
         cli.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants):
+        while time.monotonic() < deadline and any(
+            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants
+        ):
             time.sleep(0.5)
         alive = [" ".join(p.cmdline()) for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert alive == [], alive

@@ -13,8 +13,16 @@ from squeezeflow.flows.config import parse_config
 from .conftest import make_tiny_config
 
 METRICS = {
-    "accuracy", "accuracy_drop", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_qps",
-    "size_mb", "params_m", "peak_rss_mb", "speedup",
+    "accuracy",
+    "accuracy_drop",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "throughput_qps",
+    "size_mb",
+    "params_m",
+    "peak_rss_mb",
+    "speedup",
 }
 
 
@@ -36,7 +44,11 @@ def test_flow_logs_pipeline_and_variant_runs(finished):
     variants = [r for r in runs if r.data.tags.get("squeeze.role") == "variant" and r.info.status == "FINISHED"]
     assert len(pipelines) == 1 and pipelines[0].info.status == "FINISHED"
     assert pipelines[0].info.run_id == result["pipeline_run_id"]
-    assert sorted(r.data.tags["squeeze.lineage"] for r in variants) == ["teacher", "teacher>onnx", "teacher>onnx>int8-dynamic"]
+    assert sorted(r.data.tags["squeeze.lineage"] for r in variants) == [
+        "teacher",
+        "teacher>onnx",
+        "teacher>onnx>int8-dynamic",
+    ]
     by_id = {r.data.tags["squeeze.variant_id"]: r for r in variants}
     for run in variants:
         tags = run.data.tags
@@ -123,7 +135,9 @@ def test_report_and_table_are_prefect_artifacts(finished):
 
     async def fetch():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-report", "tiny-variants"])))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-report", "tiny-variants"]))
+            )
 
     import asyncio
 
@@ -180,17 +194,25 @@ def test_unchanged_rerun_reuses_every_stage_and_one_changed_knob_recomputes_only
 
 def test_runs_left_running_by_a_dead_process_are_marked_killed(finished):
     import os
-    from squeezeflow.tasks.tracking import close_abandoned_runs
     import socket
     import subprocess
     import sys
 
+    from squeezeflow.tasks.tracking import close_abandoned_runs
+
     cfg, _ = finished
     client = MlflowClient(cfg.tracking.uri)
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    crashed = client.create_run(experiment_id, tags={"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": dead})
-    alive = client.create_run(experiment_id, tags={"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid())})
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    crashed = client.create_run(
+        experiment_id, tags={"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": dead}
+    )
+    alive = client.create_run(
+        experiment_id,
+        tags={"squeeze.role": "pipeline", "squeeze.host": socket.gethostname(), "squeeze.pid": str(os.getpid())},
+    )
     assert close_abandoned_runs(client, experiment_id) == [crashed.info.run_id]
     assert client.get_run(crashed.info.run_id).info.status == "KILLED"
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
@@ -204,7 +226,12 @@ def chained(prefect_harness, tmp_path_factory, tiny_model_dir):
     tree = make_tiny_config(tmp_path_factory.mktemp("chain"), tiny_model_dir)
     tree["stages"] = [
         {"kind": "prune", "ratios": [0.5], "recovery": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16}},
-        {"kind": "early_exit", "thresholds": [0.3], "also_teacher": True, "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16}},
+        {
+            "kind": "early_exit",
+            "thresholds": [0.3],
+            "also_teacher": True,
+            "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16},
+        },
         {"kind": "export"},
         {"kind": "quantize", "modes": ["dynamic"]},
     ]
@@ -217,11 +244,16 @@ def test_pruned_and_early_exit_variants_flow_through_the_chain(chained):
     assert result["failed"] == []
     by_lineage = {v["lineage"]: v for v in result["variants"]}
     assert set(by_lineage) == {
-        "teacher", "teacher>prune[0.5]",
-        "teacher>early_exit[0.3]", "teacher>prune[0.5]>early_exit[0.3]",
-        "teacher>onnx", "teacher>prune[0.5]>onnx",
-        "teacher>onnx>int8-dynamic", "teacher>prune[0.5]>onnx>int8-dynamic",
-        "teacher>early_exit[0.3]>int8-dynamic", "teacher>prune[0.5]>early_exit[0.3]>int8-dynamic",
+        "teacher",
+        "teacher>prune[0.5]",
+        "teacher>early_exit[0.3]",
+        "teacher>prune[0.5]>early_exit[0.3]",
+        "teacher>onnx",
+        "teacher>prune[0.5]>onnx",
+        "teacher>onnx>int8-dynamic",
+        "teacher>prune[0.5]>onnx>int8-dynamic",
+        "teacher>early_exit[0.3]>int8-dynamic",
+        "teacher>prune[0.5]>early_exit[0.3]>int8-dynamic",
     }
     pruned, teacher = by_lineage["teacher>prune[0.5]"], by_lineage["teacher"]
     assert pruned["stage"] == "prune" and pruned["metrics"]["params_m"] < teacher["metrics"]["params_m"]
@@ -230,7 +262,9 @@ def test_pruned_and_early_exit_variants_flow_through_the_chain(chained):
             assert v["format"] == "onnx-exit" and 1.0 <= v["metrics"]["mean_exit_layer"] <= 2.0
             assert {"latency_mean_ms", "parity_agreement"} <= set(v["metrics"])
     client = MlflowClient(cfg.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`squeeze.stage` = 'early_exit'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], "tags.`squeeze.stage` = 'early_exit'"
+    )
     assert len(runs) == 2 and all("mean_exit_layer" in r.data.metrics for r in runs)
 
 
@@ -240,14 +274,23 @@ def test_dask_runner_makes_the_variants_on_an_existing_scheduler(prefect_harness
     from distributed import Client, LocalCluster
 
     tree = make_tiny_config(tmp_path, tiny_model_dir)
-    tree["stages"] = [{"kind": "export"}, {"kind": "quantize", "modes": ["dynamic", "static"], "calibration_examples": 32}]
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    tree["stages"] = [
+        {"kind": "export"},
+        {"kind": "quantize", "modes": ["dynamic", "static"], "calibration_examples": 32},
+    ]
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         tree["runner"] = {"kind": "dask", "dask_address": cluster.scheduler_address}
         result = run_compress(parse_config(tree))
         ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert not result["failed"]
     assert sorted(v["lineage"] for v in result["variants"]) == [
-        "teacher", "teacher>onnx", "teacher>onnx>int8-dynamic", "teacher>onnx>int8-static",
+        "teacher",
+        "teacher>onnx",
+        "teacher>onnx>int8-dynamic",
+        "teacher>onnx>int8-static",
     ]
     assert {"export_task", "quantize_task"} <= set(ran), ran
     runs = MlflowClient(tree["tracking"]["uri"]).search_runs([result["experiment_id"]])
@@ -267,7 +310,9 @@ def test_permuting_the_eval_labels_changes_only_the_reported_eval_figures(prefec
             rows = [line.split("\t") for line in Path(tree["data"]["eval"]).read_text().splitlines()[1:]]
             labels = [label for _, label in rows]
             random.Random(0).shuffle(labels)
-            Path(tree["data"]["eval"]).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for (t, _), y in zip(rows, labels)))
+            Path(tree["data"]["eval"]).write_text(
+                "text\tlabel\n" + "".join(f"{t}\t{y}\n" for (t, _), y in zip(rows, labels))
+            )
         tree["stages"] = [
             {"kind": "export"},
             {"kind": "quantize", "modes": ["dynamic", "static"], "calibration_examples": 32, "accuracy_tolerance": 0.0},
@@ -324,24 +369,45 @@ def test_the_champion_serves_from_a_fresh_environment_made_from_its_own_requirem
 
     cfg, _ = finished
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-classifier@champion", dst_path=str(tmp_path / "model")))
+    local = Path(
+        mlflow.artifacts.download_artifacts("models:/tiny-classifier@champion", dst_path=str(tmp_path / "model"))
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env |= {"MLFLOW_TRACKING_URI": cfg.tracking.uri, "PATH": f"{venv / 'bin'}:{env['PATH']}"}  # the venv, activated
-    subprocess.run([venv / "bin" / "pip", "install", "-q", "-r", local / "requirements.txt"], check=True, env=env, timeout=900)
+    subprocess.run(
+        [venv / "bin" / "pip", "install", "-q", "-r", local / "requirements.txt"], check=True, env=env, timeout=900
+    )
     assert subprocess.run([venv / "bin" / "python", "-c", "import squeezeflow"], cwd=tmp_path, env=env).returncode != 0
 
     port, log = free_port(), (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [venv / "bin" / "mlflow", "models", "serve", "-m", "models:/tiny-classifier@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+        [
+            venv / "bin" / "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/tiny-classifier@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
     def post(texts):
         body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as answer:
                 return answer.status, json.loads(answer.read())

@@ -53,7 +53,12 @@ def test_wrong_type_names_field_and_value(tiny_config):
 def test_set_overrides_nested_values_and_list_items(tiny_config):
     cfg = parse_config(
         tiny_config,
-        overrides=["teacher.epochs=0.5", "stages.1.per_channel=true", "selection.objective=size", "data.label_names=[a, b]"],
+        overrides=[
+            "teacher.epochs=0.5",
+            "stages.1.per_channel=true",
+            "selection.objective=size",
+            "data.label_names=[a, b]",
+        ],
     )
     assert cfg.teacher.epochs == 0.5
     assert cfg.stages[1].per_channel is True
@@ -115,5 +120,7 @@ def test_config_is_frozen(tiny_config):
 
 def test_schema_describes_every_section():
     schema = SqueezeConfig.model_json_schema()
-    assert {"name", "model", "data", "teacher", "stages", "benchmark", "selection", "tracking"} <= set(schema["properties"])
+    assert {"name", "model", "data", "teacher", "stages", "benchmark", "selection", "tracking"} <= set(
+        schema["properties"]
+    )
     assert json.dumps(schema)  # serialisable, for `squeeze schema` and the Prefect form

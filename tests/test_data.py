@@ -23,7 +23,9 @@ def test_reads_tsv_and_maps_label_names(tmp_path):
 
 def test_reads_csv_with_quotes_and_jsonl(tmp_path):
     (tmp_path / "train.csv").write_text('sentence,y\n"hello, world",1\nbye,0\n')
-    (tmp_path / "eval.jsonl").write_text(json.dumps({"sentence": "hi", "y": 1}) + "\n\n" + json.dumps({"sentence": "no", "y": 0}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(
+        json.dumps({"sentence": "hi", "y": 1}) + "\n\n" + json.dumps({"sentence": "no", "y": 0}) + "\n"
+    )
     cfg = config(tmp_path, "train.csv", "eval.jsonl", text_column="sentence", label_column="y")
     train, eval_ = read_split(cfg, "train", 2), read_split(cfg, "eval", 2)
     assert train.texts[0] == "hello, world"
@@ -49,7 +51,9 @@ def test_empty_split(tmp_path):
 
 def test_non_integer_label_names_row_and_column(tmp_path):
     write_tsv(tmp_path / "train.tsv", [("a", 1), ("b", "positive")])
-    with pytest.raises(DataError, match=r"train.tsv, row 3, column 'label': expected an integer in 0..1, got 'positive'"):
+    with pytest.raises(
+        DataError, match=r"train.tsv, row 3, column 'label': expected an integer in 0..1, got 'positive'"
+    ):
         read_split(config(tmp_path), "train", 2)
 
 
@@ -101,7 +105,10 @@ def test_validation_is_a_stratified_seeded_slice_of_train_that_no_stage_trains_o
     assert not set(splits.validation.texts) & set(splits.train.texts)
     assert sorted(splits.train.texts + splits.validation.texts) == sorted(t for t, _ in rows)
     assert load_splits(config(tmp_path, validation_fraction=0.2), 2).validation.texts == splits.validation.texts
-    assert load_splits(config(tmp_path, validation_fraction=0.2, validation_seed=1), 2).validation.texts != splits.validation.texts
+    assert (
+        load_splits(config(tmp_path, validation_fraction=0.2, validation_seed=1), 2).validation.texts
+        != splits.validation.texts
+    )
     assert len(load_splits(config(tmp_path, validation_fraction=0.2, validation_max=40), 2).validation) == 40
 
 
@@ -112,14 +119,18 @@ def test_a_validation_file_is_used_whole_and_checked_like_eval(tmp_path):
     splits = load_splits(config(tmp_path, validation="val.tsv"), 3)
     assert splits.train.texts == ["a", "b", "c"] and splits.validation.texts == ["v", "w", "x"]
     write_tsv(tmp_path / "val.tsv", [("v", 0), ("w", 1)])
-    with pytest.raises(DataError, match=r"train .* and validation .* have different label sets \(only in train: \[2\]\)"):
+    with pytest.raises(
+        DataError, match=r"train .* and validation .* have different label sets \(only in train: \[2\]\)"
+    ):
         load_splits(config(tmp_path, validation="val.tsv"), 3)
 
 
 def test_too_small_a_train_file_for_a_validation_slice_says_what_to_do(tmp_path):
     write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)])
     write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
-    with pytest.raises(DataError, match="too few examples per class to set a validation slice aside; set data.validation"):
+    with pytest.raises(
+        DataError, match="too few examples per class to set a validation slice aside; set data.validation"
+    ):
         load_splits(config(tmp_path), 2)
 
 

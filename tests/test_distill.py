@@ -42,9 +42,19 @@ def test_kd_loss_gives_unlabelled_rows_the_soft_term_alone():
     torch.manual_seed(1)
     student, teacher = torch.randn(6, 2), torch.randn(6, 2)
     labels = torch.tensor([0, UNLABELLED, 1, 1, UNLABELLED, 0])
-    rows = [kd_loss(student[i : i + 1], teacher[i : i + 1], labels[i : i + 1] if labels[i] != UNLABELLED else None,
-                    temperature=2.0, soft_weight=0.3) for i in range(6)]
-    assert kd_loss(student, teacher, labels, temperature=2.0, soft_weight=0.3).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+    rows = [
+        kd_loss(
+            student[i : i + 1],
+            teacher[i : i + 1],
+            labels[i : i + 1] if labels[i] != UNLABELLED else None,
+            temperature=2.0,
+            soft_weight=0.3,
+        )
+        for i in range(6)
+    ]
+    assert kd_loss(student, teacher, labels, temperature=2.0, soft_weight=0.3).item() == pytest.approx(
+        torch.stack(rows).mean().item(), rel=1e-5
+    )
 
 
 def test_evenly_spaced_and_explicit_layers():
@@ -71,8 +81,10 @@ def test_student_layers_equal_the_chosen_teacher_layers(tiny_model_dir):
 def test_smaller_ffn_starts_from_scratch_only_where_shapes_differ(tiny_model_dir):
     student, teacher, chosen = build_student(tiny_model_dir, StudentShape(num_layers=1, intermediate_size=16))
     assert student.config.intermediate_size == 16 and chosen == [1]  # one layer: the teacher's last
-    assert torch.equal(student.state_dict()["bert.encoder.layer.0.attention.self.query.weight"],
-                       teacher.state_dict()["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(
+        student.state_dict()["bert.encoder.layer.0.attention.self.query.weight"],
+        teacher.state_dict()["bert.encoder.layer.1.attention.self.query.weight"],
+    )
     assert student.state_dict()["bert.encoder.layer.0.intermediate.dense.weight"].shape == (16, 32)
 
 
@@ -81,7 +93,9 @@ def distilled(trained_tiny, tmp_path_factory):
     teacher, data = trained_tiny
     root = tmp_path_factory.mktemp("distill")
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=root / "cache")
-    cfg = DistillConfig(students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16))
+    cfg = DistillConfig(
+        students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16)
+    )
     return teacher, distill(teacher, cfg.students[0], cfg, ctx, root / "variants"), ctx, cfg
 
 
@@ -96,7 +110,9 @@ def test_distilled_student_matches_teacher_and_round_trips(distilled, tmp_path):
     s_pred = reloaded.logits(eval_.texts).argmax(-1)
     assert (s_pred == t_pred).mean() >= 0.9
     onnx_student = export(student, ExportConfig(), tmp_path)
-    np.testing.assert_allclose(load_predictor(onnx_student.path, "onnx").logits(eval_.texts), reloaded.logits(eval_.texts), atol=1e-4)
+    np.testing.assert_allclose(
+        load_predictor(onnx_student.path, "onnx").logits(eval_.texts), reloaded.logits(eval_.texts), atol=1e-4
+    )
 
 
 def test_teacher_logits_are_cached_in_the_order_of_the_texts(distilled, tmp_path):
@@ -121,22 +137,31 @@ def assert_weights_are_the_mean(soup_dir, copy_dirs):
         # a key bias shifts every attention score of a query equally, so its gradient is rounding noise, which Adam
         # scales up to full steps: those biases differ from run to run and carry no meaning
         if not key.endswith("attention.self.key.bias"):
-            torch.testing.assert_close(averaged, sum(c[key] for c in copies) / len(copies), atol=1e-6, rtol=1e-5, msg=key)
+            torch.testing.assert_close(
+                averaged, sum(c[key] for c in copies) / len(copies), atol=1e-6, rtol=1e-5, msg=key
+            )
 
 
 def test_student_soup_is_the_average_of_students_trained_in_other_orders(trained_tiny, tmp_path):
     teacher, data = trained_tiny
-    cfg = DistillConfig(students=[StudentShape(num_layers=1)], best_on_validation=False,
-                        training=TrainConfig(epochs=2, learning_rate=3e-3, batch_size=16))
+    cfg = DistillConfig(
+        students=[StudentShape(num_layers=1)],
+        best_on_validation=False,
+        training=TrainConfig(epochs=2, learning_rate=3e-3, batch_size=16),
+    )
     made = {}
     for name, seed, soup in (("first", 7, 1), ("second", 8, 1), ("soup", 7, 2)):
-        ctx = StageContext(data=data, num_labels=2, max_length=32, seed=seed, teacher=teacher, cache_dir=tmp_path / "cache")
+        ctx = StageContext(
+            data=data, num_labels=2, max_length=32, seed=seed, teacher=teacher, cache_dir=tmp_path / "cache"
+        )
         made[name] = distill(teacher, cfg.students[0], cfg.model_copy(update={"soup": soup}), ctx, tmp_path / name)
     assert "soup" not in made["first"].params and made["soup"].params["soup"] == 2
     assert made["soup"].metrics["distill_copy2_train_steps"] == made["second"].metrics["distill_train_steps"]
     assert_weights_are_the_mean(made["soup"].path, [made["first"].path, made["second"].path])
     eval_ = load_splits(data, 2).eval
-    assert (load_predictor(made["soup"].path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
+    assert (
+        load_predictor(made["soup"].path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)
+    ).mean() >= 0.9
 
 
 def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path):
@@ -144,8 +169,12 @@ def test_unlabelled_training_data_learns_from_soft_labels(trained_tiny, tmp_path
     texts = load_splits(data, 2).train.texts
     (tmp_path / "unlabelled.tsv").write_text("text\n" + "".join(t + "\n" for t in texts))
     unlabelled = DataConfig(train=tmp_path / "unlabelled.tsv", eval=data.eval, train_has_labels=False)
-    ctx = StageContext(data=unlabelled, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
-    cfg = DistillConfig(students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16))
+    ctx = StageContext(
+        data=unlabelled, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache"
+    )
+    cfg = DistillConfig(
+        students=[StudentShape(num_layers=1)], training=TrainConfig(epochs=4, learning_rate=3e-3, batch_size=16)
+    )
     student = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
     eval_ = load_splits(data, 2).eval
     accuracy = (load_predictor(student.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean()
@@ -158,7 +187,9 @@ def born_again_teacher(tiny_model_dir, data, out_root, soft_weight):
     return make_teacher(
         ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
         TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16, born_again=BornAgainConfig(soft_weight=soft_weight)),
-        data, out_root, seed=7,
+        data,
+        out_root,
+        seed=7,
     )
 
 
@@ -178,9 +209,13 @@ def test_born_again_teacher_learns_what_the_first_fine_tune_says(tiny_model_dir,
     import squeezeflow.tasks.teacher as teacher_module
 
     real = teacher_module.predict_logits
-    monkeypatch.setattr(teacher_module, "predict_logits", lambda *args: -real(*args))  # a first fine-tune that says the opposite
+    monkeypatch.setattr(
+        teacher_module, "predict_logits", lambda *args: -real(*args)
+    )  # a first fine-tune that says the opposite
     _, data = trained_tiny
-    born = born_again_teacher(tiny_model_dir, data, tmp_path, soft_weight=1.0)  # soft targets only: the labels carry no weight
+    born = born_again_teacher(
+        tiny_model_dir, data, tmp_path, soft_weight=1.0
+    )  # soft targets only: the labels carry no weight
     eval_ = load_splits(data, 2).eval
     assert (load_predictor(born.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() <= 0.1
 
@@ -189,14 +224,19 @@ def test_soup_teacher_is_the_average_of_copies_fine_tuned_with_successive_seeds(
     from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
 
     _, data = trained_tiny
-    model_cfg, recipe = ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32), dict(epochs=6, learning_rate=3e-3, batch_size=16)
+    model_cfg, recipe = (
+        ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
+        dict(epochs=6, learning_rate=3e-3, batch_size=16),
+    )
     # every copy made here, under the same torch thread settings: float sums in another order drift apart over training
     plain = make_teacher(model_cfg, TeacherConfig(**recipe), data, tmp_path / "first", seed=7)  # the soup's first copy
     second = make_teacher(model_cfg, TeacherConfig(**recipe), data, tmp_path / "second", seed=8)
     soup = make_teacher(model_cfg, TeacherConfig(**recipe, soup=2), data, tmp_path / "soup", seed=7)
     assert "soup" not in plain.params and soup.params["soup"] == 2 and soup.id != plain.id
     assert soup.metrics["copy1_train_steps"] == soup.metrics["copy2_train_steps"] == plain.metrics["train_steps"]
-    assert soup.metrics["train_seconds"] == pytest.approx(soup.metrics["copy1_train_seconds"] + soup.metrics["copy2_train_seconds"])
+    assert soup.metrics["train_seconds"] == pytest.approx(
+        soup.metrics["copy1_train_seconds"] + soup.metrics["copy2_train_seconds"]
+    )
     assert_weights_are_the_mean(soup.path, [plain.path, second.path])
     eval_ = load_splits(data, 2).eval
     assert (load_predictor(soup.path, "hf").logits(eval_.texts).argmax(-1) == np.asarray(eval_.labels)).mean() >= 0.9
@@ -235,11 +275,15 @@ def test_layer_matching_loss_is_the_mean_over_real_tokens_and_ignores_padding(ti
 
     # every hidden state of every real token 0.5 off: an MSE of 0.25 per layer
     shifted = SimpleNamespace(hidden_states=tuple(h + 0.5 for h in out.hidden_states), attentions=out.attentions)
-    assert layer_matching_loss(shifted, out, mask, [0, 1], hidden_weight=1.0, attention_weight=0.0).item() == pytest.approx(0.5)
+    assert layer_matching_loss(
+        shifted, out, mask, [0, 1], hidden_weight=1.0, attention_weight=0.0
+    ).item() == pytest.approx(0.5)
 
     # a padding position's attention row may hold anything
     pad = (mask == 0)[:, None, :, None]
-    garbage = SimpleNamespace(hidden_states=out.hidden_states, attentions=tuple(torch.where(pad, 1.0, a) for a in out.attentions))
+    garbage = SimpleNamespace(
+        hidden_states=out.hidden_states, attentions=tuple(torch.where(pad, 1.0, a) for a in out.attentions)
+    )
     assert layer_matching_loss(garbage, out, mask, [0, 1], **both).item() == pytest.approx(0.0, abs=1e-6)
 
     # a student with its own distributions over the real tokens: the KL is the mean over heads and real queries of
@@ -247,7 +291,9 @@ def test_layer_matching_loss_is_the_mean_over_real_tokens_and_ignores_padding(ti
     torch.manual_seed(0)
     weights = torch.rand_like(out.attentions[1]) * mask[:, None, None, :]
     own = weights / weights.sum(-1, keepdim=True)
-    student = SimpleNamespace(hidden_states=out.hidden_states, attentions=(own,))  # one student layer, matched to teacher layer 1
+    student = SimpleNamespace(
+        hidden_states=out.hidden_states, attentions=(own,)
+    )  # one student layer, matched to teacher layer 1
     t_att = out.attentions[1]
     per_query = (torch.special.xlogy(t_att, t_att) - torch.special.xlogy(t_att, own)).sum(-1).mean(1)
     expected = (per_query * mask).sum() / mask.sum()
@@ -261,21 +307,29 @@ def test_attention_matching_students_train_without_attention_dropout(trained_tin
     from squeezeflow.tasks.distill import layer_matching_loss
 
     teacher, data = trained_tiny
-    batch = AutoTokenizer.from_pretrained(teacher.path)([f"{POSITIVE[0]} {FILLER[0]}", NEGATIVE[1]], padding=True, return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(teacher.path)(
+        [f"{POSITIVE[0]} {FILLER[0]}", NEGATIVE[1]], padding=True, return_tensors="pt"
+    )
     kl = {}
     for dropout in (None, 0.0):
         # the student is a copy of the whole teacher, so only dropout tells their attentions apart
-        student, teacher_model, chosen = build_student(teacher.path, StudentShape(layers=[0, 1]), attention_dropout=dropout)
+        student, teacher_model, chosen = build_student(
+            teacher.path, StudentShape(layers=[0, 1]), attention_dropout=dropout
+        )
         student.train()
         torch.manual_seed(0)
         s_out = student(**batch, output_attentions=True)
         t_out = teacher_model(**batch, output_attentions=True)
-        kl[dropout] = layer_matching_loss(s_out, t_out, batch["attention_mask"], chosen, hidden_weight=0.0, attention_weight=1.0).item()
+        kl[dropout] = layer_matching_loss(
+            s_out, t_out, batch["attention_mask"], chosen, hidden_weight=0.0, attention_weight=1.0
+        ).item()
     assert kl[0.0] < 0.05 < kl[None]
 
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
     cfg = DistillConfig(
-        students=[StudentShape(layers=[1])], hidden_weight=1.0, attention_weight=1.0,
+        students=[StudentShape(layers=[1])],
+        hidden_weight=1.0,
+        attention_weight=1.0,
         training=TrainConfig(epochs=1, learning_rate=1e-3, batch_size=16, max_examples=64),
     )
     distilled = distill(teacher, cfg.students[0], cfg, ctx, tmp_path / "variants")
@@ -320,8 +374,13 @@ def test_training_learns_the_known_answer_in_either_precision(tiny_model_dir, pr
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     figures = train(
-        model, tokenizer, [t for t, _ in fit], [y for _, y in fit],
-        TrainConfig(epochs=6, learning_rate=3e-3, batch_size=16, precision=precision), max_length=32, seed=7,
+        model,
+        tokenizer,
+        [t for t, _ in fit],
+        [y for _, y in fit],
+        TrainConfig(epochs=6, learning_rate=3e-3, batch_size=16, precision=precision),
+        max_length=32,
+        seed=7,
     )
     assert figures["train_bf16"] == float(precision == "bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
@@ -335,7 +394,10 @@ def test_word_neighbours_are_the_nearest_whole_words_by_embedding_cosine(trained
     from squeezeflow.tasks.augment import word_neighbours
 
     teacher, _ = trained_tiny
-    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(teacher.path), AutoTokenizer.from_pretrained(teacher.path)
+    model, tokenizer = (
+        AutoModelForSequenceClassification.from_pretrained(teacher.path),
+        AutoTokenizer.from_pretrained(teacher.path),
+    )
     found = word_neighbours(model, tokenizer, {"good", "Movie", "a", "xylophone", "!"}, k=3)
     assert set(found) == {"good", "Movie"}  # one-letter, unknown and non-alphabetic words are never swapped
     table = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach(), dim=-1)
@@ -351,8 +413,14 @@ def test_augmented_copies_swap_words_for_their_neighbours_seeded():
 
     half = augment_texts(["good movie", "a"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=0.5), seed=3)
     assert set(half) == {"great movie"} and 3 <= len(half) <= 17  # unchanged copies are dropped
-    assert augment_texts(["good movie", "a"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=0.5), seed=3) == half
-    assert len(augment_texts(["good movie"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=1.0), seed=3)) == 20
+    assert (
+        augment_texts(["good movie", "a"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=0.5), seed=3)
+        == half
+    )
+    assert (
+        len(augment_texts(["good movie"], {"good": ["great"]}, AugmentConfig(copies=20, replace_prob=1.0), seed=3))
+        == 20
+    )
 
 
 def test_augmented_distillation_teaches_the_student_words_its_data_lacks(trained_tiny, tmp_path):
@@ -361,18 +429,30 @@ def test_augmented_distillation_teaches_the_student_words_its_data_lacks(trained
     teacher, data = trained_tiny
     rng = np.random.default_rng(0)
     narrow = [(" ".join(rng.choice(FILLER, 4)) + (" good" if i % 2 else " bad"), i % 2) for i in range(240)]
-    unseen = [(" ".join(rng.choice(FILLER, 4)) + " " + rng.choice(POSITIVE[1:] if i % 2 else NEGATIVE[1:]), i % 2) for i in range(60)]
-    narrow_data = DataConfig(train=write_tsv(tmp_path / "narrow.tsv", narrow), eval=write_tsv(tmp_path / "unseen.tsv", unseen))
-    ctx = StageContext(data=narrow_data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
+    unseen = [
+        (" ".join(rng.choice(FILLER, 4)) + " " + rng.choice(POSITIVE[1:] if i % 2 else NEGATIVE[1:]), i % 2)
+        for i in range(60)
+    ]
+    narrow_data = DataConfig(
+        train=write_tsv(tmp_path / "narrow.tsv", narrow), eval=write_tsv(tmp_path / "unseen.tsv", unseen)
+    )
+    ctx = StageContext(
+        data=narrow_data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache"
+    )
     shape = StudentShape(num_layers=1, hidden_size=16)
 
     def accuracy_on_unseen_words(**augment):
         cfg = DistillConfig(
-            students=[shape], soft_weight=0.5, best_on_validation=False, augment=augment or None,
+            students=[shape],
+            soft_weight=0.5,
+            best_on_validation=False,
+            augment=augment or None,
             training=TrainConfig(epochs=8, learning_rate=3e-3, batch_size=16),
         )
         student = distill(teacher, shape, cfg, ctx, tmp_path / "variants")
-        return student, (load_predictor(student.path, "hf").logits([t for t, _ in unseen]).argmax(-1) == [y for _, y in unseen]).mean()
+        return student, (
+            load_predictor(student.path, "hf").logits([t for t, _ in unseen]).argmax(-1) == [y for _, y in unseen]
+        ).mean()
 
     plain, plain_accuracy = accuracy_on_unseen_words()
     augmented, augmented_accuracy = accuracy_on_unseen_words(copies=4, replace_prob=0.5, neighbours=30)
@@ -395,14 +475,17 @@ def long_flipped_data(root) -> tuple[DataConfig, list[tuple[str, int]]]:
     long = [(text + " " + " ".join(rng.choice(FILLER, 4)), 1 - label) for text, label in sentiment_rows(120, seed=4)]
     eval_rows = sentiment_rows(60, seed=2)
     data = DataConfig(  # a validation file of its own: all 240 rows stay training rows
-        train=write_tsv(root / "train.tsv", short + long), eval=write_tsv(root / "eval.tsv", eval_rows),
+        train=write_tsv(root / "train.tsv", short + long),
+        eval=write_tsv(root / "eval.tsv", eval_rows),
         validation=write_tsv(root / "validation.tsv", sentiment_rows(40, seed=5)),
     )
     return data, eval_rows
 
 
 def accuracy_of(variant, rows) -> float:
-    return float((load_predictor(variant.path, "hf").logits([t for t, _ in rows]).argmax(-1) == [y for _, y in rows]).mean())
+    return float(
+        (load_predictor(variant.path, "hf").logits([t for t, _ in rows]).argmax(-1) == [y for _, y in rows]).mean()
+    )
 
 
 def test_long_text_pass_trains_the_student_on_the_long_texts_alone(trained_tiny, tmp_path):
@@ -413,20 +496,36 @@ def test_long_text_pass_trains_the_student_on_the_long_texts_alone(trained_tiny,
     data, eval_rows = long_flipped_data(tmp_path)
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "cache")
     shape = StudentShape(num_layers=1)
-    cfg = DistillConfig(students=[shape], from_labels_only=True, best_on_validation=False,
-                        training=TrainConfig(epochs=0.05, learning_rate=1e-5, batch_size=16))  # one step: the pass decides
+    cfg = DistillConfig(
+        students=[shape],
+        from_labels_only=True,
+        best_on_validation=False,
+        training=TrainConfig(epochs=0.05, learning_rate=1e-5, batch_size=16),
+    )  # one step: the pass decides
     plain = distill(teacher, shape, cfg, ctx, tmp_path / "variants")
     pass_cfg = LongTextPass(min_words=8, epochs=12, learning_rate=3e-3, batch_size=16)
     passed = distill(teacher, shape, cfg.model_copy(update={"long_text_pass": pass_cfg}), ctx, tmp_path / "variants")
     assert "long_text_pass" not in plain.params and passed.params["long_text_pass"]["min_words"] == 8
-    assert passed.metrics["distill_long_text_pass_train_steps"] == 12 * 8  # the 120 long rows, 8 batches of 16, 12 times
+    assert (
+        passed.metrics["distill_long_text_pass_train_steps"] == 12 * 8
+    )  # the 120 long rows, 8 batches of 16, 12 times
     assert accuracy_of(plain, eval_rows) >= 0.9
     assert accuracy_of(passed, eval_rows) <= 0.1  # the opposite rule: only the long rows were learned from
-    with pytest.raises(DataError, match=r"distill.long_text_pass.min_words: none of the 240 training texts has 11 or more words"):
-        distill(teacher, shape, cfg.model_copy(update={"long_text_pass": LongTextPass(min_words=11)}), ctx, tmp_path / "variants")
+    with pytest.raises(
+        DataError, match=r"distill.long_text_pass.min_words: none of the 240 training texts has 11 or more words"
+    ):
+        distill(
+            teacher,
+            shape,
+            cfg.model_copy(update={"long_text_pass": LongTextPass(min_words=11)}),
+            ctx,
+            tmp_path / "variants",
+        )
 
 
-def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(tiny_model_dir, trained_tiny, tmp_path, monkeypatch):
+def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(
+    tiny_model_dir, trained_tiny, tmp_path, monkeypatch
+):
     import squeezeflow.tasks.teacher as teacher_module
     from squeezeflow.tasks.base import DataError
     from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig, make_teacher
@@ -436,14 +535,28 @@ def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(tiny_mode
     data, eval_rows = long_flipped_data(tmp_path)
     teacher = make_teacher(
         ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
-        TeacherConfig(epochs=0.05, learning_rate=1e-5, batch_size=16, long_text_pass=LongTextPass(min_words=8, epochs=8, learning_rate=3e-3, batch_size=16)),
-        data, tmp_path / "variants", seed=7,
+        TeacherConfig(
+            epochs=0.05,
+            learning_rate=1e-5,
+            batch_size=16,
+            long_text_pass=LongTextPass(min_words=8, epochs=8, learning_rate=3e-3, batch_size=16),
+        ),
+        data,
+        tmp_path / "variants",
+        seed=7,
     )
     assert "long_text_pass" not in plain.params and teacher.params["long_text_pass"]["epochs"] == 8
     assert teacher.metrics["long_text_pass_train_steps"] == 8 * 8 and teacher.metrics["train_steps"] == 1
     assert accuracy_of(teacher, eval_rows) <= 0.1
     monkeypatch.setattr(teacher_module, "train", lambda *args, **kwargs: pytest.fail("trained before the check"))
-    with pytest.raises(DataError, match=r"teacher.long_text_pass.min_words: none of the 240 training texts has 11 or more words"):
-        make_teacher(ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
-                     TeacherConfig(long_text_pass=LongTextPass(min_words=11)), data, tmp_path / "none", seed=7)
+    with pytest.raises(
+        DataError, match=r"teacher.long_text_pass.min_words: none of the 240 training texts has 11 or more words"
+    ):
+        make_teacher(
+            ModelConfig(source=str(tiny_model_dir), num_labels=2, max_length=32),
+            TeacherConfig(long_text_pass=LongTextPass(min_words=11)),
+            data,
+            tmp_path / "none",
+            seed=7,
+        )
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())

@@ -36,7 +36,11 @@ def test_entropy_and_patience_rules():
     assert not EntropyRule(0.0).fires(certain).any()
     rule = PatienceRule(2)
     rule.reset(2)
-    layers = [np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])]
+    layers = [
+        np.array([[1.0, 0.0], [1.0, 0.0]]),
+        np.array([[1.0, 0.0], [0.0, 1.0]]),
+        np.array([[1.0, 0.0], [0.0, 1.0]]),
+    ]
     assert [rule.fires(l).tolist() for l in layers] == [[False, False], [False, False], [True, False]]
 
 
@@ -113,7 +117,9 @@ def test_embedding_exit_lets_inputs_skip_every_layer(with_embedding_exit):
     assert set(always.last_exit_layers.tolist()) == {0}
     assert (guesses == np.asarray(eval_split.labels)).mean() >= 0.9  # the task's answer is in which words occur
     never = load_predictor(variants[0.0].path, "onnx-exit")
-    np.testing.assert_allclose(never.logits(eval_split.texts), load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-4)
+    np.testing.assert_allclose(
+        never.logits(eval_split.texts), load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-4
+    )
     assert set(never.last_exit_layers.tolist()) == {2}
 
 
@@ -123,7 +129,10 @@ def test_embedding_exit_segments_quantize(with_embedding_exit):
     for mode in ("dynamic", "static"):
         int8 = quantize(variants[0.5], mode, QuantizeConfig(modes=[mode], calibration_examples=16), ctx, out)
         embedding_ops = {n.op_type for n in onnx.load(str(Path(int8.path, "segments", "segment_00.onnx"))).graph.node}
-        assert {"EmbedLayerNormalization", "MatMulIntegerToFloat" if mode == "static" else "MatMulInteger"} <= embedding_ops, mode
+        assert {
+            "EmbedLayerNormalization",
+            "MatMulIntegerToFloat" if mode == "static" else "MatMulInteger",
+        } <= embedding_ops, mode
         got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
         assert (got == fp32).mean() >= 0.9, mode
 
@@ -146,15 +155,22 @@ def three_layers(tmp_path_factory, tiny_model_dir, trained_tiny):
     BertForSequenceClassification(config).save_pretrained(root / "model")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "model")
     data = trained_tiny[1]
-    teacher = make_teacher(ModelConfig(source=str(root / "model"), num_labels=2, max_length=32),
-                           TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16), data, root / "variants", seed=7)
+    teacher = make_teacher(
+        ModelConfig(source=str(root / "model"), num_labels=2, max_length=32),
+        TeacherConfig(epochs=6, learning_rate=3e-3, batch_size=16),
+        data,
+        root / "variants",
+        seed=7,
+    )
     return teacher, data, root
 
 
 def test_patience_graph_agrees_with_pytorch(three_layers):
     teacher, data, root = three_layers
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
-    variant = early_exit(teacher, 1, EarlyExitConfig(criterion="patience", thresholds=[1], **CFG), ctx, root / "variants")
+    variant = early_exit(
+        teacher, 1, EarlyExitConfig(criterion="patience", thresholds=[1], **CFG), ctx, root / "variants"
+    )
     eval_split = load_splits(data, 2).eval
     exit_model = load_exit_model(next(p for p in (root / "variants").iterdir() if p.name.startswith("exits-")))
     inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(eval_split.texts, padding=True, return_tensors="pt"))
@@ -191,9 +207,17 @@ def test_int8_segments_run_and_agree(made, trained_tiny):
     assert (got == fp32).mean() >= 0.9
 
     # 4-bit embeddings: only the first segment holds the embedding tables
-    four = quantize(variants[0.5], "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, out)
-    packed = [{t.name for t in onnx.load(graph).graph.initializer if t.name.endswith(FOUR_BIT_CODES)}
-              for graph in sorted(Path(four.path, "segments").glob("*.onnx"))]
+    four = quantize(
+        variants[0.5],
+        "dynamic",
+        QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16),
+        ctx,
+        out,
+    )
+    packed = [
+        {t.name for t in onnx.load(graph).graph.initializer if t.name.endswith(FOUR_BIT_CODES)}
+        for graph in sorted(Path(four.path, "segments").glob("*.onnx"))
+    ]
     assert len(packed[0]) == 2 and not packed[1]  # word and position tables
     got = load_predictor(four.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     assert (got == fp32).mean() >= 0.9
@@ -204,7 +228,13 @@ def test_static_segments_are_calibrated_one_by_one(made, trained_tiny):
     call), the chained graph agrees with its fp32 parent, and the drop against it is reported."""
     _, variants, eval_split, out = made
     ctx = StageContext(data=trained_tiny[1], num_labels=2, max_length=32, seed=7)
-    int8 = quantize(variants[0.5], "static", QuantizeConfig(modes=["static"], calibration_examples=16, accuracy_tolerance=0.05), ctx, out)
+    int8 = quantize(
+        variants[0.5],
+        "static",
+        QuantizeConfig(modes=["static"], calibration_examples=16, accuracy_tolerance=0.05),
+        ctx,
+        out,
+    )
     assert int8.format == "onnx-exit" and int8.lineage == "teacher>early_exit[0.5]>int8-static"
     for graph in sorted(Path(int8.path, "segments").glob("*.onnx")):
         ops = {n.op_type for n in onnx.load(str(graph)).graph.node}
@@ -213,14 +243,25 @@ def test_static_segments_are_calibrated_one_by_one(made, trained_tiny):
     got = load_predictor(int8.path, "onnx-exit").logits(eval_split.texts).argmax(-1)
     assert (got == fp32).mean() >= 0.9
     assert int8.metrics["fallback_tolerance_met"] == 1.0 and int8.metrics["fallback_excluded_nodes"] == 0.0
-    with pytest.raises(ModelError, match=r"quantize.exclude_nodes: \['MatMul_1'\] are not MatMul or Attention nodes of .*'s segments"):
-        quantize(variants[0.5], "static", QuantizeConfig(modes=["static"], calibration_examples=16, exclude_nodes=["MatMul_1"]), ctx, out)
+    with pytest.raises(
+        ModelError, match=r"quantize.exclude_nodes: \['MatMul_1'\] are not MatMul or Attention nodes of .*'s segments"
+    ):
+        quantize(
+            variants[0.5],
+            "static",
+            QuantizeConfig(modes=["static"], calibration_examples=16, exclude_nodes=["MatMul_1"]),
+            ctx,
+            out,
+        )
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"thresholds": [1.5]}, r"entropy thresholds must lie in \[0, 1\]"),
-    ({"criterion": "patience", "thresholds": [0.5]}, "whole numbers"),
-])
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"thresholds": [1.5]}, r"entropy thresholds must lie in \[0, 1\]"),
+        ({"criterion": "patience", "thresholds": [0.5]}, "whole numbers"),
+    ],
+)
 def test_thresholds_out_of_range_are_refused(knobs, message):
     with pytest.raises(ValueError, match=message):
         EarlyExitConfig(**knobs)
@@ -234,7 +275,9 @@ def test_params_of_the_chained_graph_count_every_layer(made):
     _, variants, _, _ = made
     variant = variants[0.5]
     in_segments = sum(
-        int(np.prod(t.dims)) for f in sorted(Path(variant.path, "segments").glob("*.onnx")) for t in onnx.load(str(f)).graph.initializer
+        int(np.prod(t.dims))
+        for f in sorted(Path(variant.path, "segments").glob("*.onnx"))
+        for t in onnx.load(str(f)).graph.initializer
     )
     assert count_params(variant) >= in_segments  # plus the few constants of the exit rules
     assert count_params(variant) - in_segments < 10

@@ -17,7 +17,9 @@ from squeezeflow.tasks.variant import StageContext, Variant
 
 from .conftest import sentiment_rows
 
-TEXTS = [text for text, _ in sentiment_rows(16, seed=3)] + ["an unknownword and a much longer sentence about the film plot acting music"]
+TEXTS = [text for text, _ in sentiment_rows(16, seed=3)] + [
+    "an unknownword and a much longer sentence about the film plot acting music"
+]
 INTEGER_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearMatMul", "MatMulIntegerToFloat"}
 
 
@@ -44,11 +46,20 @@ def ops_count(variant: Variant, op_type: str) -> int:
 
 def four_bit_tables(model) -> dict[str, tuple]:
     """{packed codes: dims} of the 4-bit tables in an ONNX model."""
-    return {t.name: tuple(t.dims) for t in model.graph.initializer if t.name.endswith(FOUR_BIT_CODES) and t.data_type == onnx.TensorProto.UINT8}
+    return {
+        t.name: tuple(t.dims)
+        for t in model.graph.initializer
+        if t.name.endswith(FOUR_BIT_CODES) and t.data_type == onnx.TensorProto.UINT8
+    }
 
 
 def agreement(a: Variant, b: Variant, texts=TEXTS) -> float:
-    return float((load_predictor(a.path, a.format).logits(texts).argmax(-1) == load_predictor(b.path, b.format).logits(texts).argmax(-1)).mean())
+    return float(
+        (
+            load_predictor(a.path, a.format).logits(texts).argmax(-1)
+            == load_predictor(b.path, b.format).logits(texts).argmax(-1)
+        ).mean()
+    )
 
 
 @pytest.mark.parametrize("optimize", ["none", "fusion"])
@@ -86,7 +97,9 @@ def test_residual_layer_norms_stay_split_when_onnx_runtime_loads_the_model(root,
     monkeypatch.setattr(ort, "SessionOptions", options_that_save_the_graph_run)
     ort_session(Path(child.path) / "model.onnx", threads=1)
     as_run = [n.op_type for n in onnx.load(tmp_path / "as_run.onnx").graph.node]
-    assert "SkipLayerNormalization" not in as_run and as_run.count("LayerNormalization") == ops_count(child, "LayerNormalization")
+    assert "SkipLayerNormalization" not in as_run and as_run.count("LayerNormalization") == ops_count(
+        child, "LayerNormalization"
+    )
 
 
 def test_dynamic_int8_has_integer_ops_and_agrees(trained, tmp_path):
@@ -141,7 +154,9 @@ def test_int8_embeddings_shrink_the_word_embedding(trained, tmp_path):
     small = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True), ctx, tmp_path)
     assert "QEmbedLayerNormalization" in ops(small)
     word_embedding = next(
-        t for t in onnx.load(f"{small.path}/model.onnx").graph.initializer if "word_embeddings" in t.name and tuple(t.dims) == (31, 32)
+        t
+        for t in onnx.load(f"{small.path}/model.onnx").graph.initializer
+        if "word_embeddings" in t.name and tuple(t.dims) == (31, 32)
     )
     assert word_embedding.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     assert agreement(fused, small) >= 0.9
@@ -171,12 +186,21 @@ def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tm
     _four_bit_embeddings(tmp_path / "four_bit" / "model.onnx", 16)
 
     four_bit = onnx.load(tmp_path / "four_bit" / "model.onnx")
-    assert four_bit_tables(four_bit) == {"bert.embeddings.word_embeddings.weight_q4": (31, 16), "bert.embeddings.position_embeddings.weight_q4": (64, 16)}
+    assert four_bit_tables(four_bit) == {
+        "bert.embeddings.word_embeddings.weight_q4": (31, 16),
+        "bert.embeddings.position_embeddings.weight_q4": (64, 16),
+    }
     assert ("EmbedLayerNormalization" in {n.op_type for n in four_bit.graph.node}) == (optimize == "fusion")
-    float_tables = {t.name for t in four_bit.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[1] == 32}
+    float_tables = {
+        t.name
+        for t in four_bit.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[1] == 32
+    }
     assert not {name for name in float_tables if "word_embeddings" in name or "position_embeddings" in name}
     np.testing.assert_allclose(
-        load_predictor(tmp_path / "four_bit", "onnx").logits(TEXTS), load_predictor(tmp_path / "float_grid", "onnx").logits(TEXTS), atol=1e-5
+        load_predictor(tmp_path / "four_bit", "onnx").logits(TEXTS),
+        load_predictor(tmp_path / "float_grid", "onnx").logits(TEXTS),
+        atol=1e-5,
     )
 
 
@@ -189,8 +213,10 @@ def test_4bit_decoding_of_a_plain_gather_with_an_odd_number_of_blocks(tmp_path):
 
     table = np.random.default_rng(1).normal(0, 0.1, (20, 48)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "lookup",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])], [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(table, "table")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "lookup.onnx")
@@ -198,7 +224,9 @@ def test_4bit_decoding_of_a_plain_gather_with_an_odd_number_of_blocks(tmp_path):
     model = onnx.load(tmp_path / "lookup.onnx")
     assert four_bit_tables(model) == {"table_q4": (20, 24)} and "table" not in {t.name for t in model.graph.initializer}
     ids = np.array([0, 7, 19, 7], dtype=np.int64)
-    rows = ort.InferenceSession(str(tmp_path / "lookup.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    rows = ort.InferenceSession(str(tmp_path / "lookup.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids}
+    )[0]
     np.testing.assert_allclose(rows, dequantized_blocks(table, 16)[ids], atol=1e-7)
 
 
@@ -208,7 +236,13 @@ def test_onnx_runtime_decodes_4bit_tables_once_when_the_session_is_created(train
     import onnxruntime as ort
 
     _, fused, ctx = trained
-    four = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, tmp_path)
+    four = quantize(
+        fused,
+        "dynamic",
+        QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16),
+        ctx,
+        tmp_path,
+    )
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(f"{four.path}/model.onnx", options, providers=["CPUExecutionProvider"])
@@ -233,17 +267,28 @@ def test_4bit_blocks_are_a_fixed_point_so_qat_can_train_on_them():
 def test_4bit_embeddings_shrink_the_model_further_and_agree(trained, tmp_path):
     teacher, fused, ctx = trained
     eight = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True), ctx, tmp_path)
-    four = quantize(fused, "dynamic", QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16), ctx, tmp_path)
-    assert {"EmbedLayerNormalization", "QAttention"} <= ops(four) and four_bit_tables(onnx.load(f"{four.path}/model.onnx"))
+    four = quantize(
+        fused,
+        "dynamic",
+        QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16),
+        ctx,
+        tmp_path,
+    )
+    assert {"EmbedLayerNormalization", "QAttention"} <= ops(four) and four_bit_tables(
+        onnx.load(f"{four.path}/model.onnx")
+    )
     # per-row data (codes, scales, zero points vs INT8 codes), not the few fixed-size shapes the decoding reads
     word_table_bytes = lambda v: sum(
-        len(t.raw_data) for t in onnx.load(f"{v.path}/model.onnx").graph.initializer
+        len(t.raw_data)
+        for t in onnx.load(f"{v.path}/model.onnx").graph.initializer
         if t.name.startswith("bert.embeddings.word_embeddings") and t.data_type != onnx.TensorProto.INT64
     )
     assert word_table_bytes(four) < 0.8 * word_table_bytes(eight)
     assert count_params(four) == pytest.approx(count_params(eight), rel=1e-3)  # the same values, fewer bits each
     assert agreement(fused, four) >= 0.9
-    cfg = QuantizeConfig(quantize_embeddings=True, embedding_bits=4, embedding_block_size=16, qat={"epochs": 1, "max_examples": 64})
+    cfg = QuantizeConfig(
+        quantize_embeddings=True, embedding_bits=4, embedding_block_size=16, qat={"epochs": 1, "max_examples": 64}
+    )
     qat = quantize(fused, "qat", cfg, ctx, tmp_path, source=teacher)
     assert four_bit_tables(onnx.load(f"{qat.path}/model.onnx")) and agreement(fused, qat) >= 0.8
 
@@ -277,7 +322,9 @@ def test_static_int8_runs_integer_kernels_with_fixed_ranges_and_agrees(trained, 
     # each bias Add after an integer MatMul is folded into it (input 6): no Add adds a constant vector to its output
     to_float = {n.output[0] for n in graph.node if n.op_type == "MatMulIntegerToFloat"}
     assert any(len(n.input) == 7 for n in graph.node if n.op_type == "MatMulIntegerToFloat")
-    assert not [n.name for n in graph.node if n.op_type == "Add" and set(n.input) & to_float and set(n.input) & constants]
+    assert not [
+        n.name for n in graph.node if n.op_type == "Add" and set(n.input) & to_float and set(n.input) & constants
+    ]
     assert agreement(parent, int8) >= 0.9
     assert sorted(p.name for p in Path(int8.path).iterdir()) == sorted(p.name for p in Path(parent.path).iterdir())
 
@@ -298,12 +345,16 @@ def untrained_head(tmp_path_factory):
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "eval.tsv"
     texts = [row[0] for row in csv.reader(demo.open(), delimiter="\t")][1:91]
     placeholder = DataConfig(train=demo, eval=demo)
-    teacher = make_teacher(ModelConfig(num_labels=3, max_length=64), TeacherConfig(epochs=0.01), placeholder, tmp / "v", seed=7)
+    teacher = make_teacher(
+        ModelConfig(num_labels=3, max_length=64), TeacherConfig(epochs=0.01), placeholder, tmp / "v", seed=7
+    )
     onnx_variant = export(teacher, ExportConfig(), tmp / "v")
     rows = list(zip(texts, load_predictor(onnx_variant.path, "onnx").logits(texts).argmax(-1).tolist()))
     # the fallback scores on the validation split: here the same 90 texts
     data = DataConfig(
-        train=write_tsv(tmp / "train.tsv", rows), eval=write_tsv(tmp / "eval.tsv", rows), validation=tmp / "eval.tsv",
+        train=write_tsv(tmp / "train.tsv", rows),
+        eval=write_tsv(tmp / "eval.tsv", rows),
+        validation=tmp / "eval.tsv",
     )
     return onnx_variant, texts, StageContext(data=data, num_labels=3, max_length=64, seed=7, teacher=teacher)
 
@@ -312,11 +363,25 @@ def test_static_fallback_excludes_sensitive_nodes_until_within_tolerance(untrain
     """The fallback must keep nodes in float until at most one of the 90 labels differs, then stop; held to zero
     flips with room for only 3 nodes, it must say it could not."""
     onnx_variant, texts, ctx = untrained_head
-    naive = quantize(onnx_variant, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=None), ctx, tmp_path / "naive")
+    naive = quantize(
+        onnx_variant,
+        "static",
+        QuantizeConfig(calibration_examples=16, accuracy_tolerance=None),
+        ctx,
+        tmp_path / "naive",
+    )
     assert agreement(onnx_variant, naive, texts) < 1 - 1.5 / 90  # plain static INT8 really flips 2+ labels here
-    quantizable = {n.name for n in onnx.load(f"{onnx_variant.path}/model.onnx").graph.node if n.op_type in ("MatMul", "Attention")}
+    quantizable = {
+        n.name for n in onnx.load(f"{onnx_variant.path}/model.onnx").graph.node if n.op_type in ("MatMul", "Attention")
+    }
 
-    guarded = quantize(onnx_variant, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=1.5 / 90), ctx, tmp_path / "guarded")
+    guarded = quantize(
+        onnx_variant,
+        "static",
+        QuantizeConfig(calibration_examples=16, accuracy_tolerance=1.5 / 90),
+        ctx,
+        tmp_path / "guarded",
+    )
     assert guarded.metrics["fallback_tolerance_met"] == 1.0
     excluded = guarded.params["excluded_nodes"]
     assert 1 <= guarded.metrics["fallback_excluded_nodes"] == len(excluded) < len(quantizable)  # stopped once met
@@ -343,33 +408,65 @@ def test_static_fallback_of_early_exit_segments(untrained_head, tmp_path):
     def float_nodes(variant: Variant) -> set[str]:
         """The float MatMul / Attention nodes with a weight (the exits' mean pooling, mask x states, has none)."""
         graphs = {stem: onnx.load(f"{variant.path}/segments/{stem}.onnx").graph for stem in segments}
-        return {f"{stem}:{n.name}" for stem, g in graphs.items() for n in g.node
-                if n.op_type in ("MatMul", "Attention") and n.input[1] in {t.name for t in g.initializer}}
+        return {
+            f"{stem}:{n.name}"
+            for stem, g in graphs.items()
+            for n in g.node
+            if n.op_type in ("MatMul", "Attention") and n.input[1] in {t.name for t in g.initializer}
+        }
 
     quantizable = float_nodes(fp32)
-    naive = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=None), ctx, tmp_path / "v")
+    naive = quantize(
+        fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=None), ctx, tmp_path / "v"
+    )
     assert agreement(fp32, naive, texts) < 1 - 1.5 / 90 and not float_nodes(naive)
 
-    guarded = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=1.5 / 90), ctx, tmp_path / "v")
+    guarded = quantize(
+        fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=1.5 / 90), ctx, tmp_path / "v"
+    )
     assert guarded.format == "onnx-exit" and guarded.metrics["fallback_tolerance_met"] == 1.0
     excluded = guarded.params["excluded_nodes"]
     assert 1 <= guarded.metrics["fallback_excluded_nodes"] == len(excluded) < len(quantizable)
     assert float_nodes(guarded) == set(excluded) and set(excluded) <= quantizable
     assert agreement(fp32, guarded, texts) >= 1 - 1.5 / 90
 
-    short = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, accuracy_tolerance=0.0, max_fallback_nodes=3), ctx, tmp_path / "v")
+    short = quantize(
+        fp32,
+        "static",
+        QuantizeConfig(calibration_examples=16, accuracy_tolerance=0.0, max_fallback_nodes=3),
+        ctx,
+        tmp_path / "v",
+    )
     assert short.metrics["fallback_tolerance_met"] == 0.0 and len(short.params["excluded_nodes"]) == 3
 
     chosen = sorted(quantizable)[-1]
-    kept = quantize(fp32, "static", QuantizeConfig(calibration_examples=16, exclude_nodes=[chosen], accuracy_tolerance=None), ctx, tmp_path / "v")
+    kept = quantize(
+        fp32,
+        "static",
+        QuantizeConfig(calibration_examples=16, exclude_nodes=[chosen], accuracy_tolerance=None),
+        ctx,
+        tmp_path / "v",
+    )
     assert float_nodes(kept) == {chosen}
-    with pytest.raises(ModelError, match=r"quantize.exclude_nodes: \['segment_09:Attention_0'\] are not MatMul or Attention nodes of .* <segment>:<node>"):
-        quantize(fp32, "static", QuantizeConfig(calibration_examples=16, exclude_nodes=["segment_09:Attention_0"]), ctx, tmp_path / "v")
+    with pytest.raises(
+        ModelError,
+        match=r"quantize.exclude_nodes: \['segment_09:Attention_0'\] are not MatMul or Attention nodes of .* "
+        r"<segment>:<node>",
+    ):
+        quantize(
+            fp32,
+            "static",
+            QuantizeConfig(calibration_examples=16, exclude_nodes=["segment_09:Attention_0"]),
+            ctx,
+            tmp_path / "v",
+        )
 
 
 def test_static_calibration_count_beyond_the_data_is_a_clear_error(trained, tmp_path):
     teacher, onnx_variant, ctx = trained
-    with pytest.raises(DataError, match=r"quantize.calibration_examples is 5000 but the train split .* has only 216 examples"):
+    with pytest.raises(
+        DataError, match=r"quantize.calibration_examples is 5000 but the train split .* has only 216 examples"
+    ):
         quantize(onnx_variant, "static", QuantizeConfig(calibration_examples=5000), ctx, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())
 
@@ -377,12 +474,20 @@ def test_static_calibration_count_beyond_the_data_is_a_clear_error(trained, tmp_
 def test_static_exclude_nodes_must_name_nodes_of_the_graph(trained, tmp_path):
     teacher, onnx_variant, ctx = trained
     typo = QuantizeConfig(calibration_examples=16, exclude_nodes=["/bert/encoder/layer.0/output/dense/MatMull"])
-    with pytest.raises(ModelError, match=r"quantize.exclude_nodes: \['/bert/encoder/layer.0/output/dense/MatMull'\] are not MatMul or Attention nodes"):
+    with pytest.raises(
+        ModelError,
+        match=r"quantize.exclude_nodes: \['/bert/encoder/layer.0/output/dense/MatMull'\] are not MatMul or Attention "
+        r"nodes",
+    ):
         quantize(onnx_variant, "static", typo, ctx, tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())
-    kept = QuantizeConfig(calibration_examples=16, exclude_nodes=["/bert/encoder/layer.0/output/dense/MatMul"], accuracy_tolerance=None)
+    kept = QuantizeConfig(
+        calibration_examples=16, exclude_nodes=["/bert/encoder/layer.0/output/dense/MatMul"], accuracy_tolerance=None
+    )
     int8 = quantize(onnx_variant, "static", kept, ctx, tmp_path / "out")
-    assert "/bert/encoder/layer.0/output/dense/MatMul" in {n.name for n in onnx.load(f"{int8.path}/model.onnx").graph.node if n.op_type == "MatMul"}
+    assert "/bert/encoder/layer.0/output/dense/MatMul" in {
+        n.name for n in onnx.load(f"{int8.path}/model.onnx").graph.node if n.op_type == "MatMul"
+    }
 
 
 def test_calibration_count_of_zero_is_rejected_by_the_config():
@@ -403,12 +508,15 @@ def test_qat_exports_an_integer_graph_close_to_its_parent(trained, tmp_path, act
 
 # static activations: the calibrated ranges of the (unchanged) source are those of the static mode's graph
 @pytest.mark.parametrize("activations, same_as", [("static", "static"), ("dynamic", "dynamic")])
-def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(trained, tmp_path, activations, same_as):
+def test_qat_keeps_its_starting_weights_when_fine_tuning_hurts_on_held_out_data(
+    trained, tmp_path, activations, same_as
+):
     """A learning rate that wrecks the model: scored on held-out training examples before and after, QAT must
     export its starting point, which is exactly the static (or dynamic) INT8 of the same parent."""
     teacher, onnx_variant, ctx = trained
-    wrecking = QuantizeConfig(qat={"epochs": 1, "max_examples": 64, "learning_rate": 0.5, "soft_weight": 0.0,
-                                   "activations": activations})
+    wrecking = QuantizeConfig(
+        qat={"epochs": 1, "max_examples": 64, "learning_rate": 0.5, "soft_weight": 0.0, "activations": activations}
+    )
     kept = quantize(onnx_variant, "qat", wrecking, ctx, tmp_path, source=teacher)
     assert kept.metrics["qat_validation_accuracy"] == kept.metrics["qat_initial_validation_accuracy"] >= 0.9
     start = quantize(onnx_variant, same_as, QuantizeConfig(accuracy_tolerance=None), ctx, tmp_path)
@@ -439,8 +547,10 @@ def test_qat_fake_quantization_computes_what_ort_int8_computes(tmp_path, per_cha
     x = torch.randn(4, 16) * 3 + 1
     weight, bias = linear.weight.detach().numpy(), linear.bias.detach().numpy()
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
         [numpy_helper.from_array(weight.T.copy(), "w"), numpy_helper.from_array(bias, "b")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
@@ -449,8 +559,14 @@ def test_qat_fake_quantization_computes_what_ort_int8_computes(tmp_path, per_cha
     if activation_range is not None:  # a range narrower than x's: clipping is simulated too
         _static_activations(tmp_path / "int8.onnx", {"x": activation_range})
         assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node}
-    int8 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    simulated = _fake_quant_linear(linear, per_channel, reduce_range=True, activation_range=activation_range)(x).detach().numpy()
+    int8 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
+    simulated = (
+        _fake_quant_linear(linear, per_channel, reduce_range=True, activation_range=activation_range)(x)
+        .detach()
+        .numpy()
+    )
     exact = linear(x).detach().numpy()
     np.testing.assert_allclose(simulated, int8, atol=1e-3 * np.abs(exact).max())
     assert np.abs(simulated - exact).max() > 1e-3 * np.abs(exact).max()  # and quantization did change the result
@@ -510,7 +626,9 @@ def test_benchmark_runs_in_a_fresh_process_logs_its_rounds_and_reports_its_failu
     assert measured[1].metrics["accuracy"] > 0.9 and measured[1].parent_id == teacher.id
     assert "benchmark round 2/2 done" in caplog.text  # the measuring process's progress reaches this one's log
     broken = onnx_variant.model_copy(update={"id": "onnx-broken", "path": str(tmp_path / "gone")})
-    with pytest.raises(RuntimeError, match=r"the benchmark process failed \(exit 1\): cannot load onnx-broken \(onnx\) from \S*gone: "):
+    with pytest.raises(
+        RuntimeError, match=r"the benchmark process failed \(exit 1\): cannot load onnx-broken \(onnx\) from \S*gone: "
+    ):
         benchmark([teacher, broken], ctx.data, 2, cfg)
 
 
@@ -530,24 +648,43 @@ def _lone_embeddings(positions: str):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    tables = {"word": rng.normal(size=(20, 8)), "position": rng.normal(size=(16, 8)), "type": rng.normal(size=(2, 8)),
-              "gamma": rng.normal(size=8), "beta": rng.normal(size=8)}
+    tables = {
+        "word": rng.normal(size=(20, 8)),
+        "position": rng.normal(size=(16, 8)),
+        "type": rng.normal(size=(2, 8)),
+        "gamma": rng.normal(size=8),
+        "beta": rng.normal(size=8),
+    }
     weights = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tables.items()]
-    weights += [numpy_helper.from_array(np.array(x, dtype=np.int64), n) for n, x in (("zero", 0), ("one", 1), ("axis", 1), ("axes", [0]))]
+    weights += [
+        numpy_helper.from_array(np.array(x, dtype=np.int64), n)
+        for n, x in (("zero", 0), ("one", 1), ("axis", 1), ("axes", [0]))
+    ]
     if positions == "shape":
-        making = [helper.make_node("Shape", ["input_ids"], ["shape"]), helper.make_node("Gather", ["shape", "one"], ["length"]),
-                  helper.make_node("Range", ["zero", "length", "one"], ["range"]), helper.make_node("Unsqueeze", ["range", "axes"], ["position_ids"])]
+        making = [
+            helper.make_node("Shape", ["input_ids"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["length"]),
+            helper.make_node("Range", ["zero", "length", "one"], ["range"]),
+            helper.make_node("Unsqueeze", ["range", "axes"], ["position_ids"]),
+        ]
     else:
-        making = [helper.make_node("Greater", ["input_ids", "zero"], ["real"]), helper.make_node("Cast", ["real"], ["counted"], to=TensorProto.INT64),
-                  helper.make_node("CumSum", ["counted", "axis"], ["position_ids"])]
+        making = [
+            helper.make_node("Greater", ["input_ids", "zero"], ["real"]),
+            helper.make_node("Cast", ["real"], ["counted"], to=TensorProto.INT64),
+            helper.make_node("CumSum", ["counted", "axis"], ["position_ids"]),
+        ]
     nodes = making + [
-        helper.make_node("Gather", ["word", "input_ids"], ["w"]), helper.make_node("Gather", ["type", "token_type_ids"], ["t"]),
-        helper.make_node("Add", ["w", "t"], ["wt"]), helper.make_node("Gather", ["position", "position_ids"], ["p"]),
+        helper.make_node("Gather", ["word", "input_ids"], ["w"]),
+        helper.make_node("Gather", ["type", "token_type_ids"], ["t"]),
+        helper.make_node("Add", ["w", "t"], ["wt"]),
+        helper.make_node("Gather", ["position", "position_ids"], ["p"]),
         helper.make_node("Add", ["wt", "p"], ["sum"]),
         helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["hidden"], axis=-1, epsilon=1e-12),
     ]
     ids = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, "T"]) for n in ("input_ids", "token_type_ids")]
-    graph = helper.make_graph(nodes, "embeddings", ids, [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)], weights)
+    graph = helper.make_graph(
+        nodes, "embeddings", ids, [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)], weights
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -559,7 +696,10 @@ def test_lone_embeddings_fuse_only_where_positions_come_from_the_shape(positions
 
     def run(model):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        feed = {"input_ids": np.array([[3, 7, 1, 12, 5]], dtype=np.int64), "token_type_ids": np.array([[0, 0, 1, 1, 1]], dtype=np.int64)}
+        feed = {
+            "input_ids": np.array([[3, 7, 1, 12, 5]], dtype=np.int64),
+            "token_type_ids": np.array([[0, 0, 1, 1, 1]], dtype=np.int64),
+        }
         return session.run(None, feed)[0]
 
     model = _lone_embeddings(positions)

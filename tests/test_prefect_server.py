@@ -32,7 +32,10 @@ def server(tmp_path_factory):
     log = (home / "server.log").open("w")
     process = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         health = f"http://127.0.0.1:{port}/api/health"
@@ -51,11 +54,18 @@ def test_served_deployment_runs_with_parameters_from_the_api(server, tmp_path, t
     serve_log = (home / "serve.log").open("w")
     serving = subprocess.Popen(
         [str(BIN / "squeeze"), "serve", str(recipe), "--name", "served"],
-        env=env, cwd=tmp_path, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        cwd=tmp_path,
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
+
         def deployment_listed():
-            listed = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True, timeout=60)
+            listed = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True, timeout=60
+            )
             return "compress/served" in listed.stdout
 
         wait_for(deployment_listed, 180, "the deployment compress/served")
@@ -63,9 +73,21 @@ def test_served_deployment_runs_with_parameters_from_the_api(server, tmp_path, t
         config = json.loads(json.dumps(tree))
         config["tracking"]["experiment"] = "triggered-from-the-api"
         triggered = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "compress/served", "--params", json.dumps({"config": config}), "--watch",
-             "--watch-timeout", "600"],
-            env=env, capture_output=True, text=True, timeout=700,
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "compress/served",
+                "--params",
+                json.dumps({"config": config}),
+                "--watch",
+                "--watch-timeout",
+                "600",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=700,
         )
         assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:]
         assert "Completed" in triggered.stdout + triggered.stderr

@@ -23,13 +23,20 @@ def load(path):
 
 
 def shapes(model):
-    return [(l.attention.self.query.out_features // l.attention.self.attention_head_size, l.intermediate.dense.out_features)
-            for l in model.bert.encoder.layer]
+    return [
+        (l.attention.self.query.out_features // l.attention.self.attention_head_size, l.intermediate.dense.out_features)
+        for l in model.bert.encoder.layer
+    ]
 
 
 @pytest.mark.parametrize(
     "knobs, expected",
-    [({}, (2, 32)), ({"heads": False}, (4, 32)), ({"ffn": False}, (2, 64)), ({"iterative_steps": 2, "criterion": "magnitude"}, (2, 32))],
+    [
+        ({}, (2, 32)),
+        ({"heads": False}, (4, 32)),
+        ({"ffn": False}, (2, 64)),
+        ({"iterative_steps": 2, "criterion": "magnitude"}, (2, 32)),
+    ],
 )
 def test_head_and_channel_counts_as_asked(tiny_model_dir, knobs, expected):
     model, tokenizer = load(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -49,7 +56,9 @@ def test_magnitude_removes_the_weakest_heads(tiny_model_dir):
             for linear in (attention.self.query, attention.self.key, attention.self.value):
                 linear.weight[head * 8 : (head + 1) * 8] *= 1e-3
             attention.output.dense.weight[:, head * 8 : (head + 1) * 8] *= 1e-3
-    removed = prune_model(model, tokenizer, 0.5, PruneConfig(ratios=[0.5], criterion="magnitude", recovery=None), TEXTS, LABELS, 32)
+    removed = prune_model(
+        model, tokenizer, 0.5, PruneConfig(ratios=[0.5], criterion="magnitude", recovery=None), TEXTS, LABELS, 32
+    )
     assert sorted(removed[1]) == [0, 2]
 
 
@@ -62,7 +71,9 @@ def test_pruned_variant_reloads_with_from_pretrained_and_exports(tmp_path, train
     assert pruned.metrics["prune_params_after_m"] < pruned.metrics["prune_params_before_m"]
     assert pruned.metrics["prune_heads_per_layer"] == 2 and pruned.metrics["prune_intermediate_size"] == 32
 
-    reloaded = AutoModelForSequenceClassification.from_pretrained(pruned.path)  # plain from_pretrained, default attention
+    reloaded = AutoModelForSequenceClassification.from_pretrained(
+        pruned.path
+    )  # plain from_pretrained, default attention
     assert shapes(reloaded) == [(2, 32), (2, 32)]
     eval_split = load_splits(data, 2).eval
     torch_logits = load_predictor(pruned.path, "hf").logits(eval_split.texts)
@@ -105,7 +116,11 @@ def test_task_vocabulary_keeps_the_words_the_data_uses(tmp_path, trained_tiny):
     reloaded = AutoModelForSequenceClassification.from_pretrained(task.path)
     tokenizer = AutoTokenizer.from_pretrained(task.path)
     assert reloaded.config.vocab_size == len(tokenizer) == len(full)  # this tiny task uses every word it has
-    np.testing.assert_allclose(load_predictor(task.path, "hf").logits(eval_split.texts), load_predictor(teacher.path, "hf").logits(eval_split.texts), atol=1e-5)
+    np.testing.assert_allclose(
+        load_predictor(task.path, "hf").logits(eval_split.texts),
+        load_predictor(teacher.path, "hf").logits(eval_split.texts),
+        atol=1e-5,
+    )
     # the 10-word model: every kept token is renumbered onto its own embedding row, the rest become [UNK]
     small_tokenizer = AutoTokenizer.from_pretrained(small.path)
     old_rows = AutoModelForSequenceClassification.from_pretrained(teacher.path).get_input_embeddings().weight
@@ -113,6 +128,15 @@ def test_task_vocabulary_keeps_the_words_the_data_uses(tmp_path, trained_tiny):
     assert new_rows.shape[0] == len(small_tokenizer) == 15
     for token, new_id in small_tokenizer.get_vocab().items():
         assert torch.equal(new_rows[new_id], old_rows[full.convert_tokens_to_ids(token)]), token
-    assert small_tokenizer.convert_ids_to_tokens(small_tokenizer("superb movie")["input_ids"]) == ["[CLS]", "[UNK]", "movie", "[SEP]"]
+    assert small_tokenizer.convert_ids_to_tokens(small_tokenizer("superb movie")["input_ids"]) == [
+        "[CLS]",
+        "[UNK]",
+        "movie",
+        "[SEP]",
+    ]
     onnx_variant = export(task, ExportConfig(), tmp_path / "onnx")
-    np.testing.assert_allclose(load_predictor(onnx_variant.path, "onnx").logits(eval_split.texts), load_predictor(task.path, "hf").logits(eval_split.texts), atol=1e-4)
+    np.testing.assert_allclose(
+        load_predictor(onnx_variant.path, "onnx").logits(eval_split.texts),
+        load_predictor(task.path, "hf").logits(eval_split.texts),
+        atol=1e-4,
+    )

@@ -19,8 +19,22 @@ from .conftest import sentiment_rows
 REPO = Path(__file__).resolve().parents[1]
 SST2_DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 AWKWARD = [
-    "", "   ", "HELLO, World!!", "don't -- stop ... (really)?", "a [CLS] in the text", "[MASK]", "#hash ##tag",
-    "x" * 150, "1,000.50 $ + <=> ^_^ |~` @home", "".join(f"w{c}" for c in string.punctuation), "tab\tinside", "line\nbreak", "café au lait", "naïve résumé", "emoji 🙂 here", "ok " * 300,
+    "",
+    "   ",
+    "HELLO, World!!",
+    "don't -- stop ... (really)?",
+    "a [CLS] in the text",
+    "[MASK]",
+    "#hash ##tag",
+    "x" * 150,
+    "1,000.50 $ + <=> ^_^ |~` @home",
+    "".join(f"w{c}" for c in string.punctuation),
+    "tab\tinside",
+    "line\nbreak",
+    "café au lait",
+    "naïve résumé",
+    "emoji 🙂 here",
+    "ok " * 300,
 ]
 
 
@@ -29,7 +43,8 @@ def texts_of(path: Path) -> list[str]:
 
 
 def assert_library_inputs(encoder: TextEncoder, texts: list[str]) -> int:
-    """Each text alone, then in batches of 32, gives exactly the library's arrays; returns how many took the plain path."""
+    """Each text alone, then in batches of 32, gives exactly the library's arrays; returns how many took the plain
+    path."""
     for text in texts:
         ours, library = encoder([text]), library_encode(encoder.tokenizer, [text])
         for name, expected in library.items():
@@ -60,14 +75,25 @@ def test_a_small_vocabulary_and_short_truncation(tiny_model_dir):
     """The test vocabulary lacks most words (unknown pieces) and truncates at 32 tokens."""
     encoder = TextEncoder(tiny_model_dir)
     assert encoder.tokenizer.truncation["max_length"] == 32
-    texts = [text for text, _ in sentiment_rows(50, seed=3)] + [" ".join(["good movie"] * 40), "goodmovie unseen words!"] + AWKWARD
+    texts = (
+        [text for text, _ in sentiment_rows(50, seed=3)]
+        + [" ".join(["good movie"] * 40), "goodmovie unseen words!"]
+        + AWKWARD
+    )
     assert assert_library_inputs(encoder, texts) > 50
     assert encoder(["good movie " * 40])["input_ids"].shape == (1, 32)
 
 
 def test_other_tokenizers_are_left_to_the_library(tmp_path, tiny_model_dir):
     """A pre-tokenizer other than BERT's (here: whitespace only) is not what the plain path computes."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json", "model.safetensors"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "config.json",
+        "model.safetensors",
+    ):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "WhitespaceSplit"}
@@ -87,4 +113,6 @@ def test_pytorch_and_onnx_predictors_read_the_same_inputs(tiny_model_dir):
     padded = torch_predictor.encoder(texts)
     assert padded["attention_mask"].tolist()[0] == [1, 1, 1, 1] + [0] * (padded["input_ids"].shape[1] - 4)
     # a padded batch scores each text as it scores alone
-    np.testing.assert_allclose(torch_predictor.logits(texts), np.concatenate([torch_predictor.logits([t]) for t in texts]), atol=1e-5)
+    np.testing.assert_allclose(
+        torch_predictor.logits(texts), np.concatenate([torch_predictor.logits([t]) for t in texts]), atol=1e-5
+    )

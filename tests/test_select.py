@@ -6,10 +6,21 @@ def v(vid, accuracy, p50, size, drop=None, qps=100.0, spread=0.0):
     """A measured variant whose validation figures are `accuracy` and `drop`; its eval figures say the opposite, so a
     choice that read them would go wrong."""
     return Variant(
-        id=vid, stage="quantize", lineage=f"teacher>{vid}", format="onnx", path="/nowhere",
-        metrics={"val_accuracy": accuracy, "latency_p50_ms": p50, "size_mb": size, "throughput_qps": qps,
-                 "val_accuracy_drop": 0.90 - accuracy if drop is None else drop, "latency_spread_ms": spread,
-                 "accuracy": 1.0 - accuracy, "accuracy_drop": accuracy - 0.90},
+        id=vid,
+        stage="quantize",
+        lineage=f"teacher>{vid}",
+        format="onnx",
+        path="/nowhere",
+        metrics={
+            "val_accuracy": accuracy,
+            "latency_p50_ms": p50,
+            "size_mb": size,
+            "throughput_qps": qps,
+            "val_accuracy_drop": 0.90 - accuracy if drop is None else drop,
+            "latency_spread_ms": spread,
+            "accuracy": 1.0 - accuracy,
+            "accuracy_drop": accuracy - 0.90,
+        },
     )
 
 
@@ -46,7 +57,9 @@ def test_nothing_feasible_keeps_best_so_far_with_reason():
 
 def test_a_challenger_must_beat_the_registered_champion_by_a_margin_and_never_replaces_itself():
     cfg = SelectionConfig(max_accuracy_drop=0.01, objective="latency")
-    registered = v("champion-v3", 0.9, 1.0, 10).model_copy(update={"params": {"registered_version": "3", "variant_id": "int8-a"}})
+    registered = v("champion-v3", 0.9, 1.0, 10).model_copy(
+        update={"params": {"registered_version": "3", "variant_id": "int8-a"}}
+    )
     assert beats(v("int8-b", 0.9, 0.9, 10), registered, cfg)
     assert not beats(v("int8-b", 0.9, 0.99, 10), registered, cfg)  # 1 % faster is within timing noise
     assert not beats(v("int8-b", 0.9, 1.2, 10), registered, cfg)
@@ -68,5 +81,6 @@ def test_latencies_within_the_round_to_round_spread_are_ties_won_by_validation_a
     assert select([v("teacher", 0.90, 20.0, 90.0), plain, same], cfg).champion.id == "smaller"
     # nor does a challenger within the spread replace the registered champion
     registered = plain.model_copy(update={"id": "champion-v1", "params": {"variant_id": "int8"}})
-    assert not beats(exits, registered, cfg) and beats(steady.model_copy(update={"metrics": {**steady.metrics, "latency_p50_ms": 1.0}}),
-                                                       registered, cfg)
+    assert not beats(exits, registered, cfg) and beats(
+        steady.model_copy(update={"metrics": {**steady.metrics, "latency_p50_ms": 1.0}}), registered, cfg
+    )

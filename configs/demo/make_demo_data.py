@@ -13,8 +13,18 @@ from pathlib import Path
 LABELS = ["billing", "delivery", "technical"]
 
 OPENERS = [
-    "", "hi,", "hello,", "hey there,", "good morning,", "quick question:", "sorry to bother you but",
-    "urgent:", "please help,", "not happy:", "just wondering,", "following up:",
+    "",
+    "hi,",
+    "hello,",
+    "hey there,",
+    "good morning,",
+    "quick question:",
+    "sorry to bother you but",
+    "urgent:",
+    "please help,",
+    "not happy:",
+    "just wondering,",
+    "following up:",
 ]
 
 PROBLEMS = {
