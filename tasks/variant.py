@@ -167,7 +167,8 @@ def content_hash(path: str | Path) -> str:
     """SHA-256 over the variant's files (names and bytes) but its record, for cache keys and provenance."""
     digest = hashlib.sha256()
     root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root) != Path(RECORD)):
+    skipped = (Path(RECORD), Path(SEAL))  # what is written about the files, after them
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root) not in skipped):
         digest.update(str(file.relative_to(root)).encode())
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -197,8 +198,11 @@ def finished(child: Variant) -> Variant | None:
     return stored
 
 
+SEAL = ".sha256"  # a cache entry's recorded hash: inside a directory, beside a file
+
+
 def _seal_of(path: Path) -> Path:
-    return Path(f"{path}.sha256")
+    return path / SEAL if path.is_dir() else Path(f"{path}{SEAL}")
 
 
 def _digest(path: Path) -> str:

@@ -149,3 +149,10 @@ def wait_for(check, seconds: float, what: str):
             pass
         time.sleep(1)
     raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what}")
+
+
+def written(directory: Path) -> list[Path]:
+    """What `directory` holds but lock files: a lock tells concurrent makers to wait; no run trusts it."""
+    if not Path(directory).exists():
+        return []
+    return sorted(p for p in Path(directory).iterdir() if not p.name.endswith(".lock"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import make_tiny_config
+from .conftest import make_tiny_config, written
 
 SQUEEZE = str(Path(sys.executable).with_name("squeeze"))
 
@@ -78,7 +78,7 @@ def test_model_that_fails_inside_the_flow_leaves_no_running_run(tmp_path, tiny_c
     assert_one_line_error(done, "model.source:", "broken-model")
     statuses = run_statuses(tmp_path / "mlflow.db")
     assert statuses == ["FAILED"]
-    assert list((tmp_path / "artifacts").glob("variants/*")) == []  # nothing half-written
+    assert written(tmp_path / "artifacts" / "variants") == []  # nothing half-written
 
 
 def test_two_runs_at_once_on_a_new_store_and_a_failed_variant_is_loud(tmp_path, tiny_model_dir):

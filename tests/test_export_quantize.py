@@ -15,7 +15,7 @@ from squeezeflow.tasks.quantize import MODE_KNOBS, QATConfig, QuantizeConfig, qu
 from squeezeflow.tasks.runtime import FOUR_BIT_CODES, load_predictor
 from squeezeflow.tasks.variant import StageContext, Variant
 
-from .conftest import sentiment_rows
+from .conftest import sentiment_rows, written
 
 TEXTS = [text for text, _ in sentiment_rows(16, seed=3)] + [
     "an unknownword and a much longer sentence about the film plot acting music"
@@ -139,7 +139,7 @@ def test_a_mode_is_made_anew_only_when_a_knob_it_reads_changes(trained, tmp_path
     assert quantize(onnx_variant, "dynamic", other_modes_knobs, ctx, tmp_path).id == first.id
     assert "qat" not in first.params and "calibration_method" not in first.params
     assert quantize(onnx_variant, "dynamic", QuantizeConfig(per_channel=True), ctx, tmp_path).id != first.id
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(written(tmp_path)) == 2
 
 
 def test_every_quantize_knob_belongs_to_a_mode():
@@ -301,7 +301,7 @@ def test_4bit_block_size_must_fit_the_embedding(trained, tmp_path):
     for mode in ("dynamic", "qat"):
         with pytest.raises(ModelError, match="embedding_block_size: 64 does not divide the embedding width 32"):
             quantize(fused, mode, too_wide, ctx, tmp_path, source=teacher)
-    assert not list(tmp_path.iterdir())  # nothing half-written
+    assert not written(tmp_path)  # nothing half-written
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
@@ -468,7 +468,7 @@ def test_static_calibration_count_beyond_the_data_is_a_clear_error(trained, tmp_
         DataError, match=r"quantize.calibration_examples is 5000 but the train split .* has only 216 examples"
     ):
         quantize(onnx_variant, "static", QuantizeConfig(calibration_examples=5000), ctx, tmp_path / "out")
-    assert not any((tmp_path / "out").iterdir())
+    assert not written(tmp_path / "out")
 
 
 def test_static_exclude_nodes_must_name_nodes_of_the_graph(trained, tmp_path):
@@ -480,7 +480,7 @@ def test_static_exclude_nodes_must_name_nodes_of_the_graph(trained, tmp_path):
         r"nodes",
     ):
         quantize(onnx_variant, "static", typo, ctx, tmp_path / "out")
-    assert not any((tmp_path / "out").iterdir())
+    assert not written(tmp_path / "out")
     kept = QuantizeConfig(
         calibration_examples=16, exclude_nodes=["/bert/encoder/layer.0/output/dense/MatMul"], accuracy_tolerance=None
     )
@@ -586,7 +586,7 @@ def test_failed_stage_leaves_no_partial_directory(root, tmp_path):
     broken = root.model_copy(update={"path": str(tmp_path / "missing")})
     with pytest.raises(Exception):
         export(broken, ExportConfig(), tmp_path / "out")
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not written(tmp_path / "out")
 
 
 @pytest.mark.parametrize("latency_texts", [5, None])
