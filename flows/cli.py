@@ -56,13 +56,18 @@ def preflight(cfg) -> None:
             stage.preflight(len(train))
     check_model_source(cfg.model)
     try:
-        cfg.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        probe = cfg.artifacts_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        probe_write(cfg.artifacts_dir)
     except OSError as e:
         raise SqueezeError(f"artifacts_dir: {cfg.artifacts_dir} is not writable ({e.strerror})") from None
     check_tracking_store(cfg)
+
+
+def probe_write(directory: Path) -> None:
+    """Creates `directory` if needed, then writes and removes a file in it; raises OSError where it cannot."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
 
 
 # how long preflight waits for another process's write to the sqlite store to end before calling it locked
@@ -82,10 +87,7 @@ def check_tracking_store(cfg) -> None:
     db = Path(uri.removeprefix("sqlite:///"))
     field = "tracking.uri" if cfg.tracking.uri else "artifacts_dir"
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        probe = db.parent / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        probe_write(db.parent)
     except OSError as e:
         raise SqueezeError(
             f"{field}: the MLflow store {db} cannot be written ({e.strerror}); set tracking.uri elsewhere"
