@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -88,16 +88,22 @@ def library_versions() -> dict[str, str]:
 PACKAGE_ROOT = Path(__file__).parent
 
 
+# Read with a regex, not ast.parse: CPython 3.11's parser is not thread-safe ("AST constructor recursion depth
+# mismatch") and Prefect runs stages in threads while torch and others parse too. Over-matching only rebuilds more.
+_IMPORT_FROM = re.compile(r"^\s*from\s+(\.+|squeezeflow\.tasks\.?)([\w.]*)\s+import\s+(\([^)]*\)|[^\n]*)", re.M)
+
+
 def _project_imports(module: Path) -> set[str]:
     """The names of the modules of this package that `module` imports, at its top or inside a function."""
     names = set()
-    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and (
-            node.level == 1 or (node.module or "").startswith("squeezeflow.tasks")
-        ):
-            base = (node.module or "").removeprefix("squeezeflow.tasks").lstrip(".")
-            names |= {base.split(".")[0]} if base else {alias.name for alias in node.names}
-    return {name for name in names if (PACKAGE_ROOT / f"{name}.py").is_file()}
+    for dots, base, imported in _IMPORT_FROM.findall(module.read_text(encoding="utf-8")):
+        if dots.startswith(".") and len(dots) > 1:
+            continue  # from the parent package: not a module of this one
+        if base:
+            names.add(base.split(".")[0])
+        else:
+            names |= {part.split(" as ")[0].strip() for part in imported.strip("()").split(",")}
+    return {name for name in names if name and (PACKAGE_ROOT / f"{name}.py").is_file()}
 
 
 @cache

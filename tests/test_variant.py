@@ -47,6 +47,18 @@ def test_a_stage_fingerprint_covers_its_module_and_what_it_imports_from_the_pack
     assert [s for s in STAGES if again[s] != after[s]] == ["teacher", "distill", "prune", "early_exit", "quantize"]
 
 
+def test_fingerprints_computed_by_many_threads_at_once_agree_with_one_thread():
+    # Prefect runs sibling stages in threads: the fingerprint must not depend on who computes it first
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = fingerprints()
+    for _ in range(5):
+        code_fingerprint.cache_clear()
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(code_fingerprint, STAGES * 4))
+        assert got == [expected[s] for s in STAGES * 4]
+
+
 def test_a_code_change_in_one_stage_rebuilds_only_its_subtree(trained_tiny, tmp_path, edited_package):
     teacher, data = trained_tiny
     ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
