@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 quickstart: install
 	$(BIN)/squeeze run configs/quickstart.yaml
 
+# two workers, a test file each: the suite spends much of its time waiting on servers and fresh processes
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -123,12 +123,14 @@ def checked_config(path: Path, overrides: list[str] | None):
 
 
 def variants_table(result: dict) -> Table:
-    table = Table(title=f"variants (champion: {result['champion']})")
+    table = Table(title="variants (▲ best of this run, ★ registered champion)")
     for column in ("id", "lineage", "val acc", "eval acc [95 % CI]", "p50 ms", "size MB", "speedup"):
         table.add_column(column, justify="left" if column in ("id", "lineage") else "right", no_wrap=True)
     for v in result["variants"]:
         m = v["metrics"]
-        star = "★ " if v["id"] == result["champion"] else ""
+        star = ("▲ " if v["id"] == result["champion"] else "") + (
+            "★ " if v["id"] == result.get("registered_id") else ""
+        )
         interval = f" [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]" if "accuracy_ci_low" in m else ""
         table.add_row(
             star + v["id"],
@@ -151,16 +153,20 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_UserErrorsWithoutTraceback())
     from squeezeflow.flows.compress import run_compress
+    from squeezeflow.flows.progress_bars import progress_bars
 
     started = time.perf_counter()
     try:
-        result = run_compress(cfg)
+        with progress_bars(err):
+            result = run_compress(cfg)
     except SqueezeError as e:
         _fail(str(e))
     console.print(variants_table(result))
-    console.print(f"champion: [bold]{result['champion']}[/] — {result['selection']}")
-    verb = "registered" if result["promoted"] else "kept (not beaten)"
-    console.print(f"{verb}: models:/{result['registered_model']}@champion (version {result['model_version']})")
+    console.print(f"best of this run: [bold]{result['champion']}[/] — {result['selection']}")
+    console.print(
+        f"registered champion: models:/{result['registered_model']}@champion = version {result['model_version']}: "
+        f"{result['registry']}"
+    )
     console.print(
         f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in "
         f"{result['run_dir']}"
@@ -241,8 +247,15 @@ def report(
 
 
 @app.command()
-def schema() -> None:
+def schema(
+    markdown: bool = typer.Option(False, "--markdown", help="The readable reference (docs/reference.md) instead."),
+) -> None:
     """Print the JSON schema of a recipe."""
+    if markdown:
+        from squeezeflow.flows.reference import recipe_reference
+
+        sys.stdout.write(recipe_reference())
+        return
     from squeezeflow.flows.config import SqueezeConfig
 
     sys.stdout.write(json.dumps(SqueezeConfig.model_json_schema(), indent=2) + "\n")

@@ -18,17 +18,18 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from squeezeflow.flows.config import RunnerConfig, SqueezeConfig, StageConfig, dump_config
+from squeezeflow.flows.form import Recipe
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.distill import distill_task
 from squeezeflow.tasks.early_exit import early_exit_task
-from squeezeflow.tasks.evaluate import benchmark_task, cpu_flags
+from squeezeflow.tasks.evaluate import benchmark_task, cpu_flags, machine
 from squeezeflow.tasks.export import export_task
 from squeezeflow.tasks.prune import prune_task
 from squeezeflow.tasks.quantize import EXIT_MODES, quantize_task
 from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
-from squeezeflow.tasks.select import beats, same_variant, select_task
+from squeezeflow.tasks.select import Selection, beats, same_variant, select_task
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import (
     close_abandoned_runs,
@@ -154,11 +155,19 @@ def grow(
     return list(by_id.values()), failures
 
 
-def publish_to_prefect(name: str, report_md: str, variants: list[Variant]) -> None:
+def publish_to_prefect(name: str, report_md: str, variants: list[Variant], selection: Selection) -> None:
     """The report and the variants table as Prefect artifacts, shown on the flow run in the Prefect UI."""
     key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "squeezeflow"
     create_markdown_artifact(report_md, key=f"{key}-report", description="squeezeflow report")
-    rows = [dict(zip([c for c, _ in REPORT_COLUMNS], row)) for row in table_rows(variants)]
+
+    def role(v: Variant) -> str:
+        roles = ["best of this run"] if v.id == selection.champion.id else []
+        return ", ".join(roles + (["registered champion"] if v.id == selection.registered_id else []))
+
+    rows = [
+        {"role": role(v), **dict(zip([c for c, _ in REPORT_COLUMNS], row))}
+        for v, row in zip(variants, table_rows(variants))
+    ]
     create_table_artifact(rows, key=f"{key}-variants", description="every variant and its measurements")
 
 
@@ -188,9 +197,11 @@ def run_compress(cfg: SqueezeConfig) -> dict:
 
 
 @flow(name="compress", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def compress(config: SqueezeConfig) -> dict:
+def compress(config: Recipe) -> dict:
+    """Compresses the recipe's model; `config` is a recipe (the form's shape, or a SqueezeConfig / recipe tree)."""
     logger = get_run_logger()
-    cfg = config
+    cfg = config.to_config()
+    started = time.perf_counter()
     run_dir = cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     uri = tracking_uri(cfg.tracking, cfg.artifacts_dir)
     experiment_id = use_experiment(uri, cfg.experiment, cfg.artifacts_dir)
@@ -201,6 +212,7 @@ def compress(config: SqueezeConfig) -> dict:
         "squeeze.host": socket.gethostname(),
         "squeeze.pid": str(os.getpid()),
         "squeeze.cpu_flags": cpu_flags(),
+        "squeeze.machine": machine(),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags=tags) as run:
         mlflow.log_text(dump_config(cfg), "config.yaml")
@@ -243,24 +255,34 @@ def compress(config: SqueezeConfig) -> dict:
                 )
             selection = select_task(measured, cfg.selection)
             champion = selection.champion
+            name = cfg.registered_model
             if incumbent and not beats(champion, incumbent_measured, cfg.selection):
                 version = incumbent[1]
-                kept = (
-                    f"it is registered champion v{version} already"
-                    if same_variant(champion, incumbent_measured)
-                    else f"it does not beat registered champion v{version} ({incumbent_measured.lineage}, p50 "
-                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
-                    f"{incumbent_measured.metrics['val_accuracy']:.4f}) on this validation split, which stays champion"
-                )
-                selection = replace(selection, reason=f"{selection.reason}; {kept}")
+                if same_variant(champion, incumbent_measured):
+                    registered_id = champion.id
+                    registry = f"{name} v{version} is this run's best already, so nothing new was registered"
+                else:
+                    registered_id = incumbent_measured.params.get("variant_id")
+                    registry = (
+                        f"{name} v{version} ({incumbent_measured.lineage}, p50 "
+                        f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
+                        f"{incumbent_measured.metrics['val_accuracy']:.4f}) stays: this run's best does not beat it "
+                        f"on this validation split"
+                    )
             else:
                 version = register_champion(
                     champion,
-                    cfg.registered_model,
+                    name,
                     cfg.label_names,
                     cfg.benchmark.threads,
                     previous=incumbent[1] if incumbent else None,
+                    why=selection.reason,
                 )
+                registered_id = champion.id
+                registry = f"{name} v{version} is this run's best, promoted in this run" + (
+                    f" (v{incumbent[1]} is now @previous)" if incumbent else ""
+                )
+            selection = replace(selection, registered_id=registered_id, registry=registry)
             mlflow.set_tags(
                 {
                     "squeeze.champion": champion.id,
@@ -268,6 +290,9 @@ def compress(config: SqueezeConfig) -> dict:
                     "squeeze.champion_run_id": run_ids[champion.id],
                     "squeeze.selection": selection.reason,
                     "squeeze.registered_version": version,
+                    "squeeze.registered_variant_id": registered_id or "",
+                    "squeeze.registry": registry,
+                    "squeeze.objective": cfg.selection.objective,
                 }
             )
         report_files = write_report(
@@ -275,18 +300,22 @@ def compress(config: SqueezeConfig) -> dict:
             selection,
             run_dir / "report",
             f"squeezeflow: {cfg.name}",
-            cpu_flags(),
+            machine(),
             [(f.lineage, f.error) for f in failures],
+            cfg.selection.objective,
         )
         for path in report_files:
             mlflow.log_artifact(str(path))
-        publish_to_prefect(cfg.name, report_files[0].read_text(), measured)
-        logger.info(
-            "best variant %s (%s); %s@champion is version %s",
-            champion.id,
-            champion.lineage,
-            cfg.registered_model,
-            version,
+        publish_to_prefect(cfg.name, report_files[0].read_text(), measured, selection)
+        logger.info("best of this run: %s (%s). Registered champion: %s", champion.id, champion.lineage, registry)
+        # the pipeline run carries its best variant's figures, so MLflow's runs list and charts show one row per run
+        mlflow.log_metrics(
+            {
+                **champion.metrics,
+                "promoted": float(not incumbent or version != incumbent[1]),
+                "failed_variants": float(len(failures)),
+                "wall_time_s": time.perf_counter() - started,
+            }
         )
     return {
         "pipeline_run_id": run.info.run_id,
@@ -298,6 +327,8 @@ def compress(config: SqueezeConfig) -> dict:
         "registered_model": cfg.registered_model,
         "model_version": version,
         "promoted": not incumbent or version != incumbent[1],
+        "registry": registry,
+        "registered_id": registered_id,
         "variants": [v.model_dump(mode="json") for v in measured],
         "failed": [{"lineage": f.lineage, "error": f.error} for f in failures],
     }

@@ -21,9 +21,21 @@ from squeezeflow.tasks.select import SelectionConfig
 from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
 from squeezeflow.tasks.tracking import TrackingConfig
 
+
+def _stage_choices(schema: dict) -> None:
+    """Validation picks a stage by its `kind`; the schema offers the stages as `anyOf`, which Prefect's form renders
+    as a choice of typed sections (it shows `oneOf`, pydantic's rendering of a tagged union, as a raw JSON box)."""
+    schema["anyOf"] = schema.pop("oneOf")
+    schema.pop("discriminator", None)
+
+
 StageConfig = Annotated[
-    DistillConfig | PruneConfig | EarlyExitConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")
+    DistillConfig | PruneConfig | EarlyExitConfig | ExportConfig | QuantizeConfig,
+    Field(discriminator="kind", json_schema_extra=_stage_choices),
 ]
+
+
+STAGE_ORDER = ("distill", "prune", "early_exit", "export", "quantize")  # the only order a chain may take
 
 
 class RunnerConfig(StrictModel):
@@ -64,17 +76,28 @@ class SqueezeConfig(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Recipe name; the MLflow experiment by default."
     )
     seed: int = Field(13, ge=0, description="Seed for sampling, initialisation and training.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to compress and how it reads text.")
+    data: DataConfig = Field(description="The train, validation and eval files and their columns.")
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="Fine-tuning the model into the teacher every stage starts from."
+    )
     stages: list[StageConfig] = Field(
         default_factory=lambda: [ExportConfig(), QuantizeConfig()],
         description="The chain of stages; each applies to every variant the previous stage produced.",
     )
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
-    selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    benchmark: BenchmarkConfig = Field(
+        default_factory=BenchmarkConfig,
+        description="How every variant is measured (one fresh process, interleaved rounds).",
+    )
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="How the champion is chosen, on the validation split."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Where runs and the registered champion go (MLflow)."
+    )
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig, description="Where the stage tasks run: threads here, or a Dask cluster."
+    )
     artifacts_dir: Path = Field(Path("artifacts"), description="Where runs, variants and the default MLflow store go.")
 
     @model_validator(mode="after")
@@ -93,10 +116,17 @@ class SqueezeConfig(StrictModel):
                     f"stages.{i}: quantize works on ONNX variants, so an export (or early_exit) stage must come "
                     f"before it"
                 )
-            if kind == "export" and "export" in kinds[:i]:
-                raise ValueError(f"stages.{i}: a second export stage has nothing left to export")
             if kind in ("distill", "prune", "early_exit") and "export" in kinds[:i]:
                 raise ValueError(f"stages.{i}: {kind} works on PyTorch variants, so it must come before export")
+            if kind in kinds[:i]:
+                raise ValueError(
+                    f"stages.{i}: a second {kind} stage; give one {kind} stage with several values instead "
+                    f"(e.g. several students, ratios, thresholds or modes)"
+                )
+            if i and STAGE_ORDER.index(kind) < STAGE_ORDER.index(kinds[i - 1]):
+                raise ValueError(
+                    f"stages.{i}: {kind} after {kinds[i - 1]}; stages run in the order {' → '.join(STAGE_ORDER)}"
+                )
         return self
 
     @property

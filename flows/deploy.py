@@ -7,6 +7,7 @@ from prefect.schedules import Cron
 
 from squeezeflow.flows.compress import compress, task_runner
 from squeezeflow.flows.config import SqueezeConfig
+from squeezeflow.flows.form import Recipe
 from squeezeflow.tasks.base import ConfigError
 
 
@@ -26,7 +27,7 @@ def make_deployment(cfg: SqueezeConfig, name: str | None = None, cron: str | Non
     # served runs use the recipe's task runner (threads or Dask); a run triggered with other parameters keeps it
     return compress.with_options(task_runner=task_runner(cfg.runner)).to_deployment(
         name=name or cfg.name,
-        parameters={"config": cfg.model_dump(mode="json")},
+        parameters={"config": Recipe.model_validate(cfg).model_dump(mode="json")},
         schedules=schedules,
         description=f"squeezeflow recipe {cfg.name!r}: teacher {cfg.model.source}, stages "
         f"{[s.kind for s in cfg.stages]}",

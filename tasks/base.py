@@ -44,6 +44,9 @@ class StrictModel(BaseModel):
 class StageBase(StrictModel):
     """What every stage's config has besides its own knobs."""
 
+    # the name a form shows for a stage section: its kind, e.g. "quantize"
+    model_config = ConfigDict(model_title_generator=lambda cls: cls.model_fields["kind"].default)
+
     retries: int = Field(
         0, ge=0, le=10, description="Retries of a failing task of this stage before its variant is marked failed."
     )

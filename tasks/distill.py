@@ -77,7 +77,10 @@ class StudentShape(StrictModel):
 class DistillConfig(StageBase):
     kind: Literal["distill"] = "distill"
     students: list[StudentShape] = Field(description="Student shapes; each becomes a variant.", min_length=1)
-    training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=1e-4, batch_size=32))
+    training: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=1e-4, batch_size=32),
+        description="The students' training budget.",
+    )
     temperature: float = Field(
         2.0, gt=0, description="Softmax temperature of the soft targets (the loss is scaled by T²)."
     )

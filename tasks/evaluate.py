@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pydantic import Field
 from .base import StrictModel
 from .data import DataConfig, load_splits
 from .intervals import paired_drop_interval, wilson
+from .progress import advance
 from .runtime import FOUR_BIT_CODES, load_predictor
 from .variant import Variant, size_on_disk_mb, weight_files
 
@@ -108,6 +110,21 @@ def cpu_flags() -> str:
     return ",".join(f for f in SPEED_FLAGS if f in flags) or "none"
 
 
+def machine() -> str:
+    """The benchmark machine in one line: CPU model, cores this process may use, speed-relevant flags."""
+    import os
+
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, CPU flags {cpu_flags()}"
+
+
 class LoadMeter:
     """How busy the rest of the machine was while this process measured: the CPU time the whole machine spent,
     minus this process's own, as a share of the wall time × cores."""
@@ -168,7 +185,11 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
             if line.startswith(FAILURE):
                 reason = line.removeprefix(FAILURE)
             elif line.startswith(PROGRESS):
-                log.info(line.removeprefix(PROGRESS))
+                message = line.removeprefix(PROGRESS)
+                if counted := re.fullmatch(r"measured (\d+)/(\d+)", message):
+                    advance(f"benchmark-{child.pid}", "benchmark", int(counted[1]), int(counted[2]))
+                else:
+                    log.info(message)
             elif line:
                 tail.append(line)
         if child.wait() != 0:
@@ -204,6 +225,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
         for text in timed_texts[: cfg.warmup]:
             predictor.logits([text])
     meter = LoadMeter().start()
+    measured_count = 0
     for round_no in range(cfg.rounds):
         # rotate the order each round so no variant always runs first (or right after the heaviest one)
         order = variants[round_no % len(variants) :] + variants[: round_no % len(variants)]
@@ -221,6 +243,8 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
                 served.append(predictor.logits([text]))
                 samples.append((time.perf_counter() - started) * 1000)
             latencies[v.id].append(samples)
+            measured_count += 1
+            log.info("measured %d/%d", measured_count, cfg.rounds * len(variants))
             if round_no == 0:
                 served += [predictor.logits([text]) for text in texts[len(timed_texts) :]]
                 logits[v.id] = np.concatenate(served)

@@ -91,7 +91,7 @@ class QuantizeConfig(StageBase):
         [],
         description="static: MatMul / Attention node names (of the ONNX parent) to keep in float; of an early-exit "
         "parent, "
-        "`<segment>:<node>` (e.g. `segment_01:Attention_0`).",
+        "SEGMENT:NODE (e.g. `segment_01:Attention_0`).",
     )
     accuracy_tolerance: float | None = Field(
         0.005,
@@ -103,7 +103,7 @@ class QuantizeConfig(StageBase):
     max_fallback_nodes: int = Field(
         16, ge=0, description="static: at most this many MatMul / Attention nodes are kept in float by the fallback."
     )
-    qat: QATConfig = Field(default_factory=QATConfig)
+    qat: QATConfig = Field(default_factory=QATConfig, description="qat: the fake-quant fine-tuning budget.")
 
     @field_validator("embedding_block_size")
     @classmethod

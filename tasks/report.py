@@ -49,8 +49,8 @@ def budget_verdict(champion: Variant, budget: float | None) -> str:
     )
 
 
-def machine_note(variants: list[Variant], cpu_flags: str | None) -> str:
-    """The machine line: its CPU flags, and a warning when other processes were busy during the benchmark."""
+def machine_note(variants: list[Variant], machine: str | None) -> str:
+    """The machine line: its CPU and flags, and a warning when other processes were busy during the benchmark."""
     from .evaluate import BUSY_SHARE
 
     share = max((v.metrics.get("bench_other_cpu_share", 0.0) for v in variants), default=0.0)
@@ -59,7 +59,7 @@ def machine_note(variants: list[Variant], cpu_flags: str | None) -> str:
         if share > BUSY_SHARE
         else ""
     )
-    return f"Benchmark machine: CPU flags {cpu_flags or 'not recorded'}; other processes {share:.0%} of its CPU.{busy}"
+    return f"Benchmark machine: {machine or 'not recorded'}; other processes took {share:.0%} of its CPU.{busy}"
 
 
 def table_rows(variants: list[Variant]) -> list[list[str]]:
@@ -70,7 +70,7 @@ def markdown(
     variants: list[Variant],
     selection: Selection,
     title: str,
-    cpu_flags: str | None = None,
+    machine: str | None = None,
     failed: list[tuple[str, str]] = (),
 ) -> str:
     """The report; `failed`: (lineage, error) of each variant that could not be made."""
@@ -78,23 +78,29 @@ def markdown(
     lines = [
         f"# {title}",
         "",
-        f"Champion: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}.",
+        f"Best of this run: **{selection.champion.id}** (`{selection.champion.lineage}`): {selection.reason}.",
     ]
+    if selection.registry:
+        lines.append(f"Registered champion: {selection.registry}.")
     lines += [
         budget_verdict(selection.champion, selection.max_accuracy_drop),
         "",
-        machine_note(variants, cpu_flags),
+        machine_note(variants, machine),
         "",
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v, row in zip(variants, table_rows(variants)):
-        marks = ("★ " if v.id == selection.champion.id else "") + ("◆ " if v.id in selection.pareto_ids else "")
+        marks = (
+            ("▲ " if v.id == selection.champion.id else "")
+            + ("★ " if v.id == selection.registered_id else "")
+            + ("◆ " if v.id in selection.pareto_ids else "")
+        )
         lines.append("| " + " | ".join([marks + row[0], *row[1:]]) + " |")
     lines += [
         "",
-        "★ champion, ◆ on the Pareto front (validation accuracy, p50 latency, size). Choices are made on the "
-        "validation "
-        "split; accuracy is the eval split's, with 95 % intervals (Wilson; the drop paired against the teacher). "
+        "▲ best of this run, ★ the registered champion (@champion), ◆ on the Pareto front (validation accuracy, "
+        "p50 latency, size). Choices are made on the validation split; accuracy is the eval split's, with 95 % "
+        "intervals (Wilson; the drop paired against the teacher). "
         "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties.",
     ]
     if failed:
@@ -116,40 +122,92 @@ def write_csv(variants: list[Variant], path: Path) -> None:
             )
 
 
-def pareto_plot(variants: list[Variant], selection: Selection, path: Path) -> None:
+# what the plot's x axis shows for each selection objective (accuracy and throughput are read against latency)
+X_AXES = {
+    "latency": ("latency_p50_ms", "p50 latency, batch 1 (ms, log scale)"),
+    "size": ("size_mb", "size on disk (MB, log scale)"),
+    "accuracy": ("latency_p50_ms", "p50 latency, batch 1 (ms, log scale)"),
+    "throughput": ("throughput_qps", "batch throughput (queries/s, log scale)"),
+}
+
+
+def pareto_figure(variants: list[Variant], selection: Selection, objective: str = "latency"):
+    """Validation accuracy against the objective's axis (log scale), markers numbered and named in a side list (so
+    labels never overlap), marker area by size with a legend, the accuracy axis within [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    x_key, x_label = X_AXES[objective]
+
+    def accuracy(v: Variant) -> float:
+        return v.metrics.get("val_accuracy", v.metrics["accuracy"])
+
+    def area(size_mb: float) -> float:
+        return 20 + 3 * size_mb
+
+    rows = (len(variants) + 1) // 2
+    fig, ax = plt.subplots(figsize=(10, 5 + 0.16 * rows))
     for v in variants:
-        on_front = v.id in selection.pareto_ids
         ax.scatter(
-            v.metrics["latency_p50_ms"],
-            v.metrics["accuracy"],
-            s=20 + 4 * v.metrics["size_mb"],
-            c="tab:orange" if on_front else "tab:blue",
-            alpha=0.7,
-            edgecolors="black" if on_front else "none",
+            v.metrics[x_key],
+            accuracy(v),
+            s=area(v.metrics["size_mb"]),
+            c="tab:orange" if v.id in selection.pareto_ids else "tab:blue",
+            alpha=0.6,
+            edgecolors="black" if v.id == selection.champion.id else "none",
+            linewidths=1.5,
+            zorder=3,
         )
-        label = v.lineage.replace("teacher>", "") if v.id != selection.champion.id else f"★ champion: {v.lineage}"
+    front = sorted((v for v in variants if v.id in selection.pareto_ids), key=lambda v: v.metrics[x_key])
+    ax.plot([v.metrics[x_key] for v in front], [accuracy(v) for v in front], "--", c="tab:orange", lw=1, zorder=2)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    values = [accuracy(v) for v in variants]
+    pad = max(0.01, (max(values) - min(values)) * 0.15)
+    ax.set_ylim(max(0.0, min(values) - pad), min(1.0, max(values) + pad))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"objective: {objective}; orange: Pareto front; black edge: best of this run", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    sizes = sorted({round(v.metrics["size_mb"]) for v in variants})
+    legend_sizes = sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
+    handles = [ax.scatter([], [], s=area(mb), c="grey", alpha=0.5) for mb in legend_sizes]
+    ax.legend(handles, [f"{mb} MB" for mb in legend_sizes], title="size", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.subplots_adjust(left=0.08, right=0.86, top=0.94, bottom=0.1 + 0.03 * rows)
+    # numbers beside the markers, nudged apart where markers are close, and the names in a list below the plot
+    placed: list[tuple[float, float]] = []
+    for number, v in enumerate(variants, 1):
+        x, y = ax.transData.transform((v.metrics[x_key], accuracy(v)))
+        dy = 0.0
+        while any(abs(x - px) < 14 and abs(y + dy - py) < 10 for px, py in placed):
+            dy += 10
+        placed.append((x, y + dy))
         ax.annotate(
-            label,
-            (v.metrics["latency_p50_ms"], v.metrics["accuracy"]),
+            str(number),
+            (v.metrics[x_key], accuracy(v)),
+            xytext=(7, dy),
+            textcoords="offset pixels",
             fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
+            va="center",
         )
-    front = sorted((v for v in variants if v.id in selection.pareto_ids), key=lambda v: v.metrics["latency_p50_ms"])
-    ax.plot(
-        [v.metrics["latency_p50_ms"] for v in front], [v.metrics["accuracy"] for v in front], "--", c="tab:orange", lw=1
-    )
-    ax.set_xlabel("p50 latency, batch 1 (ms)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Variants (marker area ~ size on disk; orange = Pareto front)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    names = [
+        f"{n:>2}{' ▲' if v.id == selection.champion.id else ''}{' ★' if v.id == selection.registered_id else ''} "
+        f"{v.lineage}"
+        for n, v in enumerate(variants, 1)
+    ]
+    for column, chunk in enumerate((names[:rows], names[rows:])):
+        fig.text(0.02 + 0.49 * column, 0.02 + 0.03 * rows, "\n".join(chunk), fontsize=7, va="top", family="monospace")
+    fig.text(0.02, 0.02, "▲ best of this run  ★ registered champion", fontsize=7, family="monospace")
+    return fig
+
+
+def pareto_plot(variants: list[Variant], selection: Selection, path: Path, objective: str = "latency") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(variants, selection, objective)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -159,14 +217,15 @@ def write_report(
     selection: Selection,
     out_dir: Path,
     title: str,
-    cpu_flags: str | None = None,
+    machine: str | None = None,
     failed: list[tuple[str, str]] = (),
+    objective: str = "latency",
 ) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "report.md", out_dir / "variants.csv", out_dir / "pareto.png"]
-    paths[0].write_text(markdown(variants, selection, title, cpu_flags, failed))
+    paths[0].write_text(markdown(variants, selection, title, machine, failed))
     write_csv(variants, paths[1])
-    pareto_plot(variants, selection, paths[2])
+    pareto_plot(variants, selection, paths[2], objective)
     return paths
 
 
@@ -195,6 +254,12 @@ def variants_from_mlflow(client, pipeline_run_id: str) -> tuple[list[Variant], d
     return variants, dict(pipeline.data.tags)
 
 
+def _machine(tags: dict[str, str]) -> str | None:
+    if "squeeze.machine" in tags:
+        return tags["squeeze.machine"]
+    return f"CPU flags {tags['squeeze.cpu_flags']}" if "squeeze.cpu_flags" in tags else None
+
+
 def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Path], list[Variant], Selection]:
     """`squeeze report`: the report of a finished pipeline run, from MLflow alone."""
     from .select import pareto_front
@@ -209,6 +274,8 @@ def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Pa
         feasible=True,
         reason=tags.get("squeeze.selection", "as recorded"),
         pareto_ids=[v.id for v in pareto_front(variants)],
+        registered_id=tags.get("squeeze.registered_variant_id"),
+        registry=tags.get("squeeze.registry", ""),
     )
     title = f"squeezeflow: {tags.get('mlflow.runName', pipeline_run_id)}"
     failed = client.search_runs(
@@ -217,7 +284,9 @@ def rebuild_report(client, pipeline_run_id: str, out_dir: Path) -> tuple[list[Pa
     )
     failures = [(r.data.tags.get("squeeze.lineage", "?"), r.data.tags.get("squeeze.error", "")) for r in failed]
     return (
-        write_report(variants, selection, out_dir, title, tags.get("squeeze.cpu_flags"), failures),
+        write_report(
+            variants, selection, out_dir, title, _machine(tags), failures, tags.get("squeeze.objective", "latency")
+        ),
         variants,
         selection,
     )

@@ -59,13 +59,13 @@ class SelectionConfig(StrictModel):
 
 @dataclass(frozen=True)
 class Selection:
-    champion: Variant
+    champion: Variant  # the best variant of this run; whether it became the registered champion is `registry`
     feasible: bool
     reason: str
     pareto_ids: list[str]
-    max_accuracy_drop: float | None = (
-        None  # the budget, applied on validation; the report holds the eval drop against it
-    )
+    max_accuracy_drop: float | None = None  # the budget, applied on validation; the report sets the eval drop beside it
+    registered_id: str | None = None  # the variant behind @champion after this run (None: not known)
+    registry: str = ""  # one sentence: what the registry holds after this run and why
 
 
 def dominates(a: Variant, b: Variant) -> bool:

@@ -29,10 +29,12 @@ SERVED_MODULES = ("__init__.py", "base.py", "runtime.py")
 
 
 class TrackingConfig(StrictModel):
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<artifacts_dir>/mlflow.db.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: the file mlflow.db in artifacts_dir (sqlite)."
+    )
     experiment: str | None = Field(None, description="MLflow experiment; default: the config's name.")
     registered_model: str | None = Field(
-        None, description="Registry name for the champion; default: squeezeflow-<name>."
+        None, description="Registry name for the champion; default: squeezeflow- followed by the recipe name."
     )
 
 
@@ -50,6 +52,9 @@ def store_lock(uri: str, artifacts_dir: Path, purpose: str):
     return FileLock(str(where / f".mlflow-{re.sub(r'[^A-Za-z0-9_.-]', '_', purpose)}.lock"))
 
 
+EXPERIMENT_KIND, ML_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
+
+
 def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
     """Points MLflow at `uri` and returns the experiment id, creating it with artifacts beside the store. One
     process at a time: two runs creating a new sqlite store at once race on its schema migration."""
@@ -64,7 +69,8 @@ def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
         if existing is not None:
             return existing.experiment_id
         location = (Path(artifacts_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        return client.create_experiment(name, artifact_location=location)
+        # MLflow 3's UI opens an experiment of unknown kind as a GenAI one, with the runs a click away
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: ML_EXPERIMENT})
 
 
 def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -115,20 +121,26 @@ def log_variant(client: MlflowClient, experiment_id: str, pipeline_run_id: str, 
     """One finished child run for a measured variant; returns its run id."""
     from mlflow.entities import Metric, Param, RunTag
 
+    # the run spans the variant's making (training included), so MLflow's duration column says how long it took
+    start_ms = int((v.made_at - v.made_seconds) * 1000) if v.made_at and v.made_seconds is not None else None
     run = client.create_run(
-        experiment_id, run_name=v.id, tags={"mlflow.parentRunId": pipeline_run_id, **variant_tags(v)}
+        experiment_id,
+        run_name=v.id,
+        start_time=start_ms,
+        tags={"mlflow.parentRunId": pipeline_run_id, **variant_tags(v)},
     )
+    made = {"made_seconds": v.made_seconds} if v.made_seconds is not None else {}
     try:
         client.log_batch(
             run.info.run_id,
-            metrics=[Metric(k, float(val), 0, 0) for k, val in sorted(v.metrics.items())],
+            metrics=[Metric(k, float(val), 0, 0) for k, val in sorted({**v.metrics, **made}.items())],
             params=[Param(k, val[:6000]) for k, val in _flat_params(v.params).items()],
             tags=[RunTag("squeeze.path", v.path)],
         )
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=int(v.made_at * 1000) if start_ms else None)
     return run.info.run_id
 
 
@@ -190,11 +202,35 @@ def fetch_incumbent(registered_model: str, dst: Path, label_names: list[str]) ->
     return variant, str(version.version)
 
 
+def version_description(v: Variant, why: str, previous: str | None) -> str:
+    """What a registered version is, how it measured and why it was promoted: shown on its page in the registry."""
+    m = v.metrics
+
+    def figure(name: str, fmt: str) -> str:
+        return format(m[name], fmt) if name in m else "?"
+
+    interval = f" [{m['accuracy_ci_low']:.4f}, {m['accuracy_ci_high']:.4f}]" if "accuracy_ci_low" in m else ""
+    return (
+        f"{v.lineage} (variant {v.id}, {v.format}).\n"
+        f"Validation accuracy {figure('val_accuracy', '.4f')} (drop {figure('val_accuracy_drop', '+.4f')}); "
+        f"eval accuracy {figure('accuracy', '.4f')}{interval}; p50 {figure('latency_p50_ms', '.2f')} ms, "
+        f"p99 {figure('latency_p99_ms', '.2f')} ms at batch 1; {figure('size_mb', '.1f')} MB; "
+        f"{figure('speedup', '.2f')}× the PyTorch teacher.\n"
+        f"Promoted because: {why}" + (f"; it replaces version {previous} (now @previous)." if previous else ".")
+    )
+
+
 def register_champion(
-    v: Variant, registered_model: str, label_names: list[str], threads: int, previous: str | None = None
+    v: Variant,
+    registered_model: str,
+    label_names: list[str],
+    threads: int,
+    previous: str | None = None,
+    why: str = "",
 ) -> str:
-    """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it and points the
-    `champion` alias at the new version (and `previous` at the one it replaces); returns the version."""
+    """Logs the champion as a code-defined pyfunc in the active pipeline run, registers it with a description
+    (lineage, figures, `why`) and points the `champion` alias at the new version (and `previous` at the one it
+    replaces); returns the version."""
     import mlflow
     import numpy
     import onnxruntime
@@ -245,6 +281,7 @@ def register_champion(
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
+    client.update_model_version(registered_model, version, description=version_description(v, why, previous))
     client.set_registered_model_alias(registered_model, "champion", version)
     if previous is not None:
         client.set_registered_model_alias(registered_model, "previous", previous)

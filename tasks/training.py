@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from .base import DataError, StrictModel
+from .progress import advance, making_now
 
 if TYPE_CHECKING:
     import numpy as np
@@ -180,6 +181,7 @@ def train(
     import torch
 
     seed_everything(seed)
+    progress_key = f"train-{id(model)}-{time.perf_counter()}"
     keep = sample_indices(len(texts), cfg.max_examples, seed)
     steps_per_epoch = math.ceil(len(keep) / cfg.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -238,6 +240,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            advance(progress_key, f"training {making_now.get() or 'a model'}", step, total_steps)
             running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
             if step % max(1, total_steps // 10) == 0 or step == total_steps:
                 progress(f"step {step}/{total_steps} loss {running:.4f} ({time.perf_counter() - started:.0f}s)")

@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, lru_cache
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import DataConfig, data_fingerprint
+from .progress import making_now
 
 log = logging.getLogger("squeezeflow.variant")
 Stage = Literal["teacher", "distill", "prune", "early_exit", "export", "quantize"]
@@ -42,6 +44,8 @@ class Variant(BaseModel):
     content_sha256: str | None = Field(
         None, description="SHA-256 of the stored files, checked before the variant is reused."
     )
+    made_at: float | None = Field(None, description="When its files were complete (Unix time).")
+    made_seconds: float | None = Field(None, description="How long its stage took to make it, training included.")
 
     @property
     def token(self) -> str:
@@ -240,13 +244,30 @@ def making(child: Variant) -> Iterator[Variant | None]:
         yield done
         return
     with exclusive(Path(child.path)):
-        yield finished(child)
+        _started[child.path] = time.time()
+        token = making_now.set(child.lineage)
+        try:
+            yield finished(child)
+        finally:
+            making_now.reset(token)
+            _started.pop(child.path, None)
+
+
+_started: dict[str, float] = {}  # variant path -> when its maker began (read by save_record)
 
 
 def save_record(directory: Path, variant: Variant) -> Variant:
     """Writes the record, with the hash of the directory's files, last, inside the staged directory, so only
     complete variants have one."""
-    variant = variant.model_copy(update={"content_sha256": content_hash(directory)})
+    now = time.time()
+    began = _started.get(variant.path)
+    variant = variant.model_copy(
+        update={
+            "content_sha256": content_hash(directory),
+            "made_at": now,
+            "made_seconds": None if began is None else round(now - began, 3),
+        }
+    )
     (Path(directory) / RECORD).write_text(variant.model_dump_json(indent=2))
     return variant
 

@@ -68,6 +68,14 @@ class Browser:
     def goto(self, url: str) -> None:
         self.call("Page.navigate", url=url)
 
+    def screenshot(self, path: Path, full_page: bool = True) -> Path:
+        """A PNG of the page (all of it when `full_page`), for a person to look at what the test saw."""
+        import base64
+
+        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=full_page)
+        Path(path).write_bytes(base64.b64decode(shot["data"]))
+        return Path(path)
+
     def text(self) -> str:
         return self.evaluate("document.body ? document.body.innerText : ''") or ""
 

@@ -68,6 +68,15 @@ def test_flow_logs_pipeline_and_variant_runs(finished):
     assert int8.data.metrics["size_mb"] < teacher.data.metrics["size_mb"]
     artifacts = {a.path for a in client.list_artifacts(result["pipeline_run_id"])}
     assert {"config.yaml", "report.md", "variants.csv", "pareto.png"} <= artifacts
+    # the pipeline run carries its best variant's figures and its wall time; variant runs span their making
+    pipeline = pipelines[0].data.metrics
+    best = by_id[result["champion"]].data.metrics
+    assert pipeline["latency_p50_ms"] == best["latency_p50_ms"] and pipeline["val_accuracy"] == best["val_accuracy"]
+    assert pipeline["wall_time_s"] > 0 and pipeline["promoted"] == 1.0
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
+    for run in variants:
+        assert run.data.metrics["made_seconds"] > 0
+        assert run.info.end_time - run.info.start_time == pytest.approx(run.data.metrics["made_seconds"] * 1000, abs=2)
 
 
 def test_a_failing_branch_is_logged_as_failed_and_the_rest_finishes(finished):
@@ -123,7 +132,7 @@ def test_report_is_rebuilt_from_mlflow(finished, tmp_path):
     assert selection.champion.id == result["champion"]
     text = files[0].read_text()
     champion_row = next(line for line in text.splitlines() if line.startswith("|") and result["champion"] in line)
-    assert champion_row.startswith("| ★") and "teacher>onnx>int8-dynamic" in text
+    assert champion_row.startswith("| ▲ ★") and "teacher>onnx>int8-dynamic" in text  # best of run, registered
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = files[1].read_text().splitlines()
     assert rows[0].startswith("variant_id,parent_id,stage,lineage,format") and len(rows) == 1 + len(variants)
@@ -162,14 +171,23 @@ def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefec
     assert client.get_model_version_by_alias("tiny-classifier", "champion").version in (2, "2")
     assert client.get_model_version_by_alias("tiny-classifier", "previous").version in (1, "1")
 
+    description = client.get_model_version("tiny-classifier", "2").description
+    assert "teacher>onnx>int8-dynamic" in description and "Validation accuracy" in description
+    assert "Promoted because: best size" in description and "replaces version 1" in description
+
     third = compress(fp32_only)  # fp32 is bigger than the registered INT8 champion: nothing changes
     assert not third["promoted"] and third["model_version"] == "2"
-    assert "stays champion" in third["selection"]
+    assert third["registry"].startswith("tiny-classifier v2 (") and "teacher>onnx>int8-dynamic" in third["registry"]
+    assert "stays" in third["registry"]
     assert len(client.search_model_versions("name='tiny-classifier'")) == 2
+    report = (Path(third["run_dir"]) / "report" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert any(row.startswith("| ▲") for row in rows) and not any("★" in row for row in rows)  # never a false mark
+    assert "Registered champion: tiny-classifier v2" in report
 
     fourth = compress(with_int8)  # the registered champion wins again: it is not registered a second time
     assert not fourth["promoted"] and fourth["model_version"] == "2"
-    assert fourth["selection"].endswith("it is registered champion v2 already")
+    assert fourth["registry"].endswith("is this run's best already, so nothing new was registered")
     assert client.get_model_version_by_alias("tiny-classifier", "previous").version in (1, "1")
     assert len(client.search_model_versions("name='tiny-classifier'")) == 2
 
@@ -339,7 +357,7 @@ def test_every_variant_reports_eval_intervals_and_the_report_places_the_drop_aga
         assert 0.0 <= m["val_accuracy"] <= 1.0 and m["bench_other_cpu_share"] >= 0.0
     report = (Path(result["run_dir"]) / "report" / "report.md").read_text()
     assert "95 % paired interval" in report and "the budget is applied on the validation split" in report
-    assert "Benchmark machine: CPU flags" in report
+    assert "Benchmark machine: " in report and "cores, CPU flags" in report
 
 
 @pytest.mark.parametrize("bad", [None, "", "   ", 5])

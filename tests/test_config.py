@@ -124,3 +124,10 @@ def test_schema_describes_every_section():
         schema["properties"]
     )
     assert json.dumps(schema)  # serialisable, for `squeeze schema` and the Prefect form
+
+
+def test_the_recipe_reference_in_docs_is_the_one_generated_from_the_schema():
+    from squeezeflow.flows.reference import recipe_reference
+
+    reference = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
+    assert reference.read_text() == recipe_reference(), "run: squeeze schema --markdown > docs/reference.md"

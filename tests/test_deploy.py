@@ -2,8 +2,9 @@
 
 import pytest
 
-from squeezeflow.flows.config import SqueezeConfig, parse_config
+from squeezeflow.flows.config import STAGE_ORDER, parse_config
 from squeezeflow.flows.deploy import make_deployment
+from squeezeflow.flows.form import Recipe
 from squeezeflow.tasks.base import ConfigError
 
 
@@ -11,15 +12,59 @@ def test_deployment_has_the_recipe_as_default_parameters_and_a_cron_schedule(tin
     cfg = parse_config(tiny_config)
     deployment = make_deployment(cfg, name="nightly", cron="0 2 * * *")
     assert deployment.name == "nightly" and deployment.flow_name == "compress"
-    assert SqueezeConfig.model_validate(deployment.parameters["config"]) == cfg
+    assert Recipe.model_validate(deployment.parameters["config"]).to_config() == cfg
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
     from prefect.utilities.callables import parameter_schema
 
     from squeezeflow.flows.compress import compress
 
     schema = parameter_schema(compress.fn).model_dump()  # what the Prefect UI renders as the run form
-    assert "config" in schema["properties"] and "SqueezeConfig" in str(schema) and "max_accuracy_drop" in str(schema)
+    assert "config" in schema["properties"] and "max_accuracy_drop" in str(schema)
     assert deployment.entrypoint.endswith("compress.py:compress")
+
+
+def free_form(schema: dict) -> list[str]:
+    """Where Prefect's run form would fall back to a raw JSON box: a `oneOf`, or an object or value of no type."""
+    defs, found = schema.get("definitions") or schema.get("$defs") or {}, []
+
+    def walk(node: dict, where: str) -> None:
+        if "$ref" in node:
+            return walk(defs[node["$ref"].rsplit("/", 1)[-1]], where)
+        if "oneOf" in node:
+            found.append(f"{where}: oneOf")
+        for option in node.get("anyOf", []) + node.get("allOf", []):
+            walk(option, where)
+        if not ({"type", "anyOf", "allOf", "enum", "const"} & node.keys()):
+            found.append(f"{where}: no type")
+        if node.get("type") == "object" and "properties" not in node:
+            found.append(f"{where}: untyped object")
+        for name, child in node.get("properties", {}).items():
+            walk(child, f"{where}.{name}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{where}[]")
+
+    walk(schema["properties"]["config"], "config")
+    return found
+
+
+def test_the_run_form_has_a_typed_section_per_stage_and_no_free_form_json():
+    from prefect.utilities.callables import parameter_schema
+
+    from squeezeflow.flows.compress import compress
+
+    schema = parameter_schema(compress.fn).model_dump()
+    assert free_form(schema) == []
+    sections = schema["definitions"]["StageSections"]["properties"]
+    assert list(sections) == list(STAGE_ORDER)
+    quantize = schema["definitions"]["QuantizeConfig"]["properties"]
+    assert quantize["modes"]["items"]["enum"] == ["dynamic", "static", "qat", "torch-dynamic"]
+    undescribed = [
+        f"{section}.{name}"
+        for section, definition in schema["definitions"].items()
+        for name, field in definition.get("properties", {}).items()
+        if name != "kind" and not field.get("description")
+    ]
+    assert undescribed == []
 
 
 def test_bad_cron_is_a_config_error(tiny_config):

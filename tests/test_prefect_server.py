@@ -13,6 +13,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from squeezeflow.flows.form import Recipe
+
 from .conftest import free_port, make_tiny_config, wait_for
 
 BIN = Path(sys.executable).parent
@@ -70,7 +72,7 @@ def test_served_deployment_runs_with_parameters_from_the_api(server, tmp_path, t
 
         wait_for(deployment_listed, 180, "the deployment compress/served")
         # the parameters a user would change in the UI's form: here, the experiment the run logs to
-        config = json.loads(json.dumps(tree))
+        config = Recipe.model_validate(json.loads(json.dumps(tree))).model_dump(mode="json")  # the form's shape
         config["tracking"]["experiment"] = "triggered-from-the-api"
         triggered = subprocess.run(
             [

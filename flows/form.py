@@ -1,0 +1,76 @@
+"""The recipe as the compress flow's parameter: the same settings as `SqueezeConfig`, with the chain as one optional
+section per stage in the order stages run, because Prefect's run form renders an optional typed section as fields
+but a list of stage variants as a raw JSON box. A recipe (YAML or JSON, with its `stages` list) is accepted too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from squeezeflow.flows.config import STAGE_ORDER, SqueezeConfig, format_validation_error
+from squeezeflow.tasks.base import ConfigError, StrictModel
+from squeezeflow.tasks.distill import DistillConfig
+from squeezeflow.tasks.early_exit import EarlyExitConfig
+from squeezeflow.tasks.export import ExportConfig
+from squeezeflow.tasks.prune import PruneConfig
+from squeezeflow.tasks.quantize import QuantizeConfig
+
+
+class StageSections(StrictModel):
+    """The chain: every section that is set runs, in this order, on every variant the one before it made."""
+
+    model_config = ConfigDict(title="stages")
+
+    distill: DistillConfig | None = Field(None, description="Teacher → smaller students (knowledge distillation).")
+    prune: PruneConfig | None = Field(None, description="Remove attention heads, FFN channels or vocabulary.")
+    early_exit: EarlyExitConfig | None = Field(None, description="Exits after each layer; easy inputs leave early.")
+    export: ExportConfig | None = Field(None, description="ONNX export with ONNX Runtime's transformer fusions.")
+    quantize: QuantizeConfig | None = Field(None, description="INT8: dynamic, static (calibrated), QAT, torch-dynamic.")
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [getattr(self, kind).model_dump(mode="json") for kind in STAGE_ORDER if getattr(self, kind)]
+
+
+def _recipe_fields() -> dict[str, Any]:
+    fields = {}
+    for name, field in SqueezeConfig.model_fields.items():
+        if name == "stages":
+            fields[name] = (StageSections, Field(default_factory=StageSections, description=field.description))
+        else:
+            fields[name] = (field.annotation, field)
+    return fields
+
+
+class _RecipeBase(StrictModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _from_recipe(cls, value: Any) -> Any:
+        """A validated SqueezeConfig, or a recipe tree whose `stages` is the recipe's list, become the form's shape."""
+        if isinstance(value, SqueezeConfig):
+            value = value.model_dump(mode="json")
+        if isinstance(value, dict) and isinstance(value.get("stages"), list):
+            sections: dict[str, Any] = {}
+            for i, stage in enumerate(value["stages"]):
+                kind = stage.get("kind") if isinstance(stage, dict) else None
+                if kind not in STAGE_ORDER:
+                    raise ValueError(
+                        f"stages.{i}: unknown stage kind {kind!r}; expected one of {', '.join(STAGE_ORDER)}"
+                    )
+                if kind in sections:
+                    raise ValueError(f"stages.{i}: a second {kind} stage; give one {kind} stage")
+                sections[kind] = stage
+            value = {**value, "stages": sections}
+        return value
+
+    def to_config(self) -> SqueezeConfig:
+        """The validated recipe (cross-field checks included); a mistake is a one-line ConfigError."""
+        tree = self.model_dump(mode="json")
+        tree["stages"] = self.stages.as_list()
+        try:
+            return SqueezeConfig.model_validate(tree)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error("config", e)) from None
+
+
+Recipe: type[BaseModel] = create_model("Recipe", __base__=_RecipeBase, **_recipe_fields())
