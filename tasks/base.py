@@ -1,8 +1,12 @@
-"""What every stage shares: the strict config base class and the user-error type."""
+"""What every stage shares: the strict config base class, the user-error types, the PyTorch lock, `quiet`."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +64,32 @@ class StageBase(StrictModel):
         """The settings that shape this stage's output (part of each variant's id); `per_variant` names the
         search-space fields, each variant records its own value instead."""
         return self.model_dump(exclude={"kind", "retries", "also_teacher", *per_variant})
+
+
+class _Drop(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+@contextmanager
+def quiet(logger: str, *fragments: str, warning: type[Warning] | None = None) -> Iterator[None]:
+    """Drops, inside the block only, the records of `logger` ("root" for the root logger) whose message holds one of
+    `fragments`, and warnings of class `warning`: third-party notices a user cannot act on, silenced where they
+    arise."""
+    target = logging.getLogger() if logger == "root" else logging.getLogger(logger)
+    drop = _Drop(fragments)
+    target.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            if warning is not None:
+                warnings.simplefilter("ignore", warning)
+            yield
+    finally:
+        target.removeFilter(drop)
 
 
 class SqueezeError(Exception):

@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import TORCH_LOCK, ModelError, StageBase
+from .base import TORCH_LOCK, ModelError, StageBase, quiet
 from .variant import Variant, derive, making, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.export")
@@ -162,16 +162,19 @@ def export_onnx(model_dir: str | Path, out_dir: Path, cfg: ExportConfig) -> None
     with TORCH_LOCK:
         # imported under the lock too: optimum's lazy module, imported by two threads at once, can come out half-made
         from optimum.exporters.onnx import main_export
+        from torch.jit import TracerWarning
 
-        main_export(
-            str(model_dir),
-            out_dir,
-            task="text-classification",
-            opset=cfg.opset,
-            local_files_only=True,
-            do_validation=False,
-            library_name="transformers",
-        )
+        # optimum passes transformers' old `torch_dtype` argument, and tracing notes constants it is right to fold
+        with quiet("transformers.configuration_utils", "`torch_dtype` is deprecated", warning=TracerWarning):
+            main_export(
+                str(model_dir),
+                out_dir,
+                task="text-classification",
+                opset=cfg.opset,
+                local_files_only=True,
+                do_validation=False,
+                library_name="transformers",
+            )
         config = AutoConfig.from_pretrained(model_dir)
     if cfg.optimize == "fusion":
         # pruned heads: 0 lets the fusion read the head count and width from the graph itself

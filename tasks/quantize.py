@@ -26,7 +26,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field, field_validator
 
-from .base import TORCH_LOCK, DataError, ModelError, StageBase, StrictModel
+from .base import TORCH_LOCK, DataError, ModelError, StageBase, StrictModel, quiet
 from .data import load_splits
 from .export import ExportConfig, copy_tokenizer, export_onnx, replace_node
 from .runtime import EARLY_EXIT_FILE, FOUR_BIT_CODES, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
@@ -151,17 +151,19 @@ def _ort_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str] |
     with tempfile.TemporaryDirectory(dir=dst.parent) as private:
         local = Path(private) / src.name
         shutil.copyfile(src, local)
-        quantize_dynamic(
-            local,
-            dst,
-            op_types_to_quantize=op_types,
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude or [],
-            # shape inference cannot type the outputs of fused com.microsoft ops; they are all float
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        # ORT suggests shape pre-processing, which the fused graph (com.microsoft ops) does not admit
+        with quiet("root", "Please consider to run pre-processing before quantization"):
+            quantize_dynamic(
+                local,
+                dst,
+                op_types_to_quantize=op_types,
+                per_channel=cfg.per_channel,
+                reduce_range=cfg.reduce_range,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude or [],
+                # shape inference cannot type the outputs of fused com.microsoft ops; they are all float
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
     if cfg.four_bit_embeddings:
         _four_bit_embeddings(dst, cfg.embedding_block_size)
 

@@ -33,7 +33,9 @@ class ChampionModel(PythonModel):
         self.label_names = list(config["label_names"])
         self.predictor = load_predictor(context.artifacts["model"], config["format"], int(config.get("threads", 1)))
 
-    def predict(self, context, model_input, params=None):
+    # pd.DataFrame: what MLflow passes under the logged signature (a hint it does not validate against, and
+    # without which it warns on every load)
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from squeezeflow.tasks.runtime import softmax
 
         if isinstance(model_input, pd.DataFrame):

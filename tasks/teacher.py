@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import Field, field_validator, model_validator
 
-from .base import TORCH_LOCK, ModelError, StrictModel
+from .base import TORCH_LOCK, ModelError, StrictModel, quiet
 from .data import DataConfig, data_fingerprint, load_splits
 from .training import (
     LongTextPass,
@@ -189,14 +189,16 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
         )
     names = label_names or [f"LABEL_{i}" for i in range(cfg.num_labels)]
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            where,
-            num_labels=cfg.num_labels,
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-            ignore_mismatched_sizes=new_head,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        # a new classification head is what fine-tuning trains: transformers' "you should TRAIN this" is expected
+        with quiet("transformers.modeling_utils", "were not initialized from the model checkpoint"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                where,
+                num_labels=cfg.num_labels,
+                id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)},
+                ignore_mismatched_sizes=new_head,
+                trust_remote_code=cfg.trust_remote_code,
+            )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # transformers/safetensors raise many types for a broken checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
