@@ -400,6 +400,16 @@ def markdown(doc: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_side_by_side(measured: list, champion_id: str, path: Path) -> None:
+    """The champion and the peers, measured in one benchmark, on the report's plot (validation accuracy, latency)."""
+    from squeezeflow.tasks.report import pareto_plot
+    from squeezeflow.tasks.select import Selection, pareto_front
+
+    champion = next(v for v in measured if v.id == champion_id)
+    front = [v.id for v in pareto_front(measured)]
+    pareto_plot(measured, Selection(champion, True, "champion of the recipe", front), path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sst2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="directory with train.tsv and dev.tsv")
@@ -445,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.sst2 " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     (out / "results.md").write_text(markdown(doc, command))
+    plot_side_by_side(side_by_side, champion.id, out / "pareto.png")
     print((out / "results.md").read_text())
     return 0
 

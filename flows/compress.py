@@ -6,7 +6,6 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,22 +13,16 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from squeezeflow.flows.config import RunnerConfig, SqueezeConfig, StageConfig, dump_config
 from squeezeflow.flows.form import Recipe
 from squeezeflow.tasks.data import check_data_task
-from squeezeflow.tasks.distill import distill_task
-from squeezeflow.tasks.early_exit import early_exit_task
 from squeezeflow.tasks.evaluate import benchmark_task, cpu_flags, machine
-from squeezeflow.tasks.export import export_task
-from squeezeflow.tasks.prune import prune_task
-from squeezeflow.tasks.quantize import EXIT_MODES, quantize_task
-from squeezeflow.tasks.quantize import MODES as QUANTIZE_MODES
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
 from squeezeflow.tasks.select import Selection, beats, same_variant, select_task
+from squeezeflow.tasks.stages import STAGES
 from squeezeflow.tasks.teacher import teacher_task
 from squeezeflow.tasks.tracking import (
     close_abandoned_runs,
@@ -42,67 +35,6 @@ from squeezeflow.tasks.tracking import (
     use_experiment,
 )
 from squeezeflow.tasks.variant import StageContext, Variant
-
-# Each submit_* starts a stage's tasks for one parent and returns (lineage token, future) pairs; a stage that does
-# not apply to the parent's format starts none.
-Submitted = list[tuple[str, PrefectFuture]]
-
-
-def submit_distill(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    if parent.format != "hf":
-        return []
-    task = distill_task.with_options(retries=cfg.retries)
-    return [
-        (f"distill[{shape.model_dump(exclude_none=True)}]", task.submit(parent, shape, cfg, ctx, out))
-        for shape in cfg.students
-    ]
-
-
-def submit_prune(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    if parent.format != "hf":
-        return []
-    task = prune_task.with_options(retries=cfg.retries)
-    return [(cfg.token(ratio), task.submit(parent, ratio, cfg, ctx, out)) for ratio in cfg.ratios]
-
-
-def submit_early_exit(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    if parent.format != "hf":
-        return []
-    task = early_exit_task.with_options(retries=cfg.retries)
-    return [(cfg.token(t), task.submit(parent, t, cfg, ctx, out)) for t in cfg.thresholds]
-
-
-def submit_export(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    return (
-        [("onnx", export_task.with_options(retries=cfg.retries).submit(parent, cfg, out))]
-        if parent.format == "hf"
-        else []
-    )
-
-
-def submit_quantize(parent: Variant, cfg, ctx: StageContext, out: Path, by_id: dict) -> Submitted:
-    """ORT modes quantize the ONNX parent (QAT fine-tunes its PyTorch source first); torch-dynamic
-    quantizes that PyTorch source itself."""
-    source = by_id.get(parent.parent_id) if parent.format == "onnx" else parent
-    task = quantize_task.with_options(retries=cfg.retries)
-    submitted = []
-    for mode in cfg.modes:
-        token, _, wants, _ = QUANTIZE_MODES[mode]
-        if parent.format == "onnx-exit" and mode in EXIT_MODES:
-            wants = "onnx-exit"
-        target = parent if wants == parent.format else source if source is not None and wants == source.format else None
-        if target is not None:
-            submitted.append((token, task.submit(target, mode, cfg, ctx, out, source if target is parent else None)))
-    return submitted
-
-
-STAGES: dict[str, Callable[[Variant, StageConfig, StageContext, Path, dict], Submitted]] = {
-    "distill": submit_distill,
-    "prune": submit_prune,
-    "early_exit": submit_early_exit,
-    "export": submit_export,
-    "quantize": submit_quantize,
-}
 
 
 @dataclass(frozen=True)
@@ -138,10 +70,13 @@ def grow(
             if (stage.kind == "export" or stage.also_teacher) and teacher not in frontier
             else frontier
         )
+        spec = STAGES[stage.kind]
+        task = spec.task.with_options(retries=stage.retries)
         submitted = [
-            (parent, token, future)
+            (parent, token, task.submit(*args))
             for parent in parents
-            for token, future in STAGES[stage.kind](parent, stage, ctx, out, by_id)
+            if parent.format in spec.accepts
+            for token, args in spec.plan(parent, stage, ctx, out, by_id)
         ]
         frontier = carried_over(stage.kind, parents)
         for parent, token, future in submitted:

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from squeezeflow.tasks.base import ConfigError, StrictModel
 from squeezeflow.tasks.data import DataConfig
-from squeezeflow.tasks.distill import DistillConfig
-from squeezeflow.tasks.early_exit import EarlyExitConfig
 from squeezeflow.tasks.evaluate import BenchmarkConfig
-from squeezeflow.tasks.export import ExportConfig
-from squeezeflow.tasks.prune import PruneConfig
-from squeezeflow.tasks.quantize import QuantizeConfig
 from squeezeflow.tasks.select import SelectionConfig
+from squeezeflow.tasks.stages import CHAIN, STAGES
 from squeezeflow.tasks.teacher import ModelConfig, TeacherConfig
 from squeezeflow.tasks.tracking import TrackingConfig
 
@@ -30,12 +26,12 @@ def _stage_choices(schema: dict) -> None:
 
 
 StageConfig = Annotated[
-    DistillConfig | PruneConfig | EarlyExitConfig | ExportConfig | QuantizeConfig,
+    Union[tuple(stage.config for stage in CHAIN)],  # noqa: UP007 (a union built from the registry)
     Field(discriminator="kind", json_schema_extra=_stage_choices),
 ]
 
 
-STAGE_ORDER = ("distill", "prune", "early_exit", "export", "quantize")  # the only order a chain may take
+STAGE_ORDER = tuple(STAGES)  # the only order a chain may take
 
 
 class RunnerConfig(StrictModel):
@@ -82,7 +78,7 @@ class SqueezeConfig(StrictModel):
         default_factory=TeacherConfig, description="Fine-tuning the model into the teacher every stage starts from."
     )
     stages: list[StageConfig] = Field(
-        default_factory=lambda: [ExportConfig(), QuantizeConfig()],
+        default_factory=lambda: [STAGES["export"].config(), STAGES["quantize"].config()],
         description="The chain of stages; each applies to every variant the previous stage produced.",
     )
     benchmark: BenchmarkConfig = Field(

@@ -10,26 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from squeezeflow.flows.config import STAGE_ORDER, SqueezeConfig, format_validation_error
 from squeezeflow.tasks.base import ConfigError, StrictModel
-from squeezeflow.tasks.distill import DistillConfig
-from squeezeflow.tasks.early_exit import EarlyExitConfig
-from squeezeflow.tasks.export import ExportConfig
-from squeezeflow.tasks.prune import PruneConfig
-from squeezeflow.tasks.quantize import QuantizeConfig
+from squeezeflow.tasks.stages import STAGES
 
 
-class StageSections(StrictModel):
-    """The chain: every section that is set runs, in this order, on every variant the one before it made."""
-
+class _Sections(StrictModel):
     model_config = ConfigDict(title="stages")
 
-    distill: DistillConfig | None = Field(None, description="Teacher → smaller students (knowledge distillation).")
-    prune: PruneConfig | None = Field(None, description="Remove attention heads, FFN channels or vocabulary.")
-    early_exit: EarlyExitConfig | None = Field(None, description="Exits after each layer; easy inputs leave early.")
-    export: ExportConfig | None = Field(None, description="ONNX export with ONNX Runtime's transformer fusions.")
-    quantize: QuantizeConfig | None = Field(None, description="INT8: dynamic, static (calibrated), QAT, torch-dynamic.")
-
     def as_list(self) -> list[dict[str, Any]]:
-        return [getattr(self, kind).model_dump(mode="json") for kind in STAGE_ORDER if getattr(self, kind)]
+        return [getattr(self, kind).model_dump(mode="json") for kind in STAGES if getattr(self, kind)]
+
+
+# the chain: every section that is set runs, in this order, on every variant the one before it made
+StageSections = create_model(
+    "StageSections",
+    __base__=_Sections,
+    **{kind: (stage.config | None, Field(None, description=stage.summary)) for kind, stage in STAGES.items()},
+)
 
 
 def _recipe_fields() -> dict[str, Any]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,6 +92,27 @@ def quiet(logger: str, *fragments: str, warning: type[Warning] | None = None) ->
             yield
     finally:
         target.removeFilter(drop)
+
+
+# (lineage token, the arguments of the stage's task) of one variant a stage will make from one parent
+Planned = list[tuple[str, tuple]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the flow sees it: its recipe section (`config`, whose `kind` names it), the formats of the variants it
+    takes, a one-line summary, and `plan`, which lists the variants it makes from one parent (plan(parent, cfg, ctx,
+    out_root, made) -> Planned; `made` maps ids to every variant made so far), each made by one call of `task`."""
+
+    config: type[StageBase]
+    accepts: tuple[str, ...]
+    summary: str
+    plan: Callable[..., Planned]
+    task: Any  # a Prefect task
+
+    @property
+    def kind(self) -> str:
+        return self.config.model_fields["kind"].default
 
 
 class SqueezeError(Exception):

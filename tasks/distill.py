@@ -15,7 +15,7 @@ from prefect import task
 from pydantic import Field, model_validator
 
 from .augment import AugmentConfig, augment_texts, word_neighbours
-from .base import TORCH_LOCK, ModelError, StageBase, StrictModel
+from .base import TORCH_LOCK, ModelError, Planned, Stage, StageBase, StrictModel
 from .data import load_splits
 from .training import (
     UNLABELLED,
@@ -361,3 +361,10 @@ def distill_task(
     # whole-stage lock: a from_pretrained in another thread switches torch to the meta device mid-step
     with TORCH_LOCK:
         return distill(parent, shape, cfg, ctx, out_root)
+
+
+def plan(parent: Variant, cfg: DistillConfig, ctx: StageContext, out_root: Path, made: dict) -> Planned:
+    return [(f"distill[{s.model_dump(exclude_none=True)}]", (parent, s, cfg, ctx, out_root)) for s in cfg.students]
+
+
+STAGE = Stage(DistillConfig, ("hf",), "Teacher → smaller students (knowledge distillation).", plan, distill_task)

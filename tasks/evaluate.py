@@ -20,7 +20,7 @@ from pydantic import Field
 
 from .base import StrictModel
 from .data import DataConfig, load_splits
-from .intervals import paired_drop_interval, wilson
+from .intervals import accuracy, paired_drop_interval, wilson
 from .progress import advance
 from .runtime import FOUR_BIT_CODES, load_predictor
 from .variant import Variant, size_on_disk_mb, weight_files
@@ -270,12 +270,12 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
         ci_low, ci_high = wilson(int(correct[v.id].sum()), len(labels))
         drop_low, drop_high = paired_drop_interval(correct[reference.id], correct[v.id])
         metrics = {
-            "accuracy": float((preds == labels).mean()),
+            "accuracy": accuracy(preds, labels),
             "accuracy_ci_low": ci_low,
             "accuracy_ci_high": ci_high,
             "accuracy_drop_ci_low": drop_low,
             "accuracy_drop_ci_high": drop_high,
-            "val_accuracy": float((val_preds[v.id] == val_truth).mean()),
+            "val_accuracy": accuracy(val_preds[v.id], val_truth),
             "latency_p50_ms": percentile(flat, 50),
             "latency_mean_ms": float(np.mean(flat)),
             "latency_p90_ms": percentile(flat, 90),

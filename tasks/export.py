@@ -10,8 +10,8 @@ from typing import Literal
 from prefect import task
 from pydantic import Field
 
-from .base import TORCH_LOCK, ModelError, StageBase, quiet
-from .variant import Variant, derive, making, save_record, staged_dir
+from .base import TORCH_LOCK, ModelError, Planned, Stage, StageBase, quiet
+from .variant import StageContext, Variant, derive, making, save_record, staged_dir
 
 log = logging.getLogger("squeezeflow.export")
 
@@ -201,3 +201,10 @@ def export(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
 @task(name="export")
 def export_task(parent: Variant, cfg: ExportConfig, out_root: Path) -> Variant:
     return export(parent, cfg, out_root)
+
+
+def plan(parent: Variant, cfg: ExportConfig, ctx: StageContext, out_root: Path, made: dict) -> Planned:
+    return [("onnx", (parent, cfg, out_root))]
+
+
+STAGE = Stage(ExportConfig, ("hf",), "ONNX export with ONNX Runtime's transformer fusions.", plan, export_task)

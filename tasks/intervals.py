@@ -1,11 +1,19 @@
-"""95 % intervals for the reported figures: an accuracy (Wilson score) and a paired accuracy drop (bootstrap over the
-same examples), so a reader can tell a difference from the noise of a small eval set."""
+"""Accuracy, and 95 % intervals for the reported figures: an accuracy (Wilson score) and a paired accuracy drop
+(bootstrap over the same examples), so a reader can tell a difference from the noise of a small eval set."""
 
 from __future__ import annotations
 
 import numpy as np
 
 Z95 = 1.959963984540054
+
+
+def accuracy(predicted, truth) -> float:
+    """The share of rows whose prediction is the truth; `predicted` holds logits (one row per example) or labels.
+    Every accuracy squeezeflow reports or chooses by is this one."""
+    predicted = np.asarray(predicted)
+    labels = predicted.argmax(-1) if predicted.ndim == 2 else predicted
+    return float((labels == np.asarray(truth)).mean())
 
 
 def wilson(correct: int, total: int, z: float = Z95) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from typing import Literal
 from prefect import task
 from pydantic import Field, field_validator, model_validator
 
-from .base import TORCH_LOCK, ModelError, StageBase
+from .base import TORCH_LOCK, ModelError, Planned, Stage, StageBase
 from .data import load_splits
 from .distill import teacher_logits
 from .training import TrainConfig, kd_loss, sample_indices, train
@@ -386,3 +386,10 @@ def shrink_vocabulary(model, tokenizer, kept: list[int]):
 def prune_task(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, out_root: Path) -> Variant:
     with TORCH_LOCK:
         return prune(parent, ratio, cfg, ctx, out_root)
+
+
+def plan(parent: Variant, cfg: PruneConfig, ctx: StageContext, out_root: Path, made: dict) -> Planned:
+    return [(cfg.token(ratio), (parent, ratio, cfg, ctx, out_root)) for ratio in cfg.ratios]
+
+
+STAGE = Stage(PruneConfig, ("hf",), "Remove attention heads, FFN channels or vocabulary.", plan, prune_task)

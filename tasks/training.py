@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from .base import DataError, StrictModel
+from .intervals import accuracy
 from .progress import advance, making_now
 
 if TYPE_CHECKING:
@@ -93,24 +94,8 @@ def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def accuracy_on(model, tokenizer, texts: list[str], truth: np.ndarray, max_length: int) -> float:
-    """Share of `texts` whose argmax logit equals `truth`, scored in batches of 64."""
-    import numpy as np
-    import torch
-
-    with torch.inference_mode():
-        preds = np.concatenate(
-            [
-                model(
-                    **tokenizer(
-                        texts[i : i + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-                    )
-                )
-                .logits.argmax(-1)
-                .numpy()
-                for i in range(0, len(texts), 64)
-            ]
-        )
-    return float((preds == truth).mean())
+    """The PyTorch model's accuracy on `texts` against `truth`."""
+    return accuracy(predict_logits(model, tokenizer, texts, max_length), truth)
 
 
 def predict_logits(model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:

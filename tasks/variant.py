@@ -97,17 +97,37 @@ PACKAGE_ROOT = Path(__file__).parent
 _IMPORT_FROM = re.compile(r"^\s*from\s+(\.+|squeezeflow\.tasks\.?)([\w.]*)\s+import\s+(\([^)]*\)|[^\n]*)", re.M)
 
 
-def _project_imports(module: Path) -> set[str]:
-    """The names of the modules of this package that `module` imports, at its top or inside a function."""
-    names = set()
-    for dots, base, imported in _IMPORT_FROM.findall(module.read_text(encoding="utf-8")):
-        if dots.startswith(".") and len(dots) > 1:
-            continue  # from the parent package: not a module of this one
-        if base:
-            names.add(base.split(".")[0])
+def module_file(name: str) -> Path | None:
+    """The source file of `name`, a dotted module of this package (e.g. "quantize.static"), or None."""
+    base = PACKAGE_ROOT.joinpath(*name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def _project_imports(name: str) -> set[str]:
+    """The modules of this package (dotted, e.g. "quantize.static") that module `name` imports, at its top or inside a
+    function; a submodule brings its package's __init__ along, as Python runs it first."""
+    file = module_file(name)
+    package = name.split(".") if file.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for dots, base, imported in _IMPORT_FROM.findall(file.read_text(encoding="utf-8")):
+        if dots.startswith("."):
+            if len(dots) - 1 > len(package):
+                continue  # above this package
+            anchor = package[: len(package) - (len(dots) - 1)]
         else:
-            names |= {part.split(" as ")[0].strip() for part in imported.strip("()").split(",")}
-    return {name for name in names if name and (PACKAGE_ROOT / f"{name}.py").is_file()}
+            anchor = []
+        parts = anchor + ([base] if base else [])
+        names = (
+            [".".join(parts)]
+            if base
+            else [".".join([*parts, part.split(" as ")[0].strip()]) for part in imported.strip("()").split(",")]
+        )
+        for candidate in names:
+            while candidate:  # a module, and the packages it sits in
+                if module_file(candidate):
+                    found.add(candidate)
+                candidate = candidate.rpartition(".")[0]
+    return found - {name}
 
 
 @cache
@@ -120,10 +140,10 @@ def code_fingerprint(module: str) -> str:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo += sorted(_project_imports(PACKAGE_ROOT / f"{name}.py") - seen)
+            todo += sorted(_project_imports(name) - seen)
     digest = hashlib.sha256()
     for name in sorted(seen):
-        digest.update(name.encode() + b"\0" + (PACKAGE_ROOT / f"{name}.py").read_bytes())
+        digest.update(name.encode() + b"\0" + module_file(name).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -96,3 +96,20 @@ def test_peers_are_built_from_the_teacher_and_run(tmp_path, trained_tiny, monkey
         predicted = load_predictor(peer.path, peer.format, ort_defaults=True).logits(eval_split.texts).argmax(-1)
         assert (predicted == reference).mean() >= 0.9, peer.lineage
     assert make_peers(teacher, tmp_path / "peers", calibration) == peers  # built once, reused
+
+
+def test_the_bench_plot_shows_the_champion_among_the_peers(tmp_path):
+    from bench.sst2 import plot_side_by_side
+    from squeezeflow.tasks.variant import Variant
+
+    def measured(vid, lineage, p50, accuracy, mb):
+        metrics = {"latency_p50_ms": p50, "val_accuracy": accuracy, "accuracy": accuracy, "size_mb": mb}
+        return Variant(id=vid, stage="quantize", lineage=lineage, format="onnx", path="/nowhere", metrics=metrics)
+
+    side_by_side = [
+        measured("t", "teacher", 20.0, 0.90, 90.0),
+        measured("o", "peer:optimum-o2-dynamic-int8", 5.0, 0.89, 23.0),
+        measured("c", "teacher>onnx>int8-static", 3.0, 0.895, 18.0),
+    ]
+    plot_side_by_side(side_by_side, "c", tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -171,7 +171,7 @@ def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tm
 
     from onnx import numpy_helper
 
-    from squeezeflow.tasks.quantize import _four_bit_embeddings, dequantized_blocks
+    from squeezeflow.tasks.quantize.codec4 import dequantized_blocks, four_bit_embeddings
 
     teacher, fused, _ = trained
     parent = fused if optimize == "fusion" else export(teacher, ExportConfig(optimize="none"), tmp_path / "plain")
@@ -183,7 +183,7 @@ def test_4bit_embeddings_read_back_the_values_they_were_quantized_to(trained, tm
     for table in tables:
         table.CopyFrom(numpy_helper.from_array(dequantized_blocks(numpy_helper.to_array(table), 16), table.name))
     onnx.save(model, tmp_path / "float_grid" / "model.onnx")
-    _four_bit_embeddings(tmp_path / "four_bit" / "model.onnx", 16)
+    four_bit_embeddings(tmp_path / "four_bit" / "model.onnx", 16)
 
     four_bit = onnx.load(tmp_path / "four_bit" / "model.onnx")
     assert four_bit_tables(four_bit) == {
@@ -209,7 +209,7 @@ def test_4bit_decoding_of_a_plain_gather_with_an_odd_number_of_blocks(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from squeezeflow.tasks.quantize import _four_bit_embeddings, dequantized_blocks
+    from squeezeflow.tasks.quantize.codec4 import dequantized_blocks, four_bit_embeddings
 
     table = np.random.default_rng(1).normal(0, 0.1, (20, 48)).astype(np.float32)
     graph = helper.make_graph(
@@ -220,7 +220,7 @@ def test_4bit_decoding_of_a_plain_gather_with_an_odd_number_of_blocks(tmp_path):
         initializer=[numpy_helper.from_array(table, "table")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "lookup.onnx")
-    _four_bit_embeddings(tmp_path / "lookup.onnx", 16)
+    four_bit_embeddings(tmp_path / "lookup.onnx", 16)
     model = onnx.load(tmp_path / "lookup.onnx")
     assert four_bit_tables(model) == {"table_q4": (20, 24)} and "table" not in {t.name for t in model.graph.initializer}
     ids = np.array([0, 7, 19, 7], dtype=np.int64)
@@ -254,7 +254,7 @@ def test_onnx_runtime_decodes_4bit_tables_once_when_the_session_is_created(train
 
 
 def test_4bit_blocks_are_a_fixed_point_so_qat_can_train_on_them():
-    from squeezeflow.tasks.quantize import dequantized_blocks
+    from squeezeflow.tasks.quantize.codec4 import dequantized_blocks
 
     table = np.random.default_rng(0).normal(0, 0.05, (50, 64)).astype(np.float32)
     table[3, :16] = 0.0  # an all-zero block
@@ -538,7 +538,9 @@ def test_qat_fake_quantization_computes_what_ort_int8_computes(tmp_path, per_cha
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from squeezeflow.tasks.quantize import _fake_quant_linear, _ort_dynamic, _static_activations
+    from squeezeflow.tasks.quantize.activations import static_activations
+    from squeezeflow.tasks.quantize.dynamic import ort_dynamic
+    from squeezeflow.tasks.quantize.qat import fake_quant_linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8)
@@ -555,17 +557,15 @@ def test_qat_fake_quantization_computes_what_ort_int8_computes(tmp_path, per_cha
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
     cfg = QuantizeConfig(per_channel=per_channel, reduce_range=True)
-    _ort_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cfg)
+    ort_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", cfg)
     if activation_range is not None:  # a range narrower than x's: clipping is simulated too
-        _static_activations(tmp_path / "int8.onnx", {"x": activation_range})
+        static_activations(tmp_path / "int8.onnx", {"x": activation_range})
         assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node}
     int8 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": x.numpy()}
     )[0]
     simulated = (
-        _fake_quant_linear(linear, per_channel, reduce_range=True, activation_range=activation_range)(x)
-        .detach()
-        .numpy()
+        fake_quant_linear(linear, per_channel, reduce_range=True, activation_range=activation_range)(x).detach().numpy()
     )
     exact = linear(x).detach().numpy()
     np.testing.assert_allclose(simulated, int8, atol=1e-3 * np.abs(exact).max())
