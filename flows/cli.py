@@ -46,15 +46,17 @@ def _fail(message: str) -> None:
 
 
 def preflight(cfg) -> None:
-    """Checks what a user can get wrong before any run is opened: data files, model source, artifacts dir."""
+    """Checks what a user can get wrong before any run is opened: data files, model source, whether every stage
+    supports the model's family, the artifacts dir and the tracking store."""
     from squeezeflow.tasks.data import load_splits
+    from squeezeflow.tasks.families import check_stages
     from squeezeflow.tasks.teacher import check_model_source
 
     train = load_splits(cfg.data, cfg.model.num_labels).train
     for stage in cfg.stages:
         if hasattr(stage, "preflight"):
             stage.preflight(len(train))
-    check_model_source(cfg.model)
+    check_stages(check_model_source(cfg.model), cfg.stages)
     try:
         probe_write(cfg.artifacts_dir)
     except OSError as e:

@@ -19,11 +19,12 @@ from squeezeflow.flows.config import RunnerConfig, SqueezeConfig, StageConfig, d
 from squeezeflow.flows.form import Recipe
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.evaluate import benchmark_task, cpu_flags, machine
+from squeezeflow.tasks.families import check_stages
 from squeezeflow.tasks.report import COLUMNS as REPORT_COLUMNS
 from squeezeflow.tasks.report import table_rows, write_report
 from squeezeflow.tasks.select import Selection, beats, same_variant, select_task
 from squeezeflow.tasks.stages import STAGES
-from squeezeflow.tasks.teacher import teacher_task
+from squeezeflow.tasks.teacher import check_model_source, teacher_task
 from squeezeflow.tasks.tracking import (
     close_abandoned_runs,
     fetch_incumbent,
@@ -137,6 +138,8 @@ def compress(config: Recipe) -> dict:
     logger = get_run_logger()
     cfg = config.to_config()
     started = time.perf_counter()
+    # runs started from the Prefect UI or a schedule skip the CLI's preflight: the stage × family check is cheap
+    check_stages(check_model_source(cfg.model), cfg.stages)
     run_dir = cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     uri = tracking_uri(cfg.tracking, cfg.artifacts_dir)
     experiment_id = use_experiment(uri, cfg.experiment, cfg.artifacts_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -115,10 +116,10 @@ def resolve_source(source: str) -> str:
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
 
-def check_model_source(cfg: ModelConfig) -> None:
+def check_model_source(cfg: ModelConfig) -> str:
     """Cheap checks before a run: the source resolves, is a sequence-classification architecture, its safetensors
     weights (if local) are readable, its tokenizer loads and fits its embeddings, and max_length fits its positions.
-    Loading the weights happens in the flow."""
+    Loading the weights happens in the flow. Returns the model's `model_type` (its family, see families.py)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -147,6 +148,7 @@ def check_model_source(cfg: ModelConfig) -> None:
                 f"model.max_length is {cfg.max_length} but {cfg.source!r} has position embeddings for {usable} tokens; "
                 f"set model.max_length to {usable} or less"
             )
+    return config.model_type
 
 
 def check_tokenizer(where: str, config, cfg: ModelConfig) -> None:
@@ -200,6 +202,15 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
                 trust_remote_code=cfg.trust_remote_code,
             )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+        # the tokenizer yields (and every variant's saved copy keeps yielding) only what this model's forward takes:
+        # e.g. DistilBERT has no token_type_ids, even when it is paired with BERT's tokenizer
+        accepted = inspect.signature(model.forward).parameters
+        if dropped := [name for name in tokenizer.model_input_names if name not in accepted]:
+            tokenizer = AutoTokenizer.from_pretrained(
+                where,
+                trust_remote_code=cfg.trust_remote_code,
+                model_input_names=[name for name in tokenizer.model_input_names if name not in dropped],
+            )
     except Exception as e:  # transformers/safetensors raise many types for a broken checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model.source: {source!r} is not a usable sequence classifier: {first}") from None

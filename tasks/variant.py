@@ -264,6 +264,7 @@ def making(child: Variant) -> Iterator[Variant | None]:
         yield done
         return
     with exclusive(Path(child.path)):
+        _remove_stale_scratch(Path(child.path))
         _started[child.path] = time.time()
         token = making_now.set(child.lineage)
         try:
@@ -274,6 +275,16 @@ def making(child: Variant) -> Iterator[Variant | None]:
 
 
 _started: dict[str, float] = {}  # variant path -> when its maker began (read by save_record)
+
+
+def _remove_stale_scratch(final: Path) -> None:
+    """Scratch directories of `final` left by a maker that died (kill -9, a lost Dask worker): makers of one variant
+    take turns under its lock, so any that exists while we hold it is stale. They never had a record; this frees the
+    disk."""
+    for scratch in final.parent.glob(f".{final.name}.*"):
+        if scratch.is_dir():
+            log.warning("removing %s, left by a maker of %s that died", scratch.name, final.name)
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_record(directory: Path, variant: Variant) -> Variant:

@@ -1,0 +1,84 @@
+"""Model families as data: for each supported encoder family, which stages (and quantize modes) work on it, and for
+those that do not yet, why and what to do instead. Preflight reads this table, so an unsupported stage is a one-line
+error before anything is trained, never a traceback after the teacher's fine-tune. Every cell is backed by a test
+(tests/test_families.py) that runs the stage on a tiny random model of the family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import ModelError
+
+# what each refusal says, shared by the families it applies to
+_BERT_LAYOUT = "needs BERT's encoder layout (encoder.layer[i].attention.self, .intermediate, .output)"
+_HEAD = "copies BERT's pooler + classifier head into its exits, which this family's head is not"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # config.model_type values
+    refused: dict[str, str] = field(default_factory=dict)  # stage kind, or "quantize:<mode>" -> why, and the way out
+
+
+FAMILIES = (
+    Family("BERT", ("bert",)),
+    Family(
+        "DistilBERT",
+        ("distilbert",),
+        {
+            "distill": "builds students from BERT's config fields; distill a BERT-shaped model instead",
+            "prune": f"{_BERT_LAYOUT}; export and quantize it instead",
+            "early_exit": f"{_BERT_LAYOUT}; export and quantize it instead",
+            "quantize:qat": "fine-tunes through BERT's encoder layout; use quantize modes dynamic or static",
+        },
+    ),
+    Family("RoBERTa", ("roberta",), {"early_exit": f"{_HEAD}; use distill, prune and quantize"}),
+    Family("XLM-RoBERTa", ("xlm-roberta",), {"early_exit": f"{_HEAD}; use distill, prune and quantize"}),
+    Family("ELECTRA", ("electra",), {"early_exit": f"{_HEAD}; use distill, prune and quantize"}),
+    Family(
+        "ALBERT",
+        ("albert",),
+        {
+            "prune": "shares one layer's weights across depth, so heads and channels cannot differ per layer; "
+            "use distill (fewer layer applications) and quantize",
+            "early_exit": f"{_BERT_LAYOUT}; use distill and quantize",
+        },
+    ),
+    Family(
+        "DeBERTa-v2",
+        ("deberta-v2",),
+        {
+            "prune": "its disentangled attention has no separate value projection to prune; use distill and quantize",
+            "early_exit": f"{_HEAD}; use distill and quantize",
+        },
+    ),
+)
+_UNKNOWN = "squeezeflow knows its layout only for " + ", ".join(f.name for f in FAMILIES)
+# what works on a model of an unknown family: export and the quantize modes that only read the ONNX graph
+_GRAPH_ONLY = {"export", "quantize:dynamic", "quantize:static", "quantize:torch-dynamic"}
+
+
+def family_of(model_type: str) -> Family | None:
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def refusal(model_type: str, stage: str, mode: str | None = None) -> str | None:
+    """Why `stage` (with quantize `mode`) cannot run on a model of `model_type`, or None when it can."""
+    key = f"{stage}:{mode}" if mode else stage
+    family = family_of(model_type)
+    if family is None:
+        return None if key in _GRAPH_ONLY else f"{_UNKNOWN}; export and quantize (dynamic, static) work on any"
+    return family.refused.get(key) or (family.refused.get(stage) if mode else None)
+
+
+def check_stages(model_type: str, stages: list) -> None:
+    """Preflight: raises a one-line ModelError for the first stage (or quantize mode) of the recipe that this model's
+    family does not support."""
+    family = family_of(model_type)
+    name = family.name if family else f"model_type {model_type!r}"
+    for i, stage in enumerate(stages):
+        for mode in getattr(stage, "modes", None) or [None]:
+            if reason := refusal(model_type, stage.kind, mode):
+                what = f"quantize mode {mode}" if mode else stage.kind
+                raise ModelError(f"stages.{i}: {what} does not support {name} models: it {reason}")
