@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from squeezeflow.flows.watchdog import guard_children
@@ -136,7 +137,7 @@ def variants_table(result: dict) -> Table:
         interval = f" [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]" if "accuracy_ci_low" in m else ""
         table.add_row(
             star + v["id"],
-            v["lineage"],
+            escape(v["lineage"]),  # "prune[vocab]" is not rich markup
             f"{m['val_accuracy']:.4f}" if "val_accuracy" in m else "",
             f"{m['accuracy']:.4f}{interval}",
             f"{m['latency_p50_ms']:.2f}",
@@ -179,7 +180,7 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         failed.add_column("lineage", no_wrap=True)
         failed.add_column("error")
         for f in result["failed"]:
-            failed.add_row(f["lineage"], f["error"])
+            failed.add_row(escape(f["lineage"]), escape(f["error"]))
         console.print(failed)
         err.print(
             f"[bold red]{len(result['failed'])} variant(s) failed[/] (listed above and in the report); exit code "

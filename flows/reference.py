@@ -66,6 +66,24 @@ def _section(title: str, model: type[BaseModel], prefix: str | None = None) -> l
     return lines
 
 
+def _families() -> list[str]:
+    """Which stage (and quantize mode) runs on which model family; a refused cell names why, and preflight says so."""
+    from squeezeflow.tasks.families import FAMILIES, refusal
+
+    cells = ["distill", "prune", "early_exit", "export", "quantize:dynamic", "quantize:static", "quantize:qat"]
+    lines = [
+        "\n## model families\n",
+        "What runs on a model of each family (`model_type` in its config); preflight refuses the rest in one line.\n",
+        "| family | " + " | ".join(cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    for family in FAMILIES:
+        marks = ["✓" if refusal(family.model_types[0], *cell.split(":")) is None else "✗" for cell in cells]
+        lines.append(f"| {family.name} (`{'`, `'.join(family.model_types)}`) | " + " | ".join(marks) + " |")
+    lines.append("\nWhy each ✗, and what to use instead, is in `tasks/families.py` and in the preflight error.")
+    return lines
+
+
 def recipe_reference() -> str:
     """The markdown reference of every section and stage of a recipe."""
     lines = [HEADER]
@@ -82,6 +100,7 @@ def recipe_reference() -> str:
             lines.append(f"| `{name}` | {_type_name(annotation)} | {_default(field)} | {field.description or ''} |")
     for name, model in sections:
         lines += _section(name, model)
+    lines += _families()
     stage_models = typing.get_args(typing.get_args(StageConfig)[0])
     for model in stage_models:
         kind = model.model_fields["kind"].default

@@ -11,7 +11,6 @@ from .base import ModelError
 
 # what each refusal says, shared by the families it applies to
 _BERT_LAYOUT = "needs BERT's encoder layout (encoder.layer[i].attention.self, .intermediate, .output)"
-_HEAD = "copies BERT's pooler + classifier head into its exits, which this family's head is not"
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,9 @@ FAMILIES = (
             "quantize:qat": "fine-tunes through BERT's encoder layout; use quantize modes dynamic or static",
         },
     ),
-    Family("RoBERTa", ("roberta",), {"early_exit": f"{_HEAD}; use distill, prune and quantize"}),
-    Family("XLM-RoBERTa", ("xlm-roberta",), {"early_exit": f"{_HEAD}; use distill, prune and quantize"}),
-    Family("ELECTRA", ("electra",), {"early_exit": f"{_HEAD}; use distill, prune and quantize"}),
+    Family("RoBERTa", ("roberta",)),
+    Family("XLM-RoBERTa", ("xlm-roberta",)),
+    Family("ELECTRA", ("electra",)),
     Family(
         "ALBERT",
         ("albert",),
@@ -50,7 +49,8 @@ FAMILIES = (
         ("deberta-v2",),
         {
             "prune": "its disentangled attention has no separate value projection to prune; use distill and quantize",
-            "early_exit": f"{_HEAD}; use distill and quantize",
+            "early_exit": "runs each layer as its own graph, and DeBERTa's layers need the relative-position inputs "
+            "its encoder computes; use distill and quantize",
         },
     ),
 )

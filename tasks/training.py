@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from .base import DataError, StrictModel
+from .base import DataError, StrictModel, quiet
 from .intervals import accuracy
 from .progress import advance, making_now
 
@@ -108,7 +108,8 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int) -> np.nd
     order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
     logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     model.eval()
-    with torch.inference_mode():
+    # padding ids already made is what pad() is for; transformers' hint to tokenize and pad in one call is not
+    with torch.inference_mode(), quiet("transformers.tokenization_utils_base", "with a fast tokenizer, using the"):
         for i in range(0, len(texts), 64):
             rows = order[i : i + 64]
             batch = tokenizer.pad({k: [column[r] for r in rows] for k, column in encoded.items()}, return_tensors="pt")

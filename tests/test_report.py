@@ -51,3 +51,16 @@ def test_plot_labels_of_close_variants_do_not_overlap():
     boxes = [t.get_window_extent() for t in fig.axes[0].texts]
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_the_console_table_prints_lineages_verbatim():
+    from rich.console import Console
+
+    from squeezeflow.flows.cli import variants_table
+
+    lineage = "teacher>distill[L3]>prune[vocab]>early_exit[0.3]"  # "[vocab]" looks like rich markup
+    metrics = {"accuracy": 0.9, "latency_p50_ms": 1.0, "size_mb": 2.0, "speedup": 3.0}
+    result = {"champion": "a", "registered_id": "a", "variants": [{"id": "a", "lineage": lineage, "metrics": metrics}]}
+    console = Console(width=200, record=True)
+    console.print(variants_table(result))
+    assert lineage in console.export_text()

@@ -35,9 +35,9 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     batch_seq = {0: "batch", 1: "sequence"}
     entry_args, entry_inputs = (ids, mask, torch.zeros_like(ids)), ["input_ids", "attention_mask", "token_type_ids"]
     if exit_model.embedding_exit:
-        entry, inner_layers = modules.EmbeddingSegment(base.embeddings, heads[0]), layers
+        entry, inner_layers = modules.EmbeddingSegment(base, heads[0]), layers
     else:
-        entry, inner_layers = modules.EntrySegment(base.embeddings, layers[0], heads[0]), layers[1:]
+        entry, inner_layers = modules.EntrySegment(base, layers[0], heads[0]), layers[1:]
     parts = [entry] + [modules.InnerSegment(layer, head) for layer, head in zip(inner_layers, heads[1:])]
     names = []
     for k, segment in enumerate(parts):

@@ -24,15 +24,15 @@ def torch_modules():
     from torch import nn
 
     class ExitHead(nn.Module):
-        """Pooler-shaped head (dense + tanh + classifier, started from the model's own) on the [CLS] state or on
-        the mean of the unmasked token states."""
+        """The model's own head shape (dense + activation + classifier, started from its weights) on the [CLS] state
+        or on the mean of the unmasked token states."""
 
-        def __init__(self, pooler_dense: nn.Linear, classifier: nn.Linear, pooling: str):
+        def __init__(self, dense: nn.Linear, activation: nn.Module, classifier: nn.Linear, pooling: str):
             super().__init__()
-            self.pooling = pooling
-            self.dense = nn.Linear(pooler_dense.in_features, pooler_dense.out_features)
+            self.pooling, self.activation = pooling, activation
+            self.dense = nn.Linear(dense.in_features, dense.out_features)
             self.classifier = nn.Linear(classifier.in_features, classifier.out_features)
-            self.dense.load_state_dict(pooler_dense.state_dict())
+            self.dense.load_state_dict(dense.state_dict())
             self.classifier.load_state_dict(classifier.state_dict())
 
         def forward(self, hidden, attention_mask):
@@ -44,36 +44,50 @@ def torch_modules():
                 weights = attention_mask[:, None, :].to(hidden.dtype)
                 weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
                 pooled = torch.matmul(weights, hidden).squeeze(1)
-            return self.classifier(torch.tanh(self.dense(pooled)))
+            return self.classifier(self.activation(self.dense(pooled)))
 
     class FinalHead(nn.Module):
+        """The model's own head on the last layer's states: a pooler then the classifier (BERT), or a classifier
+        that reads the sequence itself (RoBERTa, ELECTRA)."""
+
         def __init__(self, model):
             super().__init__()
-            self.pooler, self.classifier = encoder_layers(model)[0].pooler, model.classifier
+            self.pooler, self.classifier = getattr(encoder_layers(model)[0], "pooler", None), model.classifier
 
         def forward(self, hidden, attention_mask):
-            return self.classifier(self.pooler(hidden))
+            return self.classifier(hidden if self.pooler is None else self.pooler(hidden))
 
     def additive_mask(attention_mask, dtype):
         return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
-    class EntrySegment(nn.Module):
-        def __init__(self, embeddings, layer, head):
+    class Embeddings(nn.Module):
+        """The encoder's input: the embeddings, then ELECTRA's projection to the hidden size where it has one."""
+
+        def __init__(self, base):
             super().__init__()
-            self.embeddings, self.layer, self.head = embeddings, layer, head
+            self.embeddings = base.embeddings
+            self.project = getattr(base, "embeddings_project", None) or nn.Identity()
+
+        def forward(self, input_ids, token_type_ids):
+            return self.project(self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids))
+
+    class EntrySegment(nn.Module):
+        def __init__(self, base, layer, head):
+            super().__init__()
+            self.embeddings, self.layer, self.head = Embeddings(base), layer, head
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            hidden = self.embeddings(input_ids, token_type_ids)
             hidden = self.layer(hidden, attention_mask=additive_mask(attention_mask, hidden.dtype))[0]
             return hidden, self.head(hidden, attention_mask)
 
     class EmbeddingSegment(nn.Module):
-        def __init__(self, embeddings, head):
+        def __init__(self, base, head):
             super().__init__()
-            self.embeddings, self.head = embeddings, head
+            self.embeddings, self.head = Embeddings(base), head
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            hidden = self.embeddings(input_ids, token_type_ids)
             return hidden, self.head(hidden, attention_mask)
 
     class InnerSegment(nn.Module):
@@ -129,13 +143,29 @@ def build_exit_model(
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
     base, layers = encoder_layers(model)
-    if getattr(base, "pooler", None) is None or not hasattr(model, "classifier"):
-        raise ModelError(f"early_exit: {model_dir} has no pooler + classifier head to copy into the exits")
+    if len(layers) - 1 + embedding_exit < 1:
+        raise ModelError(
+            f"early_exit: {model_dir} has one layer, so there is no layer to exit after; set early_exit.embedding_exit "
+            "to true (an exit on the embeddings) or leave early exit out for this model"
+        )
     modules = torch_modules()
-    heads = [
-        modules.ExitHead(base.pooler.dense, model.classifier, pooling) for _ in range(len(layers) - 1 + embedding_exit)
-    ]
+    dense, activation, classifier = head_parts(model, base)
+    heads = [modules.ExitHead(dense, activation, classifier, pooling) for _ in range(len(layers) - 1 + embedding_exit)]
     return modules.ExitModel(model, heads, train_backbone, embedding_exit)
+
+
+def head_parts(model, base):
+    """(dense, activation, output layer) of the model's classification head, which every exit starts from: BERT's
+    pooler + classifier, or the dense + out_proj head of RoBERTa, XLM-RoBERTa and ELECTRA."""
+    from torch import nn
+
+    head = getattr(model, "classifier", None)
+    pooler = getattr(base, "pooler", None)
+    if pooler is not None and hasattr(pooler, "dense") and isinstance(head, nn.Linear):
+        return pooler.dense, nn.Tanh(), head
+    if hasattr(head, "dense") and hasattr(head, "out_proj"):  # ELECTRA's head has an activation; RoBERTa's is tanh
+        return head.dense, getattr(head, "activation", None) or nn.Tanh(), head.out_proj
+    raise ModelError(f"early_exit: {type(model).__name__} has no classification head that exits can start from")
 
 
 def load_exit_model(trained_dir: Path):

@@ -7,7 +7,7 @@ module:
   training texts, and an accuracy-aware fallback that keeps the most sensitive nodes in float (on validation).
 - `qat` (qat.py): fake-quant fine-tuning of the PyTorch source with distillation from the teacher, then exported and
   quantized the way it was simulated.
-- `torch-dynamic` (dynamic.py): PyTorch `quantize_dynamic` of the source's Linear layers.
+- `torch-dynamic` (torch_dynamic.py): PyTorch `quantize_dynamic` of the source's Linear layers.
 
 The 4-bit embedding codec is codec4.py; the graph rewrite that fixes activation ranges is activations.py.
 """
@@ -22,9 +22,10 @@ from prefect import task
 from ..base import ModelError, Planned, Stage
 from ..variant import StageContext, Variant, derive, making, save_record, staged_dir
 from .config import EXIT_MODES, MODE_KNOBS, Mode, QATConfig, QuantizeConfig, Strategy
-from .dynamic import dynamic, torch_dynamic
+from .dynamic import dynamic
 from .qat import qat
 from .static import static
+from .torch_dynamic import torch_dynamic
 
 __all__ = ["EXIT_MODES", "MODES", "MODE_KNOBS", "STAGE", "QATConfig", "QuantizeConfig", "quantize", "quantize_task"]
 

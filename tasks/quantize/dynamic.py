@@ -1,16 +1,14 @@
-"""Dynamic INT8: ONNX Runtime's integer kernels with activation ranges measured on every call; and PyTorch's
-`quantize_dynamic` of the Linear layers (torch-dynamic)."""
+"""Dynamic INT8: ONNX Runtime's integer kernels with activation ranges measured on every call."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..base import quiet
 from ..export import copy_tokenizer
-from ..runtime import EARLY_EXIT_FILE, SEGMENTS_DIR, TORCH_DYNAMIC_MARKER
+from ..runtime import EARLY_EXIT_FILE, SEGMENTS_DIR
 from ..variant import StageContext, Variant
 from .codec4 import four_bit_embeddings
 from .config import Produced, QuantizeConfig
@@ -58,16 +56,4 @@ def dynamic(parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: S
         ort_dynamic(graph, out / SEGMENTS_DIR / graph.name, cfg)
     shutil.copy2(Path(parent.path) / EARLY_EXIT_FILE, out / EARLY_EXIT_FILE)
     write_exit_graph(out)
-    return Produced({}, {})
-
-
-def torch_dynamic(
-    parent: Variant, source: Variant | None, cfg: QuantizeConfig, ctx: StageContext, out: Path
-) -> Produced:
-    """The weights stay fp32 safetensors on disk (a quantized PyTorch module has no safe serialisation); the
-    marker file tells the runtime to apply `torch.ao.quantization.quantize_dynamic` on load."""
-    for file in Path(parent.path).iterdir():
-        if file.is_file():
-            shutil.copy2(file, out / file.name)
-    (out / TORCH_DYNAMIC_MARKER).write_text(json.dumps({"modules": ["Linear"], "dtype": "qint8"}))
     return Produced({}, {})
