@@ -197,6 +197,16 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
         return [Variant.model_validate(v) for v in json.loads(answer.read_text())]
 
 
+def _tokenize_ms(encoder, texts: list[str]) -> list[float]:
+    """Milliseconds the variant's tokenizing takes per text, one text per call as in the latency loop."""
+    samples = []
+    for text in texts:
+        started = time.perf_counter()
+        encoder([text])
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
 def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
     """Returns the variants with their metrics. The first variant whose stage is `teacher` (PyTorch fp32) is the
     reference for `accuracy_drop` and `speedup`; a variant whose parent is measured also gets parity metrics.
@@ -220,6 +230,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     exit_layers: dict[str, list[np.ndarray]] = {}
     batch_seconds: dict[str, list[float]] = {v.id: [] for v in variants}
     latencies: dict[str, list[list[float]]] = {v.id: [] for v in variants}
+    tokenizing: dict[str, list[float]] = {v.id: [] for v in variants}  # the same texts, tokenized alone
     for v in variants:
         predictor = predictors[v.id]
         for text in timed_texts[: cfg.warmup]:
@@ -243,6 +254,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
                 served.append(predictor.logits([text]))
                 samples.append((time.perf_counter() - started) * 1000)
             latencies[v.id].append(samples)
+            tokenizing[v.id] += _tokenize_ms(predictor.encoder, timed_texts)
             measured_count += 1
             log.info("measured %d/%d", measured_count, cfg.rounds * len(variants))
             if round_no == 0:
@@ -277,6 +289,9 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
             "accuracy_drop_ci_high": drop_high,
             "val_accuracy": accuracy(val_preds[v.id], val_truth),
             "latency_p50_ms": percentile(flat, 50),
+            "tokenize_p50_ms": percentile(tokenizing[v.id], 50),
+            "model_p50_ms": percentile(flat, 50) - percentile(tokenizing[v.id], 50),
+            "tokenizer_plain_share": predictors[v.id].encoder.plain_share(timed_texts),
             "latency_mean_ms": float(np.mean(flat)),
             "latency_p90_ms": percentile(flat, 90),
             "latency_p99_ms": percentile(flat, 99),

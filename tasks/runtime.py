@@ -192,6 +192,10 @@ class TextEncoder:
         self.plain = PlainWordPiece.for_tokenizer(self.tokenizer)
         self.pad_id = (self.tokenizer.padding or {}).get("pad_id", 0)
 
+    def plain_share(self, texts: list[str]) -> float:
+        """The share of `texts` this encoder turns into ids with PlainWordPiece (the rest go through `tokenizers`)."""
+        return 0.0 if self.plain is None else sum(map(self.plain.handles, texts)) / max(1, len(texts))
+
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         if self.plain is None or not all(self.plain.handles(t) for t in texts):
             return library_encode(self.tokenizer, texts)
