@@ -35,7 +35,9 @@ format: install
 schema: install
 	$(BIN)/squeeze schema
 
+# MLflow 3 opens on its GenAI view; the query string opens the runs table of the experiments instead
 mlflow-ui: install
+	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:

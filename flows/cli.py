@@ -174,6 +174,11 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in "
         f"{result['run_dir']}"
     )
+    console.print(  # MLflow 3's UI opens on its GenAI view unless asked for the runs
+        f"in `make mlflow-ui`: http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/"
+        f"{result['pipeline_run_id']}?workflowType=machine_learning",
+        soft_wrap=True,
+    )
     console.print(f"wall time: {time.perf_counter() - started:.0f}s")
     if result["failed"]:
         failed = Table(title=f"{len(result['failed'])} variant(s) failed", title_style="bold red")

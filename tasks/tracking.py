@@ -52,9 +52,6 @@ def store_lock(uri: str, artifacts_dir: Path, purpose: str):
     return FileLock(str(where / f".mlflow-{re.sub(r'[^A-Za-z0-9_.-]', '_', purpose)}.lock"))
 
 
-EXPERIMENT_KIND, ML_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
-
-
 def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
     """Points MLflow at `uri` and returns the experiment id, creating it with artifacts beside the store. One
     process at a time: two runs creating a new sqlite store at once race on its schema migration."""
@@ -69,8 +66,7 @@ def use_experiment(uri: str, name: str, artifacts_dir: Path) -> str:
         if existing is not None:
             return existing.experiment_id
         location = (Path(artifacts_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        # MLflow 3's UI opens an experiment of unknown kind as a GenAI one, with the runs a click away
-        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: ML_EXPERIMENT})
+        return client.create_experiment(name, artifact_location=location)
 
 
 def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:

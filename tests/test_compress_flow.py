@@ -76,7 +76,6 @@ def test_flow_logs_pipeline_and_variant_runs(finished):
     best = by_id[result["champion"]].data.metrics
     assert pipeline["latency_p50_ms"] == best["latency_p50_ms"] and pipeline["val_accuracy"] == best["val_accuracy"]
     assert pipeline["wall_time_s"] > 0 and pipeline["promoted"] == 1.0
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
     for run in variants:
         assert run.data.metrics["made_seconds"] > 0
         assert run.info.end_time - run.info.start_time == pytest.approx(run.data.metrics["made_seconds"] * 1000, abs=2)
