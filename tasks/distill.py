@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from .augment import AugmentConfig, augment_texts, word_neighbours
 from .base import TORCH_LOCK, ModelError, Planned, Stage, StageBase, StrictModel
 from .data import load_splits
+from .families import layout_of
 from .training import (
     UNLABELLED,
     LongTextPass,
@@ -137,26 +138,27 @@ class DistillConfig(StageBase):
 
 
 def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dropout: float | None = None):
-    """A BERT-family classifier with the student's shape, initialised from the teacher where shapes agree.
+    """A classifier of the teacher's family with the student's shape, initialised from the teacher where shapes agree.
     `attention_dropout` replaces the teacher's attention-probability dropout in the student."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     config = AutoConfig.from_pretrained(teacher_dir)
+    layout = layout_of(config.model_type)  # DistilBERT names its layers and config fields its own way
     if attention_dropout is not None:
-        config.attention_probs_dropout_prob = attention_dropout
+        setattr(config, layout.attention_dropout, attention_dropout)
     depth = config.num_hidden_layers
     chosen = shape.teacher_layers(depth)
     config.num_hidden_layers = len(chosen)
     if shape.intermediate_size:
-        config.intermediate_size = shape.intermediate_size
+        setattr(config, layout.ffn_width, shape.intermediate_size)
     if shape.hidden_size:
         config.hidden_size = shape.hidden_size
     student = AutoModelForSequenceClassification.from_config(config)
     if shape.hidden_size:
         return student, teacher, chosen  # nothing in the teacher has the student's width
     source = teacher.state_dict()
-    prefix = f"{teacher.base_model_prefix}.encoder.layer."
+    prefix = f"{teacher.base_model_prefix}.{layout.layers}."
     mapped = {}
     for key in student.state_dict():
         if key.startswith(prefix):
@@ -348,7 +350,8 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
                 f"long_text_pass_{k}": v for k, v in fit(student, ctx.seed, long_texts, cfg.long_text_pass).items()
             }
         # later fine-tuning of the saved student (QAT, exits) gets the teacher's usual attention dropout back
-        student.config.attention_probs_dropout_prob = teacher.config.attention_probs_dropout_prob
+        field = layout_of(teacher.config.model_type).attention_dropout
+        setattr(student.config, field, getattr(teacher.config, field))
         return save_hf_variant(
             child.model_copy(update={"metrics": {f"distill_{k}": v for k, v in figures.items()}}), student, tokenizer
         )

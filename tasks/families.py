@@ -18,6 +18,9 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # config.model_type values
     refused: dict[str, str] = field(default_factory=dict)  # stage kind, or "quantize:<mode>" -> why, and the way out
+    layers: str = "encoder.layer"  # where the list of layers sits in the base model
+    attention_dropout: str = "attention_probs_dropout_prob"  # the config field of the attention-probability dropout
+    ffn_width: str = "intermediate_size"  # the config field of the feed-forward width
 
 
 FAMILIES = (
@@ -26,11 +29,13 @@ FAMILIES = (
         "DistilBERT",
         ("distilbert",),
         {
-            "distill": "builds students from BERT's config fields; distill a BERT-shaped model instead",
-            "prune": f"{_BERT_LAYOUT}; export and quantize it instead",
-            "early_exit": f"{_BERT_LAYOUT}; export and quantize it instead",
+            "prune": f"{_BERT_LAYOUT}; distill, export and quantize it instead",
+            "early_exit": f"{_BERT_LAYOUT}; distill, export and quantize it instead",
             "quantize:qat": "fine-tunes through BERT's encoder layout; use quantize modes dynamic or static",
         },
+        layers="transformer.layer",
+        attention_dropout="attention_dropout",
+        ffn_width="hidden_dim",
     ),
     Family("RoBERTa", ("roberta",)),
     Family("XLM-RoBERTa", ("xlm-roberta",)),
@@ -61,6 +66,11 @@ _GRAPH_ONLY = {"export", "quantize:dynamic", "quantize:static", "quantize:torch-
 
 def family_of(model_type: str) -> Family | None:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def layout_of(model_type: str) -> Family:
+    """The family whose layout fields (layers, config field names) apply to `model_type`; BERT's for an unknown one."""
+    return family_of(model_type) or FAMILIES[0]
 
 
 def refusal(model_type: str, stage: str, mode: str | None = None) -> str | None:

@@ -8,6 +8,7 @@ import torch
 from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
+    AutoConfig,
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
@@ -128,6 +129,9 @@ def test_each_stage_runs_on_the_family_or_is_refused_at_preflight(model_type, da
         if reason is None:
             made = make[cell]()
             assert (tmp_path / "variants" / made.id).is_dir(), cell
+            if cell == "distill":  # two of the teacher's three layers, of the same family
+                student = AutoConfig.from_pretrained(made.path)
+                assert (student.model_type, student.num_hidden_layers) == (model_type, 2)
             if cell in ("export", "early_exit"):  # parity of the ONNX graph with PyTorch, for this family
                 got = load_predictor(made.path, made.format).logits(texts)
                 assert np.abs(got - reference).max() < 1e-3, (cell, np.abs(got - reference).max())
