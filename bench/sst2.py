@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -75,24 +74,16 @@ GOALS = {
 }
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+def has_vnni() -> bool:
+    from squeezeflow.tasks.evaluate import cpu_flags
+
+    return "avx512_vnni" in cpu_flags().split(",")
 
 
 def machine(threads: int) -> dict:
-    try:
-        cpu = next(
-            l.split(":", 1)[1].strip()
-            for l in Path("/proc/cpuinfo").read_text().splitlines()
-            if l.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
+    from squeezeflow.tasks.evaluate import cpu_model
+
+    cpu = cpu_model()
     libraries = {}
     for name in (
         "squeezeflow",
@@ -116,7 +107,7 @@ def machine(threads: int) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": threads,
-        "vnni": "avx512_vnni" in cpu_flags(),
+        "vnni": has_vnni(),
         "libraries": libraries,
     }
 
@@ -140,7 +131,7 @@ def peer_ort_fp32(teacher_dir: Path, out: Path) -> None:
 def _optimum_preset():
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    return AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in cpu_flags() else AutoQuantizationConfig.avx2
+    return AutoQuantizationConfig.avx512_vnni if has_vnni() else AutoQuantizationConfig.avx2
 
 
 def _keep_quantized(scratch: Path, out: Path, tokenizer_dir: Path) -> None:

@@ -110,19 +110,23 @@ def cpu_flags() -> str:
     return ",".join(f for f in SPEED_FLAGS if f in flags) or "none"
 
 
-def machine() -> str:
-    """The benchmark machine in one line: CPU model, cores this process may use, speed-relevant flags."""
-    import os
-
+def cpu_model() -> str:
+    """The CPU's model name, e.g. `AMD EPYC`, or `unknown CPU` off Linux."""
     try:
-        model = next(
+        return next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
     except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, CPU flags {cpu_flags()}"
+        return "unknown CPU"
+
+
+def machine() -> str:
+    """The benchmark machine in one line: CPU model, cores this process may use, speed-relevant flags."""
+    import os
+
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, CPU flags {cpu_flags()}"
 
 
 class LoadMeter:
