@@ -147,6 +147,16 @@ def variants_table(result: dict) -> Table:
     return table
 
 
+def print_outcome(result: dict) -> None:
+    """The variants table, the best of the run and what the registry holds now."""
+    console.print(variants_table(result))
+    console.print(f"best of this run: [bold]{result['champion']}[/] — {result['selection']}")
+    console.print(
+        f"registered champion: models:/{result['registered_model']}@champion = version {result['model_version']}: "
+        f"{result['registry']}"
+    )
+
+
 @app.command()
 def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
     """Run the compress flow on a recipe and print the variants and the champion."""
@@ -164,12 +174,7 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
             result = run_compress(cfg)
     except SqueezeError as e:
         _fail(str(e))
-    console.print(variants_table(result))
-    console.print(f"best of this run: [bold]{result['champion']}[/] — {result['selection']}")
-    console.print(
-        f"registered champion: models:/{result['registered_model']}@champion = version {result['model_version']}: "
-        f"{result['registry']}"
-    )
+    print_outcome(result)
     console.print(
         f"MLflow pipeline run: {result['pipeline_run_id']} (experiment {result['experiment_id']}); files in "
         f"{result['run_dir']}"
@@ -194,6 +199,60 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
             highlight=False,
         )
         raise typer.Exit(EXIT_VARIANTS_FAILED)
+
+
+def minutes(text: str) -> float:
+    """A time budget: 45m, 2h, 90s, or a number of minutes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a time budget (e.g. 45m, 2h, 90s)")
+    return float(match[1]) * {"s": 1 / 60, "m": 1, "": 1, "h": 60}[match[2]]
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="YAML recipe with {search: ...} knobs")],
+    trials: Annotated[int, typer.Option(min=1, help="Trials in the study (earlier runs' count)")] = 20,
+    budget: Annotated[str | None, typer.Option(help="No trial starts after this long: 45m, 2h, 90s")] = "45m",
+    objective: Annotated[str, typer.Option(help="latency or size, minimised beside validation accuracy")] = "latency",
+    max_drop: Annotated[
+        float | None, typer.Option(help="Accuracy budget on validation (default: the recipe's)")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Search the recipe's {search: ...} knobs with Optuna on the validation split; register the best variant."""
+    from squeezeflow.flows.config import apply_overrides, read_recipe
+    from squeezeflow.flows.search import SearchOptions, run_search
+    from squeezeflow.flows.space import SearchSpace
+
+    if objective not in ("latency", "size"):
+        _fail(f"--objective: {objective!r}; expected latency or size")
+    if max_drop is not None and not 0 <= max_drop <= 1:
+        _fail(f"--max-drop: {max_drop} is not a fraction (0.01 = 1 point)")
+    options = SearchOptions(
+        trials=trials, budget_minutes=minutes(budget) if budget else None, objective=objective, max_drop=max_drop
+    )
+    try:
+        tree = apply_overrides(read_recipe(config), str(config), set_)
+        preflight(SearchSpace(tree, str(config)).first())
+    except SqueezeError as e:
+        _fail(str(e))
+    guard_children()
+    from squeezeflow.flows.progress_bars import progress_bars
+
+    started = time.perf_counter()
+    try:
+        with progress_bars(err):
+            result = run_search(tree, options, str(config))
+    except SqueezeError as e:
+        _fail(str(e))
+    print_outcome(result)
+    console.print(
+        f"study {result['study']}: {result['trials_completed']} trials completed; report {result['search_report']}"
+    )
+    console.print(f"wall time: {time.perf_counter() - started:.0f}s")
 
 
 @app.command()

@@ -58,8 +58,23 @@ def carried_over(kind: str, parents: list[Variant]) -> list[Variant]:
     return [p for p in parents if p.format == "onnx-exit"]
 
 
+def teacher_and_context(cfg: SqueezeConfig) -> tuple[Variant, StageContext]:
+    """The fine-tuned teacher (made once per teacher settings and data: variants live by id under
+    artifacts_dir/variants, so an unchanged stage of a later run reuses its output) and what every stage reads."""
+    teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, cfg.artifacts_dir / "variants", cfg.seed)
+    ctx = StageContext(
+        data=cfg.data,
+        num_labels=cfg.model.num_labels,
+        max_length=cfg.model.max_length,
+        seed=cfg.seed,
+        teacher=teacher,
+        cache_dir=cfg.artifacts_dir / "cache",
+    )
+    return teacher, ctx
+
+
 def grow(
-    teacher: Variant, stages: list[StageConfig], ctx: StageContext, out: Path
+    teacher: Variant, ctx: StageContext, stages: list[StageConfig], out: Path
 ) -> tuple[list[Variant], list[Failure]]:
     """Applies each stage to every variant the previous stage produced; siblings run concurrently. Export (and
     any stage with also_teacher) also takes the teacher, so the peer path teacher>onnx>int8 is always there."""
@@ -127,6 +142,29 @@ def task_runner(runner: RunnerConfig):
     )
 
 
+def new_run_dir(cfg: SqueezeConfig) -> Path:
+    return cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+
+
+def open_experiment(cfg: SqueezeConfig) -> str:
+    """The recipe's MLflow experiment (created if new), with runs left RUNNING by dead processes marked KILLED."""
+    experiment_id = use_experiment(tracking_uri(cfg.tracking, cfg.artifacts_dir), cfg.experiment, cfg.artifacts_dir)
+    for run_id in close_abandoned_runs(MlflowClient(), experiment_id):
+        get_run_logger().warning("marked run %s KILLED: the process that ran it is gone", run_id)
+    return experiment_id
+
+
+def process_tags(role: str) -> dict[str, str]:
+    """Tags of a run this process keeps open: its role, and the host and pid that tell a later run it was abandoned."""
+    return {
+        "squeeze.role": role,
+        "squeeze.host": socket.gethostname(),
+        "squeeze.pid": str(os.getpid()),
+        "squeeze.cpu_flags": cpu_flags(),
+        "squeeze.machine": machine(),
+    }
+
+
 def run_compress(cfg: SqueezeConfig) -> dict:
     """Runs the flow with the recipe's task runner."""
     return compress.with_options(task_runner=task_runner(cfg.runner))(cfg)
@@ -135,128 +173,123 @@ def run_compress(cfg: SqueezeConfig) -> dict:
 @flow(name="compress", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def compress(config: Recipe) -> dict:
     """Compresses the recipe's model; `config` is a recipe (the form's shape, or a SqueezeConfig / recipe tree)."""
-    logger = get_run_logger()
     cfg = config.to_config()
     started = time.perf_counter()
     # runs started from the Prefect UI or a schedule skip the CLI's preflight: the stage × family check is cheap
     check_stages(check_model_source(cfg.model), cfg.stages)
-    run_dir = cfg.artifacts_dir / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
-    uri = tracking_uri(cfg.tracking, cfg.artifacts_dir)
-    experiment_id = use_experiment(uri, cfg.experiment, cfg.artifacts_dir)
-    for run_id in close_abandoned_runs(MlflowClient(), experiment_id):
-        logger.warning("marked run %s KILLED: the process that ran it is gone", run_id)
-    tags = {
-        "squeeze.role": "pipeline",
-        "squeeze.host": socket.gethostname(),
-        "squeeze.pid": str(os.getpid()),
-        "squeeze.cpu_flags": cpu_flags(),
-        "squeeze.machine": machine(),
-    }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags=tags) as run:
+    run_dir = new_run_dir(cfg)
+    experiment_id = open_experiment(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags=process_tags("pipeline")) as run:
         mlflow.log_text(dump_config(cfg), "config.yaml")
         counts = check_data_task(cfg.data, cfg.model.num_labels)
         mlflow.log_params({"name": cfg.name, "seed": cfg.seed, "model.source": cfg.model.source, **counts})
 
-        # variants live by id under artifacts_dir/variants: an unchanged stage of a later run reuses its output
-        variants_dir = cfg.artifacts_dir / "variants"
-        teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, variants_dir, cfg.seed)
-        ctx = StageContext(
-            data=cfg.data,
-            num_labels=cfg.model.num_labels,
-            max_length=cfg.model.max_length,
-            seed=cfg.seed,
-            teacher=teacher,
-            cache_dir=cfg.artifacts_dir / "cache",
-        )
-        variants, failures = grow(teacher, cfg.stages, ctx, variants_dir)
-        # the later of two pipelines on one store measures itself against the earlier one's champion: the benchmark
-        # and the promotion are one step (two benchmarks at once would also slow each other's timings)
-        with store_lock(uri, cfg.artifacts_dir, f"promote-{cfg.registered_model}"):
-            incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
-            measured = benchmark_task(
-                variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark
-            )
-            if incumbent:
-                *measured, incumbent_measured = measured
+        variants, failures = grow(*teacher_and_context(cfg), cfg.stages, cfg.artifacts_dir / "variants")
+        return conclude(cfg, run.info.run_id, experiment_id, run_dir, variants, failures, started)
 
-            client = MlflowClient()
-            run_ids = {v.id: log_variant(client, experiment_id, run.info.run_id, v) for v in measured}
-            for failure in failures:
-                log_failed_variant(
-                    client,
-                    experiment_id,
-                    run.info.run_id,
-                    failure.parent,
-                    failure.stage,
-                    failure.lineage,
-                    failure.error,
-                )
-            selection = select_task(measured, cfg.selection)
-            champion = selection.champion
-            name = cfg.registered_model
-            if incumbent and not beats(champion, incumbent_measured, cfg.selection):
-                version = incumbent[1]
-                if same_variant(champion, incumbent_measured):
-                    registered_id = champion.id
-                    registry = f"{name} v{version} is this run's best already, so nothing new was registered"
-                else:
-                    registered_id = incumbent_measured.params.get("variant_id")
-                    registry = (
-                        f"{name} v{version} ({incumbent_measured.lineage}, p50 "
-                        f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
-                        f"{incumbent_measured.metrics['val_accuracy']:.4f}) stays: this run's best does not beat it "
-                        f"on this validation split"
-                    )
-            else:
-                version = register_champion(
-                    champion,
-                    name,
-                    cfg.label_names,
-                    cfg.benchmark.threads,
-                    previous=incumbent[1] if incumbent else None,
-                    why=selection.reason,
-                )
-                registered_id = champion.id
-                registry = f"{name} v{version} is this run's best, promoted in this run" + (
-                    f" (v{incumbent[1]} is now @previous)" if incumbent else ""
-                )
-            selection = replace(selection, registered_id=registered_id, registry=registry)
-            mlflow.set_tags(
-                {
-                    "squeeze.champion": champion.id,
-                    "squeeze.champion_lineage": champion.lineage,
-                    "squeeze.champion_run_id": run_ids[champion.id],
-                    "squeeze.selection": selection.reason,
-                    "squeeze.registered_version": version,
-                    "squeeze.registered_variant_id": registered_id or "",
-                    "squeeze.registry": registry,
-                    "squeeze.objective": cfg.selection.objective,
-                }
-            )
-        report_files = write_report(
-            measured,
-            selection,
-            run_dir / "report",
-            f"squeezeflow: {cfg.name}",
-            machine(),
-            [(f.lineage, f.error) for f in failures],
-            cfg.selection.objective,
+
+def conclude(
+    cfg: SqueezeConfig,
+    run_id: str,
+    experiment_id: str,
+    run_dir: Path,
+    variants: list[Variant],
+    failures: list[Failure],
+    started: float,
+) -> dict:
+    """Measures the variants (eval included), logs them under the active run `run_id`, chooses the best on
+    validation, promotes it over the registered champion when it beats it, and writes the report."""
+    logger = get_run_logger()
+    # the later of two pipelines on one store measures itself against the earlier one's champion: the benchmark
+    # and the promotion are one step (two benchmarks at once would also slow each other's timings)
+    with store_lock(
+        tracking_uri(cfg.tracking, cfg.artifacts_dir), cfg.artifacts_dir, f"promote-{cfg.registered_model}"
+    ):
+        incumbent = fetch_incumbent(cfg.registered_model, run_dir / "incumbent", cfg.label_names)
+        measured = benchmark_task(
+            variants + ([incumbent[0]] if incumbent else []), cfg.data, cfg.model.num_labels, cfg.benchmark
         )
-        for path in report_files:
-            mlflow.log_artifact(str(path))
-        publish_to_prefect(cfg.name, report_files[0].read_text(), measured, selection)
-        logger.info("best of this run: %s (%s). Registered champion: %s", champion.id, champion.lineage, registry)
-        # the pipeline run carries its best variant's figures, so MLflow's runs list and charts show one row per run
-        mlflow.log_metrics(
+        if incumbent:
+            *measured, incumbent_measured = measured
+
+        client = MlflowClient()
+        run_ids = {v.id: log_variant(client, experiment_id, run_id, v) for v in measured}
+        for failure in failures:
+            log_failed_variant(
+                client,
+                experiment_id,
+                run_id,
+                failure.parent,
+                failure.stage,
+                failure.lineage,
+                failure.error,
+            )
+        selection = select_task(measured, cfg.selection)
+        champion = selection.champion
+        name = cfg.registered_model
+        if incumbent and not beats(champion, incumbent_measured, cfg.selection):
+            version = incumbent[1]
+            if same_variant(champion, incumbent_measured):
+                registered_id = champion.id
+                registry = f"{name} v{version} is this run's best already, so nothing new was registered"
+            else:
+                registered_id = incumbent_measured.params.get("variant_id")
+                registry = (
+                    f"{name} v{version} ({incumbent_measured.lineage}, p50 "
+                    f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms, validation accuracy "
+                    f"{incumbent_measured.metrics['val_accuracy']:.4f}) stays: this run's best does not beat it "
+                    f"on this validation split"
+                )
+        else:
+            version = register_champion(
+                champion,
+                name,
+                cfg.label_names,
+                cfg.benchmark.threads,
+                previous=incumbent[1] if incumbent else None,
+                why=selection.reason,
+            )
+            registered_id = champion.id
+            registry = f"{name} v{version} is this run's best, promoted in this run" + (
+                f" (v{incumbent[1]} is now @previous)" if incumbent else ""
+            )
+        selection = replace(selection, registered_id=registered_id, registry=registry)
+        mlflow.set_tags(
             {
-                **champion.metrics,
-                "promoted": float(not incumbent or version != incumbent[1]),
-                "failed_variants": float(len(failures)),
-                "wall_time_s": time.perf_counter() - started,
+                "squeeze.champion": champion.id,
+                "squeeze.champion_lineage": champion.lineage,
+                "squeeze.champion_run_id": run_ids[champion.id],
+                "squeeze.selection": selection.reason,
+                "squeeze.registered_version": version,
+                "squeeze.registered_variant_id": registered_id or "",
+                "squeeze.registry": registry,
+                "squeeze.objective": cfg.selection.objective,
             }
         )
+    report_files = write_report(
+        measured,
+        selection,
+        run_dir / "report",
+        f"squeezeflow: {cfg.name}",
+        machine(),
+        [(f.lineage, f.error) for f in failures],
+        cfg.selection.objective,
+    )
+    for path in report_files:
+        mlflow.log_artifact(str(path))
+    publish_to_prefect(cfg.name, report_files[0].read_text(), measured, selection)
+    logger.info("best of this run: %s (%s). Registered champion: %s", champion.id, champion.lineage, registry)
+    # the pipeline run carries its best variant's figures, so MLflow's runs list and charts show one row per run
+    mlflow.log_metrics(
+        {
+            **champion.metrics,
+            "promoted": float(not incumbent or version != incumbent[1]),
+            "failed_variants": float(len(failures)),
+            "wall_time_s": time.perf_counter() - started,
+        }
+    )
     return {
-        "pipeline_run_id": run.info.run_id,
+        "pipeline_run_id": run_id,
         "experiment_id": experiment_id,
         "run_dir": str(run_dir),
         "champion": champion.id,

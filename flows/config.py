@@ -199,6 +199,15 @@ def _absolute(cfg: SqueezeConfig) -> SqueezeConfig:
 
 
 def parse_config(tree: Any, source: str = "config", overrides: list[str] | None = None) -> SqueezeConfig:
+    tree = apply_overrides(tree, source, overrides)
+    try:
+        return _absolute(SqueezeConfig.model_validate(tree))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+
+
+def apply_overrides(tree: Any, source: str, overrides: list[str] | None) -> dict:
+    """The recipe tree with each `--set key.sub=value` applied."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(tree).__name__}")
     for item in overrides or []:
@@ -209,13 +218,15 @@ def parse_config(tree: Any, source: str = "config", overrides: list[str] | None 
             _set(tree, key.strip(), raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-    try:
-        return _absolute(SqueezeConfig.model_validate(tree))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(source, e)) from None
+    return tree
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SqueezeConfig:
+    return parse_config(read_recipe(path), str(path), overrides)
+
+
+def read_recipe(path: str | Path) -> Any:
+    """The recipe file's YAML tree (not yet validated); a missing or unreadable file is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -227,7 +238,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Squeeze
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(tree if tree is not None else {}, str(path), overrides)
+    return tree if tree is not None else {}
 
 
 def dump_config(cfg: SqueezeConfig) -> str:

@@ -160,8 +160,11 @@ class LoadMeter:
         return max(0.0, others / (wall * (psutil.cpu_count() or 1)))
 
 
-def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
-    """`measure` run in a fresh process; its progress lines are logged here.
+def benchmark(
+    variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig, report_eval: bool = True
+) -> list[Variant]:
+    """`measure` run in a fresh process; its progress lines are logged here. `report_eval=False` (a search's trials)
+    times the validation texts and never reads the eval split.
 
     Why not here: PyTorch's OpenMP runtime counts the worker threads of every thread that has run PyTorch. Once a
     flow's training tasks have left their pools alive in other threads, there are more of them than cores, and
@@ -176,6 +179,7 @@ def benchmark(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cf
                     "data": data_cfg.model_dump(mode="json"),
                     "num_labels": num_labels,
                     "benchmark": cfg.model_dump(mode="json"),
+                    "report_eval": report_eval,
                 }
             )
         )
@@ -211,14 +215,17 @@ def _tokenize_ms(encoder, texts: list[str]) -> list[float]:
     return samples
 
 
-def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig) -> list[Variant]:
-    """Returns the variants with their metrics. The first variant whose stage is `teacher` (PyTorch fp32) is the
+def measure(
+    variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig, report_eval: bool = True
+) -> list[Variant]:
+    """Returns the variants with their metrics (without the eval ones when `report_eval` is false: the validation
+    texts are then the timed ones). The first variant whose stage is `teacher` (PyTorch fp32) is the
     reference for `accuracy_drop` and `speedup`; a variant whose parent is measured also gets parity metrics.
     Accuracy and parity come from batch-1 calls, as latency does: dynamic INT8 quantizes activations with one
     range per call, so inside a batch the padding and the other rows would move each row's result."""
     splits = load_splits(data_cfg, num_labels)
-    texts, labels = splits.eval.texts, np.asarray(splits.eval.labels)
     val_texts = splits.validation.texts
+    texts, labels = (splits.eval.texts, np.asarray(splits.eval.labels)) if report_eval else (val_texts, None)
     timed_texts = texts[: cfg.latency_texts] if cfg.latency_texts else texts
     predictors = {}
     for v in variants:
@@ -264,7 +271,8 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
             if round_no == 0:
                 served += [predictor.logits([text]) for text in texts[len(timed_texts) :]]
                 logits[v.id] = np.concatenate(served)
-                val_preds[v.id] = np.concatenate([predictor.logits([text]) for text in val_texts]).argmax(-1)
+                val_logits = np.concatenate([predictor.logits([t]) for t in val_texts]) if report_eval else logits[v.id]
+                val_preds[v.id] = val_logits.argmax(-1)
         log.info("benchmark round %d/%d done", round_no + 1, cfg.rounds)
     other_share = meter.stop()
     if other_share > BUSY_SHARE:
@@ -277,20 +285,13 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     val_truth = (
         np.asarray(splits.validation.labels) if splits.validation.labels is not None else val_preds[reference.id]
     )
-    correct = {v.id: logits[v.id].argmax(-1) == labels for v in variants}
     measured = {}
     for v in variants:
         flat = [ms for r in latencies[v.id] for ms in r]
         round_medians = [float(np.median(r)) for r in latencies[v.id]]
         preds = logits[v.id].argmax(-1)
-        ci_low, ci_high = wilson(int(correct[v.id].sum()), len(labels))
-        drop_low, drop_high = paired_drop_interval(correct[reference.id], correct[v.id])
-        metrics = {
-            "accuracy": accuracy(preds, labels),
-            "accuracy_ci_low": ci_low,
-            "accuracy_ci_high": ci_high,
-            "accuracy_drop_ci_low": drop_low,
-            "accuracy_drop_ci_high": drop_high,
+        metrics = eval_figures(preds, logits[reference.id].argmax(-1), labels) if report_eval else {}
+        metrics |= {
             "val_accuracy": accuracy(val_preds[v.id], val_truth),
             "latency_p50_ms": percentile(flat, 50),
             "tokenize_p50_ms": percentile(tokenizing[v.id], 50),
@@ -321,7 +322,7 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     return [
         v.with_metrics(
             **measured[v.id],
-            accuracy_drop=ref["accuracy"] - measured[v.id]["accuracy"],
+            **({"accuracy_drop": ref["accuracy"] - measured[v.id]["accuracy"]} if report_eval else {}),
             val_accuracy_drop=ref["val_accuracy"] - measured[v.id]["val_accuracy"],
             speedup=ref["latency_p50_ms"] / measured[v.id]["latency_p50_ms"],
         )
@@ -329,11 +330,26 @@ def measure(variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg:
     ]
 
 
+def eval_figures(preds: np.ndarray, reference_preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The reported figures: eval accuracy with its 95 % interval, and the paired interval of the drop against the
+    reference's predictions on the same examples."""
+    correct, reference_correct = preds == labels, reference_preds == labels
+    ci_low, ci_high = wilson(int(correct.sum()), len(labels))
+    drop_low, drop_high = paired_drop_interval(reference_correct, correct)
+    return {
+        "accuracy": accuracy(preds, labels),
+        "accuracy_ci_low": ci_low,
+        "accuracy_ci_high": ci_high,
+        "accuracy_drop_ci_low": drop_low,
+        "accuracy_drop_ci_high": drop_high,
+    }
+
+
 @task(name="benchmark")
 def benchmark_task(
-    variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig
+    variants: list[Variant], data_cfg: DataConfig, num_labels: int, cfg: BenchmarkConfig, report_eval: bool = True
 ) -> list[Variant]:
-    return benchmark(variants, data_cfg, num_labels, cfg)
+    return benchmark(variants, data_cfg, num_labels, cfg, report_eval)
 
 
 def _measure_request(request: Path, answer: Path) -> None:
@@ -349,6 +365,7 @@ def _measure_request(request: Path, answer: Path) -> None:
             DataConfig.model_validate(asked["data"]),
             asked["num_labels"],
             BenchmarkConfig.model_validate(asked["benchmark"]),
+            asked["report_eval"],
         )
     except Exception as e:
         print(f"{FAILURE}{e}", file=sys.stderr)
