@@ -125,6 +125,20 @@ def checked_config(path: Path, overrides: list[str] | None):
     return cfg
 
 
+def checked_search(path: Path, overrides: list[str] | None):
+    """A search recipe's tree and space, checked (every searched value, and preflight at the first values)."""
+    from squeezeflow.flows.config import apply_overrides, read_recipe
+    from squeezeflow.flows.space import SearchSpace
+
+    try:
+        tree = apply_overrides(read_recipe(path), str(path), overrides)
+        space = SearchSpace(tree, str(path))
+        preflight(space.first())
+    except SqueezeError as e:
+        _fail(str(e))
+    return tree, space
+
+
 def variants_table(result: dict) -> Table:
     table = Table(title="variants (▲ best of this run, ★ registered champion)")
     for column in ("id", "lineage", "val acc", "eval acc [95 % CI]", "p50 ms", "size MB", "speedup"):
@@ -223,9 +237,7 @@ def search(
     set_: SetOption = None,
 ) -> None:
     """Search the recipe's {search: ...} knobs with Optuna on the validation split; register the best variant."""
-    from squeezeflow.flows.config import apply_overrides, read_recipe
     from squeezeflow.flows.search import SearchOptions, run_search
-    from squeezeflow.flows.space import SearchSpace
 
     if objective not in ("latency", "size"):
         _fail(f"--objective: {objective!r}; expected latency or size")
@@ -234,11 +246,7 @@ def search(
     options = SearchOptions(
         trials=trials, budget_minutes=minutes(budget) if budget else None, objective=objective, max_drop=max_drop
     )
-    try:
-        tree = apply_overrides(read_recipe(config), str(config), set_)
-        preflight(SearchSpace(tree, str(config)).first())
-    except SqueezeError as e:
-        _fail(str(e))
+    tree, _ = checked_search(config, set_)
     guard_children()
     from squeezeflow.flows.progress_bars import progress_bars
 
@@ -260,29 +268,53 @@ def serve(
     config: Annotated[Path, typer.Argument(help="YAML recipe: its values become the deployment's default parameters")],
     name: Annotated[str | None, typer.Option(help="Deployment name (default: the recipe's name)")] = None,
     cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 2 * * *' for 02:00 every night")] = None,
+    search_: Annotated[
+        bool, typer.Option("--search", help="Serve the search flow over the recipe's {search: ...} knobs instead")
+    ] = False,
     set_: SetOption = None,
 ) -> None:
-    """Serve the compress flow as a deployment (trigger it from the Prefect UI, the CLI or a schedule)."""
-    cfg = checked_config(config, set_)
+    """Serve the compress flow (or the search flow) as a deployment: trigger it from the Prefect UI, the CLI or a
+    schedule."""
+    if search_:
+        tree, _ = checked_search(config, set_)
+    else:
+        cfg = checked_config(config, set_)
     guard_children()
     try:
-        from squeezeflow.flows.deploy import make_deployment
+        from squeezeflow.flows.deploy import make_deployment, make_search_deployment
+        from squeezeflow.flows.search import SearchOptions
 
-        deployment = make_deployment(cfg, name, cron)
+        deployment = (
+            make_search_deployment(tree, SearchOptions(), name, cron) if search_ else make_deployment(cfg, name, cron)
+        )
     except SqueezeError as e:
         _fail(str(e))
     from prefect import serve as prefect_serve
 
-    console.print(f"serving compress/{deployment.name}" + (f" on cron {cron!r}" if cron else "") + "; Ctrl-C stops")
+    console.print(
+        f"serving {deployment.flow_name}/{deployment.name}" + (f" on cron {cron!r}" if cron else "") + "; Ctrl-C stops"
+    )
     prefect_serve(deployment)
 
 
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
-    """Check a recipe and its data without running anything; print the resolved config."""
-    from squeezeflow.flows.config import dump_config
+    """Check a recipe and its data without running anything; print the resolved config (for a search recipe, its
+    knobs and the recipe at their first values)."""
+    from squeezeflow.flows.config import dump_config, read_recipe
+    from squeezeflow.flows.space import has_search
 
-    console.print(dump_config(checked_config(config, set_)), highlight=False, markup=False)
+    try:
+        searching = has_search(read_recipe(config))
+    except SqueezeError as e:
+        _fail(str(e))
+    if not searching:
+        console.print(dump_config(checked_config(config, set_)), highlight=False, markup=False)
+        return
+    _, space = checked_search(config, set_)
+    for d in space.dimensions:
+        console.print(f"search {d.name}: {d.spec if isinstance(d.spec, list) else d.spec.model_dump()}", markup=False)
+    console.print(dump_config(space.first()), highlight=False, markup=False)
 
 
 @app.command()
@@ -316,12 +348,18 @@ def report(
 @app.command()
 def schema(
     markdown: bool = typer.Option(False, "--markdown", help="The readable reference (docs/reference.md) instead."),
+    search_: bool = typer.Option(False, "--search", help="The search recipe's: every knob a value or a search."),
 ) -> None:
     """Print the JSON schema of a recipe."""
     if markdown:
         from squeezeflow.flows.reference import recipe_reference
 
         sys.stdout.write(recipe_reference())
+        return
+    if search_:
+        from squeezeflow.flows.form import SearchRecipe
+
+        sys.stdout.write(json.dumps(SearchRecipe.model_json_schema(), indent=2) + "\n")
         return
     from squeezeflow.flows.config import SqueezeConfig
 

@@ -4,11 +4,15 @@ but a list of stage variants as a raw JSON box. A recipe (YAML or JSON, with its
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from squeezeflow.flows.config import STAGE_ORDER, SqueezeConfig, format_validation_error
+from squeezeflow.flows.space import Search
 from squeezeflow.tasks.base import ConfigError, StrictModel
 from squeezeflow.tasks.stages import STAGES
 
@@ -59,14 +63,61 @@ class _RecipeBase(StrictModel):
             value = {**value, "stages": sections}
         return value
 
+    def to_tree(self) -> dict[str, Any]:
+        """The recipe tree, with its `stages` as the list that runs."""
+        tree = self.model_dump(mode="json")
+        tree["stages"] = [tree["stages"][kind] for kind in STAGES if tree["stages"].get(kind)]
+        return tree
+
     def to_config(self) -> SqueezeConfig:
         """The validated recipe (cross-field checks included); a mistake is a one-line ConfigError."""
-        tree = self.model_dump(mode="json")
-        tree["stages"] = self.stages.as_list()
         try:
-            return SqueezeConfig.model_validate(tree)
+            return SqueezeConfig.model_validate(self.to_tree())
         except ValidationError as e:
             raise ConfigError(format_validation_error("config", e)) from None
 
 
 Recipe: type[BaseModel] = create_model("Recipe", __base__=_RecipeBase, **_recipe_fields())
+
+
+def _searchable_type(annotation: Any) -> Any:
+    """A section (or an optional one) becomes its searchable self; any other type stays as it is."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return searchable(annotation)
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return searchable(inner) | None
+    return annotation
+
+
+def _as_json(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+@functools.cache
+def searchable(model: type[BaseModel]) -> type[BaseModel]:
+    """`model` with every knob also accepting `{search: ...}` (sections recursively): the search flow's form.
+    Values are only shaped here; the search space checks them, and each trial's recipe meets the strict schema."""
+    fields: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if name == "kind":  # a stage's tag is not a knob
+            fields[name] = (field.annotation, field)
+            continue
+        default = (
+            Field(
+                default_factory=lambda make=field.default_factory: _as_json(make()),
+                validate_default=True,
+                description=field.description,
+            )
+            if field.default_factory
+            else Field(field.default, description=field.description)
+        )
+        fields[name] = (_searchable_type(field.annotation) | Search, default)
+    base = _RecipeBase if issubclass(model, _RecipeBase) else StrictModel
+    return create_model(f"Searchable{model.__name__}", __base__=base, **fields)
+
+
+# the search flow's parameter: a recipe in which any knob may be {search: [values]} or {search: {low, high}}
+SearchRecipe = searchable(Recipe)

@@ -84,6 +84,21 @@ def _families() -> list[str]:
     return lines
 
 
+def _search() -> list[str]:
+    from squeezeflow.flows.space import Range
+
+    lines = [
+        "\n## searching knobs (`squeeze search`)\n",
+        "Any knob of any section or stage may be given as `{search: [value, ...]}` (a choice; values may be lists or "
+        "sections, e.g. `students: {search: [{num_layers: 2}, {layers: [0, 2, 4]}]}`) or as `{search: {low, high}}` "
+        "(a range); a single value sampled for a list knob (thresholds, ratios) is tried as a one-item list. Every "
+        "choice and both ends of every range are validated before the first trial. The search flow's form shows "
+        "each knob as a value or a search (`squeeze schema --search`).\n",
+    ]
+    lines += _section("a range, `{search: {...}}`", Range)[1:]
+    return lines
+
+
 def recipe_reference() -> str:
     """The markdown reference of every section and stage of a recipe."""
     lines = [HEADER]
@@ -101,6 +116,7 @@ def recipe_reference() -> str:
     for name, model in sections:
         lines += _section(name, model)
     lines += _families()
+    lines += _search()
     stage_models = typing.get_args(typing.get_args(StageConfig)[0])
     for model in stage_models:
         kind = model.model_fields["kind"].default

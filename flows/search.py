@@ -30,7 +30,7 @@ from squeezeflow.flows.compress import (
     teacher_and_context,
 )
 from squeezeflow.flows.config import SqueezeConfig
-from squeezeflow.flows.form import Recipe
+from squeezeflow.flows.form import Recipe, SearchRecipe
 from squeezeflow.flows.space import SearchSpace
 from squeezeflow.tasks.base import StrictModel
 from squeezeflow.tasks.data import check_data_task
@@ -132,11 +132,12 @@ def run_search(tree: dict, options: SearchOptions, source: str = "config") -> di
 
 
 @flow(name="search")
-def search(recipe: dict[str, Any], options: SearchOptions, source: str = "recipe") -> dict:
+def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe") -> dict:
     """Searches the recipe's `{search: ...}` knobs with Optuna; registers the best variant found."""
     logger = get_run_logger()
     started = time.perf_counter()
-    space = SearchSpace(recipe, source)
+    tree = recipe.to_tree()
+    space = SearchSpace(tree, source)
     base = space.first()
     selection = base.selection.model_copy(
         update={
@@ -154,7 +155,7 @@ def search(recipe: dict[str, Any], options: SearchOptions, source: str = "recipe
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"search-{run_dir.name}", tags=process_tags("search")
     ) as run:
-        mlflow.log_text(json.dumps(recipe, indent=2, default=str), "search_recipe.json")
+        mlflow.log_text(json.dumps(tree, indent=2), "search_recipe.json")
         mlflow.log_params(
             {
                 "name": base.name,

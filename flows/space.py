@@ -128,6 +128,13 @@ class Dimension:
         return [int(x) for x in ends] if self.spec.integer else ends
 
 
+def has_search(node: Any) -> bool:
+    """Whether a recipe tree holds a `{search: ...}` knob anywhere."""
+    if isinstance(node, dict):
+        return set(node) == {"search"} or any(has_search(v) for v in node.values())
+    return isinstance(node, list) and any(has_search(v) for v in node)
+
+
 def _where(path: tuple) -> str:
     return ".".join(str(k) for k in path)
 

@@ -23,7 +23,7 @@ def test_deployment_has_the_recipe_as_default_parameters_and_a_cron_schedule(tin
     assert deployment.entrypoint.endswith("compress.py:compress")
 
 
-def free_form(schema: dict) -> list[str]:
+def free_form(schema: dict, parameter: str = "config") -> list[str]:
     """Where Prefect's run form would fall back to a raw JSON box: a `oneOf`, or an object or value of no type."""
     defs, found = schema.get("definitions") or schema.get("$defs") or {}, []
 
@@ -43,7 +43,7 @@ def free_form(schema: dict) -> list[str]:
         if isinstance(node.get("items"), dict):
             walk(node["items"], f"{where}[]")
 
-    walk(schema["properties"]["config"], "config")
+    walk(schema["properties"][parameter], parameter)
     return found
 
 
@@ -70,3 +70,25 @@ def test_the_run_form_has_a_typed_section_per_stage_and_no_free_form_json():
 def test_bad_cron_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="--cron 'every night': not a cron expression"):
         make_deployment(parse_config(tiny_config), cron="every night")
+
+
+def test_the_search_deployment_offers_every_knob_as_a_value_or_a_search(tiny_config):
+    from prefect.utilities.callables import parameter_schema
+
+    from squeezeflow.flows.deploy import make_search_deployment
+    from squeezeflow.flows.form import SearchRecipe
+    from squeezeflow.flows.search import SearchOptions, search
+    from squeezeflow.flows.space import SearchSpace
+
+    tiny_config["stages"] = [{"kind": "export"}, {"kind": "quantize", "modes": {"search": [["dynamic"], ["static"]]}}]
+    deployment = make_search_deployment(tiny_config, SearchOptions(trials=5), cron="0 3 * * 6")
+    assert deployment.flow_name == "search" and deployment.name == "tiny-search"
+    assert deployment.parameters["options"]["trials"] == 5
+    tree = SearchRecipe.model_validate(deployment.parameters["recipe"]).to_tree()
+    assert [d.name for d in SearchSpace(tree).dimensions] == ["quantize.modes"]
+
+    schema = parameter_schema(search.fn).model_dump()
+    # only a choice's list of values (any JSON) is free-form; every knob is typed, or a search
+    assert [spot for spot in free_form(schema, "recipe") if not spot.endswith("search[]: no type")] == []
+    learning_rate = schema["definitions"]["SearchableTeacherConfig"]["properties"]["learning_rate"]
+    assert {option.get("$ref", "").rsplit("/", 1)[-1] for option in learning_rate["anyOf"]} >= {"Search"}
