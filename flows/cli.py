@@ -297,6 +297,175 @@ def serve(
     prefect_serve(deployment)
 
 
+DEFAULT_STORE = f"sqlite:///{Path('artifacts').resolve() / 'mlflow.db'}"
+
+
+def _use_store(tracking_uri: str) -> None:
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        _fail(f"--tracking-uri: no MLflow store at {tracking_uri.removeprefix('sqlite:///')}")
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+@app.command()
+def deploy(
+    model_uri: Annotated[str, typer.Argument(help="The model to serve, e.g. models:/squeezeflow-trec@champion")],
+    port: Annotated[int, typer.Option(help='HTTP port on 127.0.0.1 (POST / with {"texts": [...]})')] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (/metrics)")] = 8080,
+    challenger: Annotated[str | None, typer.Option(help="A second model served beside it (A/B)")] = None,
+    challenger_share: Annotated[float, typer.Option(help="Share of requests sent to the challenger")] = 0.1,
+    max_batch_size: Annotated[int, typer.Option(help="Largest batch a replica forms")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a replica waits for a batch to fill")] = 2.0,
+    threads: Annotated[int, typer.Option(help="Inference threads per replica")] = 1,
+    min_replicas: Annotated[int, typer.Option(help="Replicas per model when idle")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Replicas per model under load (autoscaling)")] = 1,
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = DEFAULT_STORE,
+) -> None:
+    """Serve registered models with Ray Serve on 127.0.0.1: dynamic batching, autoscaling, Prometheus metrics, A/B."""
+    import signal
+    import tempfile
+
+    from pydantic import ValidationError
+
+    from squeezeflow.flows.config import format_validation_error
+    from squeezeflow.flows.ray_serving import ServeOptions, fetch_model, start, stop
+
+    try:
+        options = ServeOptions(
+            port=port,
+            metrics_port=metrics_port,
+            challenger=challenger,
+            challenger_share=challenger_share,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            threads=threads,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+        )
+    except ValidationError as e:
+        _fail(format_validation_error("options", e).replace("options: ", "--", 1).replace("_", "-"))
+    _use_store(tracking_uri)
+    guard_children()
+    with tempfile.TemporaryDirectory(prefix="squeezeflow-deploy-") as tmp:
+        try:
+            arms = [
+                (fetch_model(model_uri, Path(tmp) / "a"), 1.0 - (options.challenger_share if challenger else 0), "a")
+            ]
+            if challenger:
+                challenged = fetch_model(challenger, Path(tmp) / "b")
+                if challenged.label_names != arms[0][0].label_names:
+                    raise SqueezeError(f"--challenger: {challenger} predicts other classes than {model_uri}")
+                arms.append((challenged, options.challenger_share, "b"))
+        except SqueezeError as e:
+            _fail(str(e))
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        try:
+            start(arms, options)
+            for model, share, arm in arms:
+                policy = "batched" if model.batched else "one row per call"
+                console.print(f"arm {arm}: {model.version} ({model.format}, {policy}), {share:.0%} of requests")
+            console.print(f"serving on http://127.0.0.1:{port}/ ; metrics on http://127.0.0.1:{metrics_port}/metrics")
+            console.print("Ctrl-C stops")
+            while not stopping:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop()
+    console.print("stopped")
+
+
+@app.command()
+def loadtest(
+    config: Annotated[Path, typer.Argument(help="The recipe whose eval texts (and labels) are sent")],
+    url: Annotated[str, typer.Option(help="The endpoint")] = "http://127.0.0.1:8000",
+    concurrency: Annotated[str, typer.Option(help="Concurrent clients per level, rising")] = "1,2,4,8,16",
+    seconds: Annotated[int, typer.Option(min=1, max=600, help="Seconds per level")] = 15,
+    target_p99_ms: Annotated[float, typer.Option(help="The p99 that QPS is reported at")] = 10.0,
+    model_uri: Annotated[
+        str | None, typer.Option(help="Log the curve to this served model's variant run in MLflow")
+    ] = None,
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = DEFAULT_STORE,
+    set_: SetOption = None,
+) -> None:
+    """Load a served endpoint at rising concurrency (Locust, headless) and report QPS at the p99 target."""
+    from squeezeflow.flows.loadtest import log_to_variant_run, qps_at_p99, run_level
+    from squeezeflow.tasks.data import read_split
+
+    try:
+        levels_asked = [int(x) for x in concurrency.split(",")]
+        if not levels_asked or min(levels_asked) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--concurrency {concurrency!r}: expected rising client counts, e.g. 1,2,4,8")
+    cfg = checked_config(config, set_)
+    split = read_split(cfg.data, "eval", cfg.model.num_labels)
+    rows = list(zip(split.texts, split.labels))
+    table = Table(title=f"load test of {url} ({seconds}s per level, p99 target {target_p99_ms} ms)")
+    for column in ("clients", "QPS", "p50 ms", "p99 ms", "requests", "failures"):
+        table.add_column(column, justify="right")
+    levels = []
+    for users in levels_asked:
+        try:
+            level = run_level(url, rows, users, seconds)
+        except RuntimeError as e:
+            _fail(f"{url}: {e}")
+        levels.append(level)
+        table.add_row(
+            *(
+                f"{level[k]:.1f}" if k == "qps" else str(level[k])
+                for k in ("users", "qps", "p50_ms", "p99_ms", "requests", "failures")
+            )
+        )
+    console.print(table)
+    console.print(f"QPS at p99 ≤ {target_p99_ms} ms: {qps_at_p99(levels, target_p99_ms):.1f}")
+    if model_uri:
+        _use_store(tracking_uri)
+        run_id = log_to_variant_run(model_uri, levels, target_p99_ms)
+        console.print(
+            f"logged to the variant run {run_id}" if run_id else f"{model_uri}: no variant run found to log to"
+        )
+    if any(level["failures"] for level in levels):
+        raise typer.Exit(EXIT_VARIANTS_FAILED)
+
+
+@app.command()
+def ab(
+    metrics_url: Annotated[str, typer.Argument(help="The server's metrics, e.g. http://127.0.0.1:8080/metrics")],
+) -> None:
+    """Compare the arms of an A/B deployment from its metrics: requests, latency and, for labelled requests,
+    accuracy with its 95 % interval; say which arm wins on each."""
+    import urllib.request
+
+    from squeezeflow.flows.ab import compare_arms
+
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    except OSError as e:
+        _fail(f"{metrics_url}: cannot read the metrics ({e})")
+    arms, verdict = compare_arms(text)
+    if not arms:
+        _fail(f"{metrics_url}: no squeezeflow request metrics yet (send requests to the endpoint first)")
+    table = Table(title="A/B arms")
+    for column in ("arm", "model version", "requests", "p50 ms", "p99 ms", "labelled", "accuracy [95 % CI]"):
+        table.add_column(column, justify="left" if column in ("arm", "model version") else "right")
+    for a in arms:
+        accuracy = f"{a['accuracy']:.4f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a["labelled"] else ""
+        table.add_row(
+            a["arm"],
+            a["model_version"],
+            str(a["requests"]),
+            f"{a['p50_ms']:.1f}",
+            f"{a['p99_ms']:.1f}",
+            str(a["labelled"]),
+            accuracy,
+        )
+    console.print(table)
+    console.print(verdict)
+
+
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOption = None) -> None:
     """Check a recipe and its data without running anything; print the resolved config (for a search recipe, its
@@ -320,9 +489,7 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: 
 @app.command()
 def report(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a pipeline run")],
-    tracking_uri: Annotated[
-        str, typer.Option(help="MLflow tracking URI")
-    ] = f"sqlite:///{Path('artifacts').resolve() / 'mlflow.db'}",
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = DEFAULT_STORE,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: artifacts/reports/<run-id>)")] = None,
 ) -> None:
     """Rebuild a pipeline run's report (report.md, variants.csv, pareto.png) from MLflow."""

@@ -227,11 +227,20 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                 raise
 
         done = optuna.trial.TrialState.COMPLETE
+        failed_here = []
+
+        def give_up_on_failures(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            """Stops a search whose trials keep failing (a bug, not a knob): as many failures as trials asked for."""
+            if trial.state == optuna.trial.TrialState.FAIL:
+                failed_here.append(trial.number)
+                if len(failed_here) >= options.trials:
+                    study.stop()
+
         if len(study.get_trials(deepcopy=False, states=[done])) < options.trials:
             study.optimize(
                 objective,
                 timeout=options.budget_minutes * 60 if options.budget_minutes else None,
-                callbacks=[optuna.study.MaxTrialsCallback(options.trials, states=(done,))],
+                callbacks=[optuna.study.MaxTrialsCallback(options.trials, states=(done,)), give_up_on_failures],
                 catch=(Exception,),
             )
         completed = study.get_trials(deepcopy=False, states=[done])

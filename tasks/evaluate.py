@@ -239,6 +239,7 @@ def measure(
     logits: dict[str, np.ndarray] = {}
     val_preds: dict[str, np.ndarray] = {}
     exit_layers: dict[str, list[np.ndarray]] = {}
+    batched: dict[str, list[np.ndarray]] = {}  # round 0's predictions in batches of batch_size
     batch_seconds: dict[str, list[float]] = {v.id: [] for v in variants}
     latencies: dict[str, list[list[float]]] = {v.id: [] for v in variants}
     tokenizing: dict[str, list[float]] = {v.id: [] for v in variants}  # the same texts, tokenized alone
@@ -255,9 +256,11 @@ def measure(
             predictor = predictors[v.id]
             started = time.perf_counter()
             for i in range(0, len(texts), cfg.batch_size):
-                predictor.logits(texts[i : i + cfg.batch_size])
-                if round_no == 0 and hasattr(predictor, "last_exit_layers"):  # early exit: where each input left
-                    exit_layers.setdefault(v.id, []).append(predictor.last_exit_layers)
+                batch_logits = predictor.logits(texts[i : i + cfg.batch_size])
+                if round_no == 0:
+                    batched.setdefault(v.id, []).append(batch_logits.argmax(-1))
+                    if hasattr(predictor, "last_exit_layers"):  # early exit: where each input left
+                        exit_layers.setdefault(v.id, []).append(predictor.last_exit_layers)
             batch_seconds[v.id].append(time.perf_counter() - started)
             samples, served = [], []
             for text in timed_texts:
@@ -306,6 +309,8 @@ def measure(
             "latency_spread_ms": max(round_medians) - min(round_medians),
             "bench_other_cpu_share": other_share,
             "throughput_qps": len(texts) / float(np.median(batch_seconds[v.id])),
+            # whether a server may batch this variant: its batched predictions against the one-row ones it was scored on
+            "batch_agreement": float((np.concatenate(batched[v.id]) == preds).mean()),
             "size_mb": size_on_disk_mb(v.path),
             "params_m": count_params(v) / 1e6,
         }

@@ -216,6 +216,13 @@ def version_description(v: Variant, why: str, previous: str | None) -> str:
     )
 
 
+def batch_policy(v: Variant) -> str:
+    """ "batched" when the benchmark found the variant's batched predictions equal to its one-row ones (and it is not
+    an early-exit model, whose exits are taken per row); else "per_row", the way its figures were measured."""
+    agrees = v.metrics.get("batch_agreement") == 1.0
+    return "batched" if agrees and v.format != "onnx-exit" else "per_row"
+
+
 def register_champion(
     v: Variant,
     registered_model: str,
@@ -263,13 +270,13 @@ def register_champion(
             name="champion",
             python_model=str(SERVING_CODE),
             artifacts={"model": v.path},
-            # per_row: one text per call, as the benchmark measured it (see serving.py)
+            # how a server may call it: batched only where batched predictions were measured equal to one-row ones
             model_config={
                 "format": v.format,
                 "label_names": label_names,
                 "threads": threads,
                 "variant_id": v.id,
-                "batch_policy": "per_row",
+                "batch_policy": batch_policy(v),
             },
             signature=ModelSignature(inputs=Schema([ColSpec("string", "text")])),
             pip_requirements=requirements,

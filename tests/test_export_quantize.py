@@ -613,6 +613,21 @@ def test_benchmark_scores_accuracy_and_parity_on_batch_1_calls_as_served(trained
     assert measured[int8.id]["parity_max_abs"] == pytest.approx(np.abs(int8_logits - parent_logits).max(), abs=1e-6)
     assert measured[teacher.id]["accuracy_drop"] == 0 and measured[teacher.id]["speedup"] == 1
     assert measured[int8.id]["latency_p50_ms"] > 0 and measured[int8.id]["throughput_qps"] > 0
+    # the batch policy a server may use rests on this: batched predictions against the one-row ones
+    predictor = load_predictor(int8.path, int8.format)
+    batched = np.concatenate([predictor.logits(eval_split.texts[i : i + 8]) for i in range(0, 60, 8)]).argmax(-1)
+    assert measured[int8.id]["batch_agreement"] == pytest.approx((batched == int8_labels).mean())
+    assert measured[onnx_variant.id]["batch_agreement"] == 1.0  # fp32 with padding masked: the same predictions
+
+
+def test_a_search_trial_benchmark_never_reports_eval_figures(trained):
+    from squeezeflow.tasks.evaluate import BenchmarkConfig, benchmark
+
+    teacher, onnx_variant, ctx = trained
+    cfg = BenchmarkConfig(threads=1, batch_size=8, warmup=0, rounds=1, latency_texts=3, measure_rss=False)
+    measured = benchmark([teacher, onnx_variant], ctx.data, 2, cfg, report_eval=False)
+    assert not [k for k in measured[1].metrics if k.startswith("accuracy")]
+    assert measured[1].metrics["val_accuracy"] > 0.9 and "val_accuracy_drop" in measured[1].metrics
 
 
 def test_benchmark_runs_in_a_fresh_process_logs_its_rounds_and_reports_its_failure(trained, tmp_path, caplog):

@@ -1,0 +1,99 @@
+"""`squeeze loadtest`: a bounded, self-stopping Locust load at rising concurrency against a served endpoint; per
+level the QPS and latency percentiles, and the highest QPS whose p99 stays within the target."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def run_level(url: str, rows: list[tuple[str, int]], users: int, seconds: int) -> dict[str, float]:
+    """One Locust run with `users` closed-loop clients for `seconds`: QPS, p50, p99 (ms) and failures."""
+    with tempfile.TemporaryDirectory(prefix="squeezeflow-loadtest-") as tmp:
+        texts = Path(tmp) / "texts.json"
+        texts.write_text(json.dumps(rows))
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(LOCUSTFILE),
+                "--headless",
+                "--only-summary",
+                "-u",
+                str(users),
+                "-r",
+                str(users),
+                "-t",
+                f"{seconds}s",
+                "--host",
+                url,
+                "--csv",
+                f"{tmp}/out",
+                "--stop-timeout",
+                "5",
+                "--loglevel",
+                "WARNING",
+            ],
+            env={**os.environ, "SQUEEZE_TEXTS": str(texts)},
+            capture_output=True,
+            text=True,
+            timeout=seconds + 120,
+        )
+        stats = Path(f"{tmp}/out_stats.csv")
+        if not stats.exists():
+            raise RuntimeError(f"locust wrote no statistics (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+        row = next(r for r in csv.DictReader(stats.open()) if r["Name"] == "Aggregated")
+    return {
+        "users": users,
+        "qps": float(row["Requests/s"]),
+        "p50_ms": float(row["50%"]),
+        "p99_ms": float(row["99%"]),
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+    }
+
+
+def qps_at_p99(levels: list[dict[str, float]], target_ms: float) -> float:
+    """The highest QPS among the levels whose p99 is within the target (0 when none is)."""
+    return max((level["qps"] for level in levels if level["p99_ms"] <= target_ms), default=0.0)
+
+
+def log_to_variant_run(model_uri: str, levels: list[dict[str, float]], target_ms: float) -> str | None:
+    """Logs the curve to the MLflow run of the variant behind `model_uri`; returns its run id (None: not found)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else None
+    except MlflowException:
+        return None
+    variant_id = version.tags.get("squeeze.variant_id") if version else None
+    if not variant_id:
+        return None
+    experiment = client.get_run(version.run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`squeeze.variant_id` = '{variant_id}' and tags.`squeeze.role` = 'variant'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    client.log_metric(run_id, "serve_qps_at_p99", qps_at_p99(levels, target_ms))
+    client.log_metric(run_id, "serve_p99_target_ms", target_ms)
+    for level in levels:
+        client.log_metric(run_id, f"serve_p99_ms_at_c{level['users']}", level["p99_ms"])
+        client.log_metric(run_id, f"serve_qps_at_c{level['users']}", level["qps"])
+    return run_id

@@ -1,0 +1,269 @@
+"""`squeeze deploy`: registered models behind Ray Serve on 127.0.0.1. One deployment per model version (an arm),
+each replica loading the model's own files (ONNX Runtime only, for an ONNX variant); a router in front splits the
+traffic between the arms (A/B), refuses bad requests with a 4xx and a message, and records Prometheus metrics
+(request latency, requests, errors, batch sizes, labelled accuracy) tagged with each arm's model version. Batches
+form (`@serve.batch`) only for a model whose batched predictions were measured equal to its one-row ones."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from squeezeflow.tasks.base import StrictModel
+
+LATENCY_BOUNDS_MS = [0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000]
+BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64]
+
+
+class ServeOptions(StrictModel):
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the endpoint (POST /).")
+    metrics_port: int = Field(8080, ge=1, le=65535, description="Port of the Prometheus text metrics (/metrics).")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Largest batch a replica forms.")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a replica waits for a batch to fill once a row is waiting."
+    )
+    threads: int = Field(1, ge=1, le=64, description="Inference threads per replica (replicas do not share cores).")
+    min_replicas: int = Field(1, ge=1, le=64, description="Replicas per arm when idle.")
+    max_replicas: int = Field(1, ge=1, le=64, description="Replicas per arm under load (autoscaling above min).")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests in flight per replica that the autoscaler aims for."
+    )
+    challenger: str | None = Field(None, description="A second model URI served beside the first (A/B).")
+    challenger_share: float = Field(0.1, ge=0, le=1, description="Share of the requests sent to the challenger.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeOptions:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.port == self.metrics_port:
+            raise ValueError(f"port and metrics_port are both {self.port}")
+        return self
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A registered model's files on this machine, and how the server may run it."""
+
+    uri: str
+    version: str
+    path: str  # the model directory (ONNX file(s) or safetensors, and the tokenizer)
+    format: str
+    label_names: list[str]
+    batched: bool  # batched predictions were measured equal to one-row ones
+
+
+def fetch_model(uri: str, dst: Path) -> ServedModel:
+    """Downloads `uri` (models:/NAME@alias, models:/NAME/VERSION, or a logged model's path) and reads its config."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from squeezeflow.tasks.base import SqueezeError
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except (MlflowException, OSError) as e:
+        raise SqueezeError(f"{uri}: cannot fetch the model ({str(e).splitlines()[0]})") from None
+    if not (local / "MLmodel").exists():
+        raise SqueezeError(f"{uri}: not an MLflow model (no MLmodel file); give models:/NAME@champion or similar")
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function") or {}
+    config = flavor.get("config") or {}
+    if "format" not in config or "model" not in (flavor.get("artifacts") or {}):
+        raise SqueezeError(f"{uri}: not a squeezeflow champion (its pyfunc has no model format); register one first")
+    version = config.get("variant_id", "?")
+    if uri.startswith("models:/"):
+        version = _registered_version(uri) or version
+    return ServedModel(
+        uri=uri,
+        version=version,
+        path=str(local / flavor["artifacts"]["model"]["path"]),
+        format=config["format"],
+        label_names=list(config["label_names"]),
+        batched=config.get("batch_policy") == "batched",
+    )
+
+
+def _registered_version(uri: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    try:
+        if ref:
+            return f"{name} v{MlflowClient().get_model_version_by_alias(name, ref).version}"
+        name, _, number = uri.removeprefix("models:/").partition("/")
+        return f"{name} v{number}"
+    except MlflowException:
+        return None
+
+
+def checked_request(body) -> tuple[list[str], list[int] | None]:
+    """The texts (and optional true label ids) of a request; a malformed one raises ValueError with the reason."""
+    if not isinstance(body, dict) or "texts" not in body:
+        raise ValueError('expected a JSON object {"texts": ["...", ...]} (optionally with "labels": [id, ...])')
+    unknown = set(body) - {"texts", "labels"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; send texts (and optionally labels)")
+    texts = body["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise ValueError("texts must be a non-empty list of strings")
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            problem = "null" if text is None else "not a string" if not isinstance(text, str) else "empty"
+            raise ValueError(f"texts[{row}] is {problem} ({text!r}): send a non-empty string per row")
+    labels = body.get("labels")
+    if labels is not None and (
+        not isinstance(labels, list) or len(labels) != len(texts) or not all(isinstance(x, int) for x in labels)
+    ):
+        raise ValueError("labels must be a list of class ids, one per text")
+    return texts, labels
+
+
+def classifier_deployment(options: ServeOptions):
+    """The Ray Serve deployment class of one arm, with the options' replicas, autoscaling and batching."""
+    from ray import serve
+
+    autoscaling = (
+        {
+            "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests,
+        }
+        if options.max_replicas > options.min_replicas
+        else None
+    )
+
+    @serve.deployment(
+        num_replicas=None if autoscaling else options.min_replicas,
+        autoscaling_config=autoscaling,
+        # a replica's inference threads are its share of the cores, so replicas do not fight over them
+        ray_actor_options={"num_cpus": options.threads},
+    )
+    class Classifier:
+        def __init__(self, model: ServedModel, arm: str) -> None:
+            from ray.util import metrics
+
+            from squeezeflow.tasks.runtime import load_predictor
+
+            self.model, self.tags = model, {"model_version": model.version, "arm": arm}
+            self.predictor = load_predictor(model.path, model.format, options.threads)
+            self.batch_sizes = metrics.Histogram(
+                "squeeze_batch_size", "Rows per model call", boundaries=BATCH_BOUNDS, tag_keys=tuple(self.tags)
+            )
+            self.batch_sizes.set_default_tags(self.tags)
+
+        def _run(self, texts: list[str]):
+            import numpy as np
+
+            from squeezeflow.tasks.runtime import softmax
+
+            self.batch_sizes.observe(len(texts))
+            return softmax(np.asarray(self.predictor.logits(texts)))
+
+        @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_ms / 1000)
+        async def _batched(self, texts: list[str]) -> list:
+            return list(self._run(texts))
+
+        async def predict(self, texts: list[str]) -> list[dict]:
+            if self.model.batched:  # rows of concurrent requests share a model call
+                rows = await asyncio.gather(*[self._batched(text) for text in texts])
+            else:  # one row per call, as this model's figures were measured
+                rows = [self._run([text])[0] for text in texts]
+            return [
+                {
+                    "label": self.model.label_names[int(p.argmax())],
+                    "label_id": int(p.argmax()),
+                    "score": float(p.max()),
+                    "probabilities": [float(x) for x in p],
+                }
+                for p in rows
+            ]
+
+    return Classifier
+
+
+def router_deployment():
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment
+    class Router:
+        """Chooses an arm per request by its share, and records what the metrics need per arm."""
+
+        def __init__(self, arms: list[tuple], seed: int = 0) -> None:
+            from ray.util import metrics
+
+            self.arms = arms  # (handle, share, version, arm name)
+            self.random = random.Random(seed)
+            keys = ("model_version", "arm")
+            self.latency = metrics.Histogram(
+                "squeeze_request_latency_ms", "End-to-end latency of a request", LATENCY_BOUNDS_MS, tag_keys=keys
+            )
+            self.requests = metrics.Counter("squeeze_requests", "Requests answered", tag_keys=keys)
+            self.errors = metrics.Counter("squeeze_errors", "Requests refused or failed", tag_keys=("reason",))
+            self.labelled = metrics.Counter("squeeze_labelled_rows", "Rows sent with their true label", tag_keys=keys)
+            self.correct = metrics.Counter("squeeze_correct_rows", "Labelled rows predicted right", tag_keys=keys)
+
+        async def __call__(self, request: Request):
+            started = time.perf_counter()
+            try:
+                texts, labels = checked_request(await request.json())
+            except ValueError as e:  # also a body that is not JSON
+                self.errors.inc(tags={"reason": "bad_request"})
+                return JSONResponse({"error": str(e) or "the body is not JSON"}, status_code=400)
+            handle, _, version, arm = self.random.choices(self.arms, weights=[a[1] for a in self.arms])[0]
+            tags = {"model_version": version, "arm": arm}
+            try:
+                predictions = await handle.predict.remote(texts)
+            except Exception as e:
+                self.errors.inc(tags={"reason": "model_error"})
+                return JSONResponse({"error": f"the model failed: {type(e).__name__}"}, status_code=500)
+            if labels is not None:
+                self.labelled.inc(len(labels), tags=tags)
+                self.correct.inc(sum(p["label_id"] == y for p, y in zip(predictions, labels)), tags=tags)
+            self.requests.inc(tags=tags)
+            self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
+            return {"predictions": predictions, "model_version": version, "arm": arm}
+
+    return Router
+
+
+def build_app(models: list[tuple[ServedModel, float, str]], options: ServeOptions):
+    """The application: one Classifier deployment per arm (model, share, arm name) behind the Router."""
+    classifier = classifier_deployment(options)
+    arms = [
+        (classifier.options(name=f"classifier-{name}").bind(model, name), share, model.version, name)
+        for model, share, name in models
+    ]
+    return router_deployment().bind(arms)
+
+
+def start(models: list[tuple[ServedModel, float, str]], options: ServeOptions) -> None:
+    """Starts a local Ray (its metrics on `metrics_port`) and the application on 127.0.0.1:`port`."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        _metrics_export_port=options.metrics_port,  # the metrics agent's Prometheus port (`ray start` names it so)
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": options.port})
+    serve.run(build_app(models, options), name="squeezeflow", route_prefix="/")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,185 @@
+"""`squeeze deploy`: two registered versions of the tiny classifier behind a real Ray Serve on 127.0.0.1 (A/B),
+answered as the pyfunc answers, batched only for the model whose batching was measured, refusing bad requests,
+exposing Prometheus metrics, stopped cleanly; `squeeze ab` and `squeeze loadtest` read and load it."""
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pandas as pd
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from squeezeflow.flows.ab import compare_arms
+from squeezeflow.tasks.export import ExportConfig, export
+from squeezeflow.tasks.quantize import QuantizeConfig, quantize
+from squeezeflow.tasks.tracking import log_variant, register_champion
+from squeezeflow.tasks.variant import StageContext
+
+from .conftest import free_port, sentiment_rows, wait_for, write_tsv
+from .test_cli import SQUEEZE, recipe, squeeze
+
+TEXTS = [text for text, _ in sentiment_rows(40, seed=5)]
+
+
+@pytest.fixture(scope="module")
+def registry(trained_tiny, tmp_path_factory):
+    """models:/tiny@previous: fp32 ONNX, measured batch-invariant; models:/tiny@champion: dynamic INT8, per row."""
+    teacher, data = trained_tiny
+    root = tmp_path_factory.mktemp("serving")
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher)
+    fp32 = export(teacher, ExportConfig(), root / "variants").with_metrics(batch_agreement=1.0)
+    int8 = quantize(fp32, "dynamic", QuantizeConfig(), ctx, root / "variants").with_metrics(batch_agreement=0.98)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("tiny", artifact_location=str(root / "mlartifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log_variant(MlflowClient(), experiment, run.info.run_id, int8)
+        first = register_champion(fp32, "tiny", ["neg", "pos"], 1)
+        register_champion(int8, "tiny", ["neg", "pos"], 1, previous=first)
+    recipe_tree = {
+        "name": "tiny",
+        "model": {"source": teacher.path, "num_labels": 2},
+        "data": {"train": str(data.train), "eval": str(write_tsv(root / "eval.tsv", sentiment_rows(30, seed=9)))},
+        "artifacts_dir": str(root / "artifacts"),
+    }
+    return uri, recipe_tree
+
+
+def post(port: int, body) -> tuple[int, dict]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/", data=raw, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def batch_sizes(text: str) -> dict[str, dict[float, float]]:
+    """Cumulative batch-size histogram per arm, summed over replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.removeprefix("ray_") == "squeeze_batch_size_bucket":
+                arm = out.setdefault(s.labels["arm"], {})
+                arm[float(s.labels["le"])] = arm.get(float(s.labels["le"]), 0) + s.value
+    return out
+
+
+def test_the_served_ab_endpoint(registry, tmp_path):
+    uri, recipe_tree = registry
+    port, metrics_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [
+            SQUEEZE, "deploy", "models:/tiny@previous", "--challenger", "models:/tiny@champion",
+            "--challenger-share", "0.5", "--port", str(port), "--metrics-port", str(metrics_port),
+            "--max-batch-size", "8", "--batch-wait-ms", "20", "--tracking-uri", uri,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: post(port, {"texts": ["warm up"]})[0] == 200, 240, "the Ray Serve endpoint")
+        descendants = psutil.Process(server.pid).children(recursive=True)
+
+        # the answers are the pyfunc's, from whichever arm served them; both arms get traffic
+        mlflow.set_tracking_uri(uri)
+        expected = {
+            arm: mlflow.pyfunc.load_model(f"models:/tiny@{alias}").predict(pd.DataFrame({"text": TEXTS[:8]}))
+            for arm, alias in (("a", "previous"), ("b", "champion"))
+        }
+        arms_seen = set()
+        for _ in range(12):
+            status, answer = post(port, {"texts": TEXTS[:8]})
+            assert status == 200, answer
+            arms_seen.add(answer["arm"])
+            got = [p["label"] for p in answer["predictions"]]
+            assert got == list(expected[answer["arm"]]["label"])
+            assert set(answer["predictions"][0]) == {"label", "label_id", "score", "probabilities"}
+        assert arms_seen == {"a", "b"}
+
+        # under concurrency the batch-invariant arm forms batches; the per-row arm never does
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda t: post(port, {"texts": [t], "labels": [1]}), TEXTS * 4))
+
+        def both_arms_counted():
+            sizes = batch_sizes(metrics(metrics_port))
+            return sizes if {"a", "b"} <= set(sizes) else None
+
+        sizes = wait_for(both_arms_counted, 60, "the batch-size metrics of both arms")
+        assert sizes["a"][float("inf")] > sizes["a"][1.0], "arm a (batched) never formed a batch"
+        assert sizes["b"][float("inf")] == sizes["b"][1.0], "arm b (per row) was batched"
+
+        # bad requests: a 4xx with the reason
+        for body, fragment in [
+            (b"", "not JSON"),
+            ({"text": ["x"]}, "expected a JSON object"),
+            ({"texts": [None]}, "texts[0] is null"),
+            ({"texts": []}, "non-empty list"),
+        ]:
+            status, answer = post(port, body)
+            assert status == 400 and fragment in answer["error"], (body, status, answer)
+
+        # metrics: the latency histogram per arm and model version; the A/B comparison reads them
+        def with_accuracy_counts():
+            text = metrics(metrics_port)
+            return text if "squeeze_correct_rows" in text else None
+
+        text = wait_for(with_accuracy_counts, 60, "the labelled-rows metrics")
+        assert "squeeze_request_latency_ms_bucket" in text
+        arms, verdict = compare_arms(text)
+        assert {a["arm"] for a in arms} == {"a", "b"} and all(a["labelled"] for a in arms)
+        assert {a["model_version"] for a in arms} == {"tiny v1", "tiny v2"}
+        assert "latency: arm" in verdict
+        done = squeeze("ab", f"http://127.0.0.1:{metrics_port}/metrics")
+        assert done.returncode == 0 and "tiny v2" in done.stdout, done.stderr
+
+        # a short load test, logged to the champion's variant run
+        done = squeeze(
+            "loadtest", recipe(tmp_path, recipe_tree), "--url", f"http://127.0.0.1:{port}", "--concurrency", "1,2",
+            "--seconds", "2", "--model-uri", "models:/tiny@champion", "--tracking-uri", uri,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "QPS at p99" in done.stdout and "logged to the variant run" in done.stdout
+        logged = (
+            MlflowClient(uri)
+            .search_runs(
+                [MlflowClient(uri).get_experiment_by_name("tiny").experiment_id],
+                filter_string="tags.`squeeze.role` = 'variant'",
+            )[0]
+            .data.metrics
+        )
+        assert {"serve_qps_at_p99", "serve_p99_ms_at_c1", "serve_p99_ms_at_c2"} <= set(logged)
+
+        # SIGTERM: Ray and everything the server started are gone
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=120)
+        assert server.returncode == 0 and "stopped" in output, output[-2000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(p.is_running() for p in descendants):
+            time.sleep(0.5)
+        alive = [
+            " ".join(p.cmdline())[:120] for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
+        assert alive == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
