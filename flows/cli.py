@@ -360,9 +360,9 @@ def deploy(
         except SqueezeError as e:
             _fail(str(e))
         stopping = []
-        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
         try:
             start(arms, options)
+            signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))  # after Ray's start, which sets its own
             for model, share, arm in arms:
                 policy = "batched" if model.batched else "one row per call"
                 console.print(f"arm {arm}: {model.version} ({model.format}, {policy}), {share:.0%} of requests")

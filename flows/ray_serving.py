@@ -7,6 +7,7 @@ form (`@serve.batch`) only for a model whose batched predictions were measured e
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -192,7 +193,7 @@ def router_deployment():
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment
+    @serve.deployment(ray_actor_options={"num_cpus": 0})  # it only waits on the arms: no core of its own
     class Router:
         """Chooses an arm per request by its share, and records what the metrics need per arm."""
 
@@ -213,10 +214,13 @@ def router_deployment():
         async def __call__(self, request: Request):
             started = time.perf_counter()
             try:
-                texts, labels = checked_request(await request.json())
-            except ValueError as e:  # also a body that is not JSON
+                texts, labels = checked_request(json.loads(await request.body()))
+            except json.JSONDecodeError as e:
                 self.errors.inc(tags={"reason": "bad_request"})
-                return JSONResponse({"error": str(e) or "the body is not JSON"}, status_code=400)
+                return JSONResponse({"error": f"the body is not JSON ({e})"}, status_code=400)
+            except ValueError as e:
+                self.errors.inc(tags={"reason": "bad_request"})
+                return JSONResponse({"error": str(e)}, status_code=400)
             handle, _, version, arm = self.random.choices(self.arms, weights=[a[1] for a in self.arms])[0]
             tags = {"model_version": version, "arm": arm}
             try:
@@ -226,7 +230,9 @@ def router_deployment():
                 return JSONResponse({"error": f"the model failed: {type(e).__name__}"}, status_code=500)
             if labels is not None:
                 self.labelled.inc(len(labels), tags=tags)
-                self.correct.inc(sum(p["label_id"] == y for p, y in zip(predictions, labels)), tags=tags)
+                right = sum(p["label_id"] == y for p, y in zip(predictions, labels))
+                if right:  # a Ray counter takes only positive steps
+                    self.correct.inc(right, tags=tags)
             self.requests.inc(tags=tags)
             self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
             return {"predictions": predictions, "model_version": version, "arm": arm}

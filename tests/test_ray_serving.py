@@ -45,7 +45,7 @@ def registry(trained_tiny, tmp_path_factory):
         register_champion(int8, "tiny", ["neg", "pos"], 1, previous=first)
     recipe_tree = {
         "name": "tiny",
-        "model": {"source": teacher.path, "num_labels": 2},
+        "model": {"source": teacher.path, "num_labels": 2, "max_length": 32},
         "data": {"train": str(data.train), "eval": str(write_tsv(root / "eval.tsv", sentiment_rows(30, seed=9)))},
         "artifacts_dir": str(root / "artifacts"),
     }
@@ -61,7 +61,11 @@ def post(port: int, body) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except json.JSONDecodeError:  # Ray's proxy, not the application (e.g. while it starts)
+            return e.code, {"error": raw.decode(errors="replace")}
 
 
 def metrics(port: int) -> str:
