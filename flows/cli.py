@@ -320,6 +320,9 @@ def deploy(
     threads: Annotated[int, typer.Option(help="Inference threads per replica")] = 1,
     min_replicas: Annotated[int, typer.Option(help="Replicas per model when idle")] = 1,
     max_replicas: Annotated[int, typer.Option(help="Replicas per model under load (autoscaling)")] = 1,
+    scale_on_p99_ms: Annotated[
+        float | None, typer.Option(help="Autoscale on the replicas' p99 (ms) instead of requests in flight")
+    ] = None,
     tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI")] = DEFAULT_STORE,
 ) -> None:
     """Serve registered models with Ray Serve on 127.0.0.1: dynamic batching, autoscaling, Prometheus metrics, A/B."""
@@ -342,6 +345,7 @@ def deploy(
             threads=threads,
             min_replicas=min_replicas,
             max_replicas=max_replicas,
+            scale_on_p99_ms=scale_on_p99_ms,
         )
     except ValidationError as e:
         _fail(format_validation_error("options", e).replace("options: ", "--", 1).replace("_", "-"))

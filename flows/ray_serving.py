@@ -7,6 +7,7 @@ form (`@serve.batch`) only for a model whose batched predictions were measured e
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import time
@@ -33,6 +34,11 @@ class ServeOptions(StrictModel):
     max_replicas: int = Field(1, ge=1, le=64, description="Replicas per arm under load (autoscaling above min).")
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Requests in flight per replica that the autoscaler aims for."
+    )
+    scale_on_p99_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Scale on the replicas' p99 instead of requests in flight: add one above it, drop one below half.",
     )
     challenger: str | None = Field(None, description="A second model URI served beside the first (A/B).")
     challenger_share: float = Field(0.1, ge=0, le=1, description="Share of the requests sent to the challenger.")
@@ -125,6 +131,31 @@ def checked_request(body) -> tuple[list[str], list[int] | None]:
     return texts, labels
 
 
+P99_WINDOW = 500  # requests per replica that its p99 is taken over
+SCALE_COOLDOWN_S = 10.0  # a p99 policy's decisions are this far apart, so a new replica is seen before the next
+
+
+class P99Policy:
+    """Ray Serve custom autoscaling policy: one replica more while the worst replica's p99 is above the target, one
+    fewer while it is under half of it, within the configured bounds."""
+
+    def __init__(self, target_p99_ms: float) -> None:
+        self.target = target_p99_ms
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        state = dict(ctx.policy_state or {})
+        now = ctx.current_time or time.time()
+        p99 = max((ctx.aggregated_metrics or {}).get("p99_ms", {}).values(), default=0.0)
+        replicas = ctx.current_num_replicas
+        if now - state.get("decided_at", 0.0) >= SCALE_COOLDOWN_S:
+            if p99 > self.target:
+                replicas, state["decided_at"] = replicas + 1, now
+            elif p99 < self.target / 2 and replicas > 1:
+                replicas, state["decided_at"] = replicas - 1, now
+        bounded = min(max(replicas, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas)
+        return bounded, state
+
+
 def classifier_deployment(options: ServeOptions):
     """The Ray Serve deployment class of one arm, with the options' replicas, autoscaling and batching."""
     from ray import serve
@@ -138,6 +169,11 @@ def classifier_deployment(options: ServeOptions):
         if options.max_replicas > options.min_replicas
         else None
     )
+    if autoscaling and options.scale_on_p99_ms:
+        autoscaling["policy"] = {
+            "policy_function": f"{__name__}:P99Policy",
+            "policy_kwargs": {"target_p99_ms": options.scale_on_p99_ms},
+        }
 
     @serve.deployment(
         num_replicas=None if autoscaling else options.min_replicas,
@@ -157,6 +193,13 @@ def classifier_deployment(options: ServeOptions):
                 "squeeze_batch_size", "Rows per model call", boundaries=BATCH_BOUNDS, tag_keys=tuple(self.tags)
             )
             self.batch_sizes.set_default_tags(self.tags)
+            self.recent_ms: collections.deque[float] = collections.deque(maxlen=P99_WINDOW)
+
+        def record_autoscaling_stats(self) -> dict[str, float]:
+            """What the p99 policy reads: this replica's p99 over its recent requests (Ray Serve calls it)."""
+            import numpy as np
+
+            return {"p99_ms": float(np.percentile(self.recent_ms, 99)) if self.recent_ms else 0.0}
 
         def _run(self, texts: list[str]):
             import numpy as np
@@ -171,10 +214,12 @@ def classifier_deployment(options: ServeOptions):
             return list(self._run(texts))
 
         async def predict(self, texts: list[str]) -> list[dict]:
+            started = time.perf_counter()
             if self.model.batched:  # rows of concurrent requests share a model call
                 rows = await asyncio.gather(*[self._batched(text) for text in texts])
             else:  # one row per call, as this model's figures were measured
                 rows = [self._run([text])[0] for text in texts]
+            self.recent_ms.append((time.perf_counter() - started) * 1000)
             return [
                 {
                     "label": self.model.label_names[int(p.argmax())],

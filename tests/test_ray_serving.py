@@ -187,3 +187,30 @@ def test_the_served_ab_endpoint(registry, tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_the_p99_policy_adds_a_replica_above_the_target_and_drops_one_well_below_it():
+    from types import SimpleNamespace
+
+    from squeezeflow.flows.ray_serving import SCALE_COOLDOWN_S, P99Policy
+
+    policy = P99Policy(target_p99_ms=10)
+
+    def decide(p99s, replicas, state=None, now=1000.0):
+        ctx = SimpleNamespace(
+            aggregated_metrics={"p99_ms": dict(enumerate(p99s))},
+            current_num_replicas=replicas,
+            capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=3,
+            policy_state=state or {},
+            current_time=now,
+        )
+        return policy(ctx)
+
+    assert decide([4, 12], 1)[0] == 2  # the worst replica decides
+    assert decide([6, 7], 2)[0] == 2  # between half the target and the target: stay
+    assert decide([2, 3], 2)[0] == 1
+    assert decide([50], 3)[0] == 3  # never above the bound
+    replicas, state = decide([12], 1)
+    assert decide([12], replicas, state, now=1000 + SCALE_COOLDOWN_S / 2)[0] == replicas  # cooling down
+    assert decide([], 2)[0] == 1  # no traffic: scale in
