@@ -64,13 +64,37 @@ class ServedModel:
     batched: bool  # batched predictions were measured equal to one-row ones
 
 
+def local_variant(directory: Path) -> ServedModel:
+    """A variant directory of artifacts/variants (e.g. the teacher, to load-test it under the same server): served
+    one row per call, as its figures were measured; labels from its config.json."""
+    import json
+
+    from squeezeflow.tasks.variant import Variant
+
+    variant = Variant.model_validate_json((directory / "variant.json").read_text())
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
+    labels = config.get("id2label") or {}
+    return ServedModel(
+        uri=str(directory),
+        version=variant.id,
+        path=str(directory),
+        format=variant.format,
+        label_names=[labels[k] for k in sorted(labels, key=int)] if labels else [],
+        batched=False,
+    )
+
+
 def fetch_model(uri: str, dst: Path) -> ServedModel:
-    """Downloads `uri` (models:/NAME@alias, models:/NAME/VERSION, or a logged model's path) and reads its config."""
+    """Downloads `uri` (models:/NAME@alias, models:/NAME/VERSION, or a logged model's path) and reads its config;
+    a variant directory is served from where it is."""
     import mlflow
     import yaml
     from mlflow.exceptions import MlflowException
 
     from squeezeflow.tasks.base import SqueezeError
+
+    if (Path(uri) / "variant.json").exists():
+        return local_variant(Path(uri))
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))

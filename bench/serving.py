@@ -1,0 +1,83 @@
+"""Served figures: each model behind the same `squeeze deploy` server, loaded by the same Locust load at rising
+concurrency; one table of QPS, p50 and p99.
+
+    python -m bench.serving configs/trec.yaml models:/squeezeflow-trec@champion artifacts/variants/teacher-668664 \
+        --concurrency 1,2,4,8 --seconds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from squeezeflow.flows.config import load_config
+from squeezeflow.flows.loadtest import qps_at_p99, run_level
+from squeezeflow.tasks.data import read_split
+from squeezeflow.tasks.evaluate import machine
+
+SQUEEZE = str(Path(sys.executable).with_name("squeeze"))
+
+
+def ready(url: str, body: dict, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f}s")
+
+
+def measure(command: list[str], url: str, probe: dict, rows, levels, seconds) -> list[dict]:
+    """Starts a server, loads it at each level, stops it."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready(url + "/", probe, 300)
+        return [run_level(url, rows, users, seconds) for users in levels]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="the recipe whose eval texts are sent")
+    parser.add_argument("models", nargs="+", help="model URIs or variant directories, each served by squeeze deploy")
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--target-p99-ms", type=float, default=10.0)
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    cfg = load_config(args.recipe)
+    split = read_split(cfg.data, "eval", cfg.model.num_labels)
+    rows, levels = list(zip(split.texts, split.labels)), [int(x) for x in args.concurrency.split(",")]
+    url = f"http://127.0.0.1:{args.port}"
+    results = {}
+    for model in args.models:
+        command = [SQUEEZE, "deploy", model, "--port", str(args.port), "--metrics-port", str(args.port + 80)]
+        results[f"squeeze deploy {model}"] = measure(command, url, {"texts": ["hello"]}, rows, levels, args.seconds)
+    print(f"machine: {machine()}; {args.seconds}s per level; Locust shares the machine's cores with the server")
+    print("| server and model | clients | QPS | p50 ms | p99 ms | failures |")
+    print("|---|---|---|---|---|---|")
+    for name, measured in results.items():
+        for level in measured:
+            print(
+                f"| {name} | {level['users']} | {level['qps']:.1f} | {level['p50_ms']:.0f} | {level['p99_ms']:.0f} | "
+                f"{level['failures']} |"
+            )
+        print(
+            f"| {name} | QPS at p99 ≤ {args.target_p99_ms:g} ms | {qps_at_p99(measured, args.target_p99_ms):.1f} |||||"
+        )
+
+
+if __name__ == "__main__":
+    main()
