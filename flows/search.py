@@ -336,11 +336,11 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
             f"{m['size_mb']:.1f} |"
         )
     lines += ["", f"best: {result['champion']} ({result['selection']}); registry: {result['registry']}", ""]
-    ranked = importances(study, metric)
+    ranked = {target: scores for target, scores in importances(study, metric).items() if scores}
     if ranked:
         lines += ["## knob importances (fANOVA over the completed trials)", "", "| knob | " + " | ".join(ranked) + " |"]
         lines += ["|---|" + "---|" * len(ranked)]
-        for name in next(iter(ranked.values())):
+        for name in sorted({n for scores in ranked.values() for n in scores}):
             lines.append(f"| {name} | " + " | ".join(f"{ranked[t].get(name, 0.0):.2f}" for t in ranked) + " |")
     (out / "search.md").write_text("\n".join(lines) + "\n")
     return [out / "search.md", out / "trials.csv", out / "front.png"]
