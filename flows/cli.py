@@ -297,6 +297,17 @@ def serve(
     prefect_serve(deployment)
 
 
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 DEFAULT_STORE = f"sqlite:///{Path('artifacts').resolve() / 'mlflow.db'}"
 
 
@@ -348,7 +359,11 @@ def deploy(
             scale_on_p99_ms=scale_on_p99_ms,
         )
     except ValidationError as e:
-        _fail(format_validation_error("options", e).replace("options: ", "--", 1).replace("_", "-"))
+        message = format_validation_error("options", e).removeprefix("options: ").replace("(top level): ", "")
+        _fail(f"--{message}".replace("_", "-"))
+    for flag, number in (("--port", port), ("--metrics-port", metrics_port)):
+        if not port_free(number):
+            _fail(f"{flag}: 127.0.0.1:{number} is in use by another process; choose another port")
     _use_store(tracking_uri)
     guard_children()
     with tempfile.TemporaryDirectory(prefix="squeezeflow-deploy-") as tmp:

@@ -48,7 +48,7 @@ class ServeOptions(StrictModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         if self.port == self.metrics_port:
-            raise ValueError(f"port and metrics_port are both {self.port}")
+            raise ValueError(f"metrics_port is the same as port ({self.port}); give each its own")
         return self
 
 

@@ -4,6 +4,7 @@ exposing Prometheus metrics, stopped cleanly; `squeeze ab` and `squeeze loadtest
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -214,3 +215,22 @@ def test_the_p99_policy_adds_a_replica_above_the_target_and_drops_one_well_below
     replicas, state = decide([12], 1)
     assert decide([12], replicas, state, now=1000 + SCALE_COOLDOWN_S / 2)[0] == replicas  # cooling down
     assert decide([], 2)[0] == 1  # no traffic: scale in
+
+
+def test_deploy_mistakes_are_one_line_before_ray_starts(registry):
+    from .test_cli import assert_one_line_error
+
+    uri, _ = registry
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    with busy:
+        done = squeeze("deploy", "models:/tiny@champion", "--port", str(port), "--tracking-uri", uri)
+    assert_one_line_error(done, f"--port: 127.0.0.1:{port} is in use by another process")
+    done = squeeze("deploy", "models:/tiny@champion", "--port", "8123", "--metrics-port", "8123", "--tracking-uri", uri)
+    assert_one_line_error(done, "--metrics-port is the same as port (8123)")
+    assert_one_line_error(squeeze("deploy", "models:/nope@champion", "--tracking-uri", uri), "models:/nope@champion")
+    done = squeeze(
+        "deploy", "models:/tiny@champion", "--min-replicas", "3", "--max-replicas", "2", "--tracking-uri", uri
+    )
+    assert_one_line_error(done, "--max-replicas (2) is below min-replicas (3)")
