@@ -410,7 +410,7 @@ def loadtest(
     set_: SetOption = None,
 ) -> None:
     """Load a served endpoint at rising concurrency (Locust, headless) and report QPS at the p99 target."""
-    from squeezeflow.flows.loadtest import log_to_variant_run, qps_at_p99, run_level
+    from squeezeflow.flows.loadtest import check_endpoint, log_to_variant_run, qps_at_p99, run_level
     from squeezeflow.tasks.data import read_split
 
     try:
@@ -420,6 +420,10 @@ def loadtest(
     except ValueError:
         _fail(f"--concurrency {concurrency!r}: expected rising client counts, e.g. 1,2,4,8")
     cfg = checked_config(config, set_)
+    try:
+        check_endpoint(url)
+    except RuntimeError as e:
+        _fail(f"--url {url}: {e}")
     split = read_split(cfg.data, "eval", cfg.model.num_labels)
     rows = list(zip(split.texts, split.labels))
     table = Table(title=f"load test of {url} ({seconds}s per level, p99 target {target_p99_ms} ms)")

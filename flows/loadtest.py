@@ -52,19 +52,45 @@ def run_level(url: str, rows: list[tuple[str, int]], users: int, seconds: int) -
         if not stats.exists():
             raise RuntimeError(f"locust wrote no statistics (exit {done.returncode}): {done.stderr.strip()[-500:]}")
         row = next(r for r in csv.DictReader(stats.open()) if r["Name"] == "Aggregated")
+    requests, failures = int(row["Request Count"]), int(row["Failure Count"])
     return {
         "users": users,
-        "qps": float(row["Requests/s"]),
+        # answered requests per second: a failed request is not throughput
+        "qps": float(row["Requests/s"]) * (requests - failures) / max(requests, 1),
         "p50_ms": float(row["50%"]),
         "p99_ms": float(row["99%"]),
-        "requests": int(row["Request Count"]),
-        "failures": int(row["Failure Count"]),
+        "requests": requests,
+        "failures": failures,
     }
 
 
 def qps_at_p99(levels: list[dict[str, float]], target_ms: float) -> float:
-    """The highest QPS among the levels whose p99 is within the target (0 when none is)."""
-    return max((level["qps"] for level in levels if level["p99_ms"] <= target_ms), default=0.0)
+    """The highest QPS among the levels with no failed request and a p99 within the target (0 when none is)."""
+    return max(
+        (level["qps"] for level in levels if level["p99_ms"] <= target_ms and not level["failures"]), default=0.0
+    )
+
+
+def check_endpoint(url: str) -> None:
+    """One request, so that a load test against nothing (or something else) stops with the reason, not with a
+    table of failures."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url.rstrip("/") + "/", json.dumps({"texts": ["hello"]}).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            body = json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(
+            f"it answers HTTP {e.code}: not a squeezeflow endpoint (start one with squeeze deploy)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"nothing usable answers there ({e}); start the server with squeeze deploy") from None
+    if "predictions" not in body:
+        raise RuntimeError("it is not a squeezeflow endpoint (no predictions in its answer); use squeeze deploy")
 
 
 def log_to_variant_run(model_uri: str, levels: list[dict[str, float]], target_ms: float) -> str | None:

@@ -217,10 +217,13 @@ def test_the_p99_policy_adds_a_replica_above_the_target_and_drops_one_well_below
     assert decide([], 2)[0] == 1  # no traffic: scale in
 
 
-def test_deploy_mistakes_are_one_line_before_ray_starts(registry):
+def test_deploy_and_loadtest_mistakes_are_one_line_before_ray_starts(registry, tmp_path):
     from .test_cli import assert_one_line_error
 
-    uri, _ = registry
+    uri, recipe_tree = registry
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    done = squeeze("loadtest", recipe(tmp_path, recipe_tree), "--url", nowhere, "--seconds", "1")
+    assert_one_line_error(done, f"--url {nowhere}: nothing usable answers there")
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     port = busy.getsockname()[1]
@@ -234,3 +237,15 @@ def test_deploy_mistakes_are_one_line_before_ray_starts(registry):
         "deploy", "models:/tiny@champion", "--min-replicas", "3", "--max-replicas", "2", "--tracking-uri", uri
     )
     assert_one_line_error(done, "--max-replicas (2) is below min-replicas (3)")
+
+
+def test_qps_at_the_p99_target_counts_only_levels_without_failures():
+    from squeezeflow.flows.loadtest import qps_at_p99
+
+    levels = [
+        {"users": 1, "qps": 90.0, "p99_ms": 8.0, "failures": 0},
+        {"users": 2, "qps": 150.0, "p99_ms": 9.0, "failures": 3},
+        {"users": 4, "qps": 170.0, "p99_ms": 14.0, "failures": 0},
+    ]
+    assert qps_at_p99(levels, 10.0) == 90.0
+    assert qps_at_p99(levels, 5.0) == 0.0
