@@ -36,7 +36,7 @@ from squeezeflow.tasks.base import StrictModel
 from squeezeflow.tasks.data import check_data_task
 from squeezeflow.tasks.evaluate import benchmark_task
 from squeezeflow.tasks.families import check_stages
-from squeezeflow.tasks.select import select
+from squeezeflow.tasks.select import pareto_front, select
 from squeezeflow.tasks.teacher import check_model_source
 from squeezeflow.tasks.tracking import log_failed_variant
 from squeezeflow.tasks.variant import Variant
@@ -86,7 +86,6 @@ def open_study(cfg: SqueezeConfig, space: SearchSpace, objective: str) -> optuna
             seed=cfg.seed,
             multivariate=True,
             n_startup_trials=5,
-            constraints_func=lambda t: [t.user_attrs.get("constraint", 1.0)],
         ),
         load_if_exists=True,
     )
@@ -109,21 +108,6 @@ def trial_flow(config: Recipe, known: list[str]) -> dict:
         new = [teacher, *new]
     measured = benchmark_task(new, cfg.data, cfg.model.num_labels, cfg.benchmark, report_eval=False) if new else []
     return {"ids": [v.id for v in variants], "measured": measured, "failures": failures}
-
-
-def front(variants: list[Variant], metric: str) -> list[Variant]:
-    """The variants no other beats on both validation accuracy and `metric`."""
-
-    def beaten(v: Variant) -> bool:
-        a, m = v.metrics["val_accuracy"], v.metrics[metric]
-        return any(
-            o.metrics["val_accuracy"] >= a
-            and o.metrics[metric] <= m
-            and (o.metrics["val_accuracy"], o.metrics[metric]) != (a, m)
-            for o in variants
-        )
-
-    return [v for v in variants if not beaten(v)]
 
 
 def run_search(tree: dict, options: SearchOptions, source: str = "config") -> dict:
@@ -199,7 +183,8 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                 variants = [measured[i] for i in outcome["ids"] if i in measured]
                 best = select(variants, selection)
                 drop = best.champion.metrics["val_accuracy_drop"]
-                trial.set_user_attr("constraint", drop - selection.max_accuracy_drop)
+                # feasible at <= 0: the sampler, the front plot and best_trials read it
+                trial.set_constraint("accuracy_budget", drop - selection.max_accuracy_drop)
                 trial.set_user_attr("best", best.champion.id)
                 trial.set_user_attr("best_lineage", best.champion.lineage)
                 trial.set_user_attr("variants", [v.model_dump(mode="json") for v in variants])
@@ -248,7 +233,7 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
             raise RuntimeError(f"search {study.study_name}: no trial completed (see the failed trial runs in MLflow)")
         pool = {v["id"]: Variant.model_validate(v) for t in completed for v in t.user_attrs["variants"]}
         teacher = next(v for v in pool.values() if v.stage == "teacher")
-        candidates = [teacher, *[v for v in front(list(pool.values()), metric) if v.id != teacher.id]]
+        candidates = [teacher, *[v for v in pareto_front(list(pool.values()), (metric,)) if v.id != teacher.id]]
         logger.info("measuring the front's %d members together, eval included", len(candidates))
         result = conclude(base, run.info.run_id, experiment_id, run_dir, candidates, [], started)
         files = write_search_report(study, result, space, metric, run_dir / "search")
@@ -283,6 +268,12 @@ def importances(study: optuna.Study, metric: str) -> dict[str, dict[str, float]]
     }
 
 
+def within_budget(trial: optuna.trial.FrozenTrial) -> bool | str:
+    """Whether a completed trial's best variant kept the accuracy budget on validation ("" while it has no figure)."""
+    constraints = trial.constraints
+    return all(v <= 0 for v in constraints.values()) if constraints else ""
+
+
 def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, metric: str, out: Path) -> list[Path]:
     """search.md (trials, the front with its eval figures, knob importances), trials.csv and front.png."""
     import matplotlib
@@ -295,7 +286,8 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
     out.mkdir(parents=True, exist_ok=True)
     trials = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
     keep = [c for c in trials.columns if not c.startswith("user_attrs_") or c in ("user_attrs_best_lineage",)]
-    trials[keep].to_csv(out / "trials.csv", index=False)
+    trials = trials[keep].assign(within_budget=[within_budget(t) for t in study.get_trials(deepcopy=False)])
+    trials.to_csv(out / "trials.csv", index=False)
 
     # the sampler stored each trial's constraint: infeasible trials are drawn apart
     ax = plot_pareto_front(study, target_names=["validation accuracy", metric])
@@ -310,8 +302,8 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
 
     lines = [f"# search {study.study_name}", "", "## trials (scored on validation)", ""]
     names = [d.name for d in space.dimensions]
-    lines += ["| # | state | " + " | ".join(names) + f" | best variant | val acc | {metric} |"]
-    lines += ["|" + "---|" * (len(names) + 5)]
+    lines += ["| # | state | " + " | ".join(names) + f" | best variant | val acc | {metric} | within budget |"]
+    lines += ["|" + "---|" * (len(names) + 6)]
     for t in study.get_trials(deepcopy=False):
         vals = t.values or [None, None]
         lines.append(
@@ -319,7 +311,7 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
             + " | ".join(cell(t.params.get(n, "")) for n in names)
             + " | "
             + f"{cell(t.user_attrs.get('best_lineage', ''))} | {cell(vals[0]) if vals[0] is not None else ''} | "
-            + f"{cell(vals[1]) if vals[1] is not None else ''} |"
+            + f"{cell(vals[1]) if vals[1] is not None else ''} | {cell(within_budget(t))} |"
         )
     lines += ["", "## the front, measured together (eval read here, once)", ""]
     lines += [

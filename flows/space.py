@@ -49,13 +49,8 @@ class Range(StrictModel):
 class Search(StrictModel):
     """What a knob set to `{search: ...}` holds: the values to try, or a range."""
 
-    search: list[Any] | Range = Field(description="A list of values to choose from, or {low, high, log, step}.")
-
-    @model_validator(mode="after")
-    def _two_choices(self) -> Search:
-        if isinstance(self.search, list) and len(self.search) < 2:
-            raise ValueError("a choice needs at least two values (give one value without `search` instead)")
-        return self
+    # a one-value choice is refused where the recipe is read (SearchSpace), with the knob's name
+    search: list[Any] | Range = Field(description="Two or more values to choose from, or {low, high, log, step}.")
 
 
 def _unwrap(annotation: Any) -> Any:

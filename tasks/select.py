@@ -68,15 +68,16 @@ class Selection:
     registry: str = ""  # one sentence: what the registry holds after this run and why
 
 
-def dominates(a: Variant, b: Variant) -> bool:
-    """a is no worse than b on validation accuracy, latency and size, and strictly better on one."""
-    pa = (-a.metrics["val_accuracy"], a.metrics["latency_p50_ms"], a.metrics["size_mb"])
-    pb = (-b.metrics["val_accuracy"], b.metrics["latency_p50_ms"], b.metrics["size_mb"])
+def dominates(a: Variant, b: Variant, costs: tuple[str, ...] = ("latency_p50_ms", "size_mb")) -> bool:
+    """a is no worse than b on validation accuracy and every cost metric, and strictly better on one."""
+    pa = (-a.metrics["val_accuracy"], *(a.metrics[c] for c in costs))
+    pb = (-b.metrics["val_accuracy"], *(b.metrics[c] for c in costs))
     return all(x <= y for x, y in zip(pa, pb)) and pa != pb
 
 
-def pareto_front(variants: list[Variant]) -> list[Variant]:
-    return [v for v in variants if not any(dominates(o, v) for o in variants if o is not v)]
+def pareto_front(variants: list[Variant], costs: tuple[str, ...] = ("latency_p50_ms", "size_mb")) -> list[Variant]:
+    """The variants no other dominates on validation accuracy and `costs`."""
+    return [v for v in variants if not any(dominates(o, v, costs) for o in variants if o is not v)]
 
 
 def violations(v: Variant, cfg: SelectionConfig) -> list[str]:

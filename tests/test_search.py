@@ -122,6 +122,8 @@ def test_a_killed_search_resumes_reuses_its_variants_and_nests_trials_in_mlflow(
     assert done.returncode == 0, done.stderr[-3000:]
     trials = study().trials
     assert [t.state.name for t in trials].count("COMPLETE") == 3
+    # every completed trial tells the sampler whether it kept the accuracy budget
+    assert all("accuracy_budget" in t.constraints for t in trials if t.state.name == "COMPLETE")
     killed = [t for t in trials if t.state.name == "FAIL"]
     assert len(killed) == 1
     assert any(t.params == killed[0].params and t.state.name == "COMPLETE" for t in trials[killed[0].number + 1 :])
@@ -145,5 +147,5 @@ def test_a_killed_search_resumes_reuses_its_variants_and_nests_trials_in_mlflow(
         ).fetchone()[0]
     assert parents == len(roles["trial"])
     report = next((tmp_path / "artifacts" / "runs").glob("*/search/search.md")).read_text()
-    assert "quantize.modes" in report and "eval acc" in report
+    assert "quantize.modes" in report and "eval acc" in report and "within budget" in report
     assert yaml.safe_load(open(path))["stages"][1]["modes"] == {"search": [["dynamic"], ["static"]]}
