@@ -21,6 +21,20 @@ class Family:
     layers: str = "encoder.layer"  # where the list of layers sits in the base model
     attention_dropout: str = "attention_probs_dropout_prob"  # the config field of the attention-probability dropout
     ffn_width: str = "intermediate_size"  # the config field of the feed-forward width
+    # inside a layer: the attention's projections, the FFN's two Linears, and the module that counts the heads
+    query: str = "attention.self.query"
+    key: str = "attention.self.key"
+    value: str = "attention.self.value"
+    attention_out: str = "attention.output.dense"
+    ffn_in: str = "intermediate.dense"
+    ffn_out: str = "output.dense"
+    heads: str = "attention.self"
+    head_count: str = "num_attention_heads"  # its attribute holding the number of heads ...
+    heads_width: str = "all_head_size"  # ... and the one holding heads x head size
+
+    def part(self, layer, name: str):
+        """The module at this family's path `name` (a field above, e.g. "value") in `layer`."""
+        return layer.get_submodule(getattr(self, name))
 
 
 FAMILIES = (
@@ -28,14 +42,19 @@ FAMILIES = (
     Family(
         "DistilBERT",
         ("distilbert",),
-        {
-            "prune": f"{_BERT_LAYOUT}; distill, export and quantize it instead",
-            "early_exit": f"{_BERT_LAYOUT}; distill, export and quantize it instead",
-            "quantize:qat": "fine-tunes through BERT's encoder layout; use quantize modes dynamic or static",
-        },
+        {"early_exit": f"{_BERT_LAYOUT}; distill, export and quantize it instead"},
         layers="transformer.layer",
         attention_dropout="attention_dropout",
         ffn_width="hidden_dim",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        attention_out="attention.out_lin",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+        heads="attention",
+        head_count="n_heads",
+        heads_width="dim",
     ),
     Family("RoBERTa", ("roberta",)),
     Family("XLM-RoBERTa", ("xlm-roberta",)),

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import TORCH_LOCK, ModelError, Planned, Stage, StageBase
 from .data import load_splits
 from .distill import teacher_logits
+from .families import layout_of
 from .training import TrainConfig, kd_loss, sample_indices, train
 from .variant import StageContext, Variant, derive, making, save_hf_variant
 
@@ -101,12 +102,17 @@ class PruneConfig(StageBase):
 
 
 def encoder_layers(model):
+    """The base model and its list of layers, where the model's family keeps them (see families.py)."""
+    layout = layout_of(model.config.model_type)
     base = getattr(model, model.base_model_prefix, None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None or not hasattr(layers[0], "attention") or not hasattr(layers[0].attention, "self"):
+    try:
+        layers = base.get_submodule(layout.layers)
+        for name in ("query", "key", "value", "attention_out", "ffn_in", "ffn_out", "heads"):
+            layout.part(layers[0], name)
+    except (AttributeError, IndexError, TypeError):
         raise ModelError(
-            f"prune: {type(model).__name__} is not a BERT-family encoder (no encoder.layer[i].attention.self)"
-        )
+            f"prune: {type(model).__name__} does not have its family's layout ({layout.layers}[i].{layout.value})"
+        ) from None
     return base, layers
 
 
@@ -126,26 +132,27 @@ def prune_model(
     import torch_pruning as tp
 
     base, layers = encoder_layers(model)
+    layout = layout_of(model.config.model_type)
+    at = layout.part  # where each part sits in a layer of this family
     model.eval()
-    head_dim = layers[0].attention.self.attention_head_size
+    head_dim = at(layers[0], "heads").attention_head_size
     batch = dict(tokenizer(texts[:8], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     # The residual stream keeps its width: every layer that writes to it is left whole; so are the heads' owners
     # when only FFN channels go, and the FFN when only heads go.
-    ignored = [
-        base.embeddings,
-        *(m for m in (getattr(base, "pooler", None), getattr(model, "classifier", None)) if m is not None),
-    ]
+    # (so is everything outside the layers: embeddings, pooler, every family's head, e.g. DistilBERT's pre_classifier)
+    stack = base.get_submodule(layout.layers.rpartition(".")[0])
+    ignored = [m for m in (*model.children(), *base.children()) if m is not base and m is not stack]
     value_layer = {}
     for index, layer in enumerate(layers):
-        attention = layer.attention.self
-        ignored += [layer.attention.output.dense, layer.output.dense]
-        value_layer[attention.value] = index
+        ignored += [at(layer, "attention_out"), at(layer, "ffn_out")]
+        value_layer[at(layer, "value")] = index
         if not cfg.ffn:
-            ignored.append(layer.intermediate.dense)
+            ignored.append(at(layer, "ffn_in"))
         if not cfg.heads:
-            ignored += [attention.query, attention.key, attention.value]
+            ignored += [at(layer, "query"), at(layer, "key"), at(layer, "value")]
     make_importance, needs_gradients = CRITERIA[cfg.criterion]
-    heads0, width0 = layers[0].attention.self.num_attention_heads, layers[0].intermediate.dense.out_features
+    count, width = layout.head_count, layout.heads_width
+    heads0, width0 = getattr(at(layers[0], "heads"), count), at(layers[0], "ffn_in").out_features
     # head indices are renumbered after each step: map back to the original numbering for the config
     remaining = {i: list(range(heads0)) for i in range(len(layers))}
     removed: dict[int, list[int]] = {i: [] for i in remaining}
@@ -153,14 +160,13 @@ def prune_model(
         # one pruner per step, sized from the current shapes (the library's own iterative mode keeps the
         # initial head count and mis-slices heads after the first step)
         share = ratio * (step + 1) / cfg.iterative_steps
-        heads_now, width_now = len(remaining[0]), layers[0].intermediate.dense.out_features
+        heads_now, width_now = len(remaining[0]), at(layers[0], "ffn_in").out_features
         head_ratio = _step_ratio(heads_now, max(1, heads0 - round(heads0 * share))) if cfg.heads else 0.0
         ffn_ratio = _step_ratio(width_now, max(1, width0 - round(width0 * share))) if cfg.ffn else 0.0
         num_heads = {}
         for layer in layers:
-            attention = layer.attention.self
-            for linear in (attention.query, attention.key, attention.value):
-                num_heads[linear] = attention.num_attention_heads
+            for name in ("query", "key", "value"):
+                num_heads[at(layer, name)] = getattr(at(layer, "heads"), count)
         if needs_gradients:
             _accumulate_gradients(model, tokenizer, texts, labels, cfg.taylor_batches, max_length)
         pruner = tp.pruner.MetaPruner(
@@ -186,22 +192,22 @@ def prune_model(
             group.prune()
         model.zero_grad(set_to_none=True)
         for index, layer in enumerate(layers):
-            attention = layer.attention.self
-            attention.num_attention_heads = attention.query.out_features // head_dim
-            attention.all_head_size = attention.query.out_features
+            kept = at(layer, "query").out_features
+            setattr(at(layer, "heads"), count, kept // head_dim)
+            setattr(at(layer, "heads"), width, kept)
             layer.attention.pruned_heads = set(removed[index])
-        widths = {layer.intermediate.dense.out_features for layer in layers}
-        heads = {layer.attention.self.num_attention_heads for layer in layers}
+        widths = {at(layer, "ffn_in").out_features for layer in layers}
+        heads = {getattr(at(layer, "heads"), count) for layer in layers}
         if len(widths) != 1 or len(heads) != 1:
             raise ModelError(f"prune: layers ended up with different shapes (heads {heads}, FFN {widths})")
-        model.config.intermediate_size = widths.pop()
+        setattr(model.config, layout.ffn_width, widths.pop())
         model.config.pruned_heads = {i: sorted(h) for i, h in removed.items() if h}
         log.info(
             "prune step %d/%d: %d heads, FFN %d per layer",
             step + 1,
             cfg.iterative_steps,
             heads.pop(),
-            model.config.intermediate_size,
+            getattr(model.config, layout.ffn_width),
         )
         if recover is not None:
             with torch.enable_grad():
@@ -252,6 +258,7 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
             return done
         # eager attention: the pruner traces the graph, and SDPA hides the per-head reshapes from it
         model = AutoModelForSequenceClassification.from_pretrained(parent.path, attn_implementation="eager")
+        layout = layout_of(model.config.model_type)
         tokenizer = AutoTokenizer.from_pretrained(parent.path)
         params_before = sum(p.numel() for p in model.parameters())
         splits = load_splits(ctx.data, ctx.num_labels)
@@ -309,8 +316,8 @@ def prune(parent: Variant, ratio: float, cfg: PruneConfig, ctx: StageContext, ou
         figures |= {
             "params_before_m": params_before / 1e6,
             "params_after_m": params_after / 1e6,
-            "heads_per_layer": float(encoder_layers(model)[1][0].attention.self.num_attention_heads),
-            "intermediate_size": float(model.config.intermediate_size),
+            "heads_per_layer": float(getattr(layout.part(encoder_layers(model)[1][0], "heads"), layout.head_count)),
+            "intermediate_size": float(getattr(model.config, layout.ffn_width)),
         }
         log.info(
             "pruned %s by %g: %.2fM -> %.2fM parameters", parent.id, ratio, params_before / 1e6, params_after / 1e6

@@ -135,6 +135,12 @@ def test_each_stage_runs_on_the_family_or_is_refused_at_preflight(model_type, da
             if cell in ("export", "early_exit"):  # parity of the ONNX graph with PyTorch, for this family
                 got = load_predictor(made.path, made.format).logits(texts)
                 assert np.abs(got - reference).max() < 1e-3, (cell, np.abs(got - reference).max())
+            if cell == "prune":  # heads and channels physically gone; the smaller model reloads and exports as it is
+                assert made.metrics["prune_params_after_m"] < made.metrics["prune_params_before_m"]
+                assert made.metrics["prune_heads_per_layer"] < 4
+                own = load_predictor(made.path, made.format).logits(texts)
+                exported = load_predictor(export(made, ExportConfig(), out).path, "onnx").logits(texts)
+                assert np.abs(exported - own).max() < 1e-3, np.abs(exported - own).max()
         else:
             stages = [quantize_cfg.model_copy(update={"modes": [mode]})] if mode else [_Stage(stage)]
             with pytest.raises(ModelError, match=r"^stages\.0: .* does not support .* models: it .*; .*$"):

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..base import TORCH_LOCK, ModelError
 from ..data import load_splits
 from ..export import ExportConfig, copy_tokenizer, export_onnx
+from ..families import layout_of
 from ..variant import StageContext, Variant
 from .activations import static_activations, uint8_scale_zero
 from .codec4 import dequantized_blocks
@@ -142,14 +143,16 @@ def qat_fine_tune(
     labels = [train_split.labels[i] for i in pick] if train_split.labels is not None else None
     model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    encoder = getattr(model, model.base_model_prefix)
+    base = getattr(model, model.base_model_prefix)
+    # the module holding the layers: BERT's `encoder`, DistilBERT's `transformer`
+    encoder = base.get_submodule(layout_of(model.config.model_type).layers.rpartition(".")[0])
     if cfg.four_bit_embeddings:
-        freeze_on_four_bit_grid(encoder.embeddings, cfg.embedding_block_size)
+        freeze_on_four_bit_grid(base.embeddings, cfg.embedding_block_size)
     ranges = calibration = None
     if q.activations == "static":
         calibration = calibration_texts(train_split, cfg, ctx.seed)  # the static mode's examples
-        ranges = linear_input_ranges(encoder.encoder, model, tokenizer, calibration)
-    swap_linears(encoder.encoder, cfg, ranges)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
+        ranges = linear_input_ranges(encoder, model, tokenizer, calibration)
+    swap_linears(encoder, cfg, ranges)  # the encoder's Linears are what ORT quantizes (MatMul / Attention)
     # the teacher's logits come from its own tokenizer: the source's may differ (a pruned vocabulary)
     cache_dir = ctx.cache_dir or out.parent / ".cache"
     targets = teacher_logits(ctx.teacher.path, texts, ctx.max_length, cache_dir)
@@ -177,7 +180,7 @@ def qat_fine_tune(
         if q.best_on_validation
         else None,
     )
-    swap_linears(encoder.encoder, None)
+    swap_linears(encoder, None)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "hf")
         tokenizer.save_pretrained(Path(tmp) / "hf")
