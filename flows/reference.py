@@ -68,9 +68,9 @@ def _section(title: str, model: type[BaseModel], prefix: str | None = None) -> l
 
 def _families() -> list[str]:
     """Which stage (and quantize mode) runs on which model family; a refused cell names why, and preflight says so."""
+    from squeezeflow.tasks.families import CELLS as cells
     from squeezeflow.tasks.families import FAMILIES, refusal
 
-    cells = ["distill", "prune", "early_exit", "export", "quantize:dynamic", "quantize:static", "quantize:qat"]
     lines = [
         "\n## model families\n",
         "What runs on a model of each family (`model_type` in its config); preflight refuses the rest in one line.\n",

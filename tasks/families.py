@@ -72,11 +72,26 @@ FAMILIES = (
         "DeBERTa-v2",
         ("deberta-v2",),
         {
-            "prune": "its disentangled attention has no separate value projection to prune; use distill and quantize",
+            "prune:heads": "rebuilds its attention output at full width when it loads, so heads cannot be removed; "
+            "set heads: false to remove FFN channels only",
             "early_exit": "runs each layer as its own graph, and DeBERTa's layers need the relative-position inputs "
             "its encoder computes; use distill and quantize",
         },
+        query="attention.self.query_proj",
+        key="attention.self.key_proj",
+        value="attention.self.value_proj",
     ),
+)
+# the cells of the support table: a stage, or a stage and what it removes or how it quantizes
+CELLS = (
+    "distill",
+    "prune:heads",
+    "prune:ffn",
+    "early_exit",
+    "export",
+    "quantize:dynamic",
+    "quantize:static",
+    "quantize:qat",
 )
 _UNKNOWN = "squeezeflow knows its layout only for " + ", ".join(f.name for f in FAMILIES)
 # what works on a model of an unknown family: export and the quantize modes that only read the ONNX graph
@@ -107,7 +122,15 @@ def check_stages(model_type: str, stages: list) -> None:
     family = family_of(model_type)
     name = family.name if family else f"model_type {model_type!r}"
     for i, stage in enumerate(stages):
-        for mode in getattr(stage, "modes", None) or [None]:
+        for mode in _modes(stage):
             if reason := refusal(model_type, stage.kind, mode):
-                what = f"quantize mode {mode}" if mode else stage.kind
+                what = f"{stage.kind} {'of' if stage.kind == 'prune' else 'mode'} {mode}" if mode else stage.kind
                 raise ModelError(f"stages.{i}: {what} does not support {name} models: it {reason}")
+
+
+def _modes(stage) -> list[str | None]:
+    """What a stage does that a family may not support: quantize's modes; what prune removes (when a ratio is set)."""
+    if stage.kind == "prune":
+        removes = [part for part in ("heads", "ffn") if getattr(stage, part, False)]
+        return removes if any(r > 0 for r in getattr(stage, "ratios", [])) and removes else [None]
+    return getattr(stage, "modes", None) or [None]

@@ -29,7 +29,7 @@ from squeezeflow.tasks.data import DataConfig, load_splits
 from squeezeflow.tasks.distill import DistillConfig, StudentShape, distill
 from squeezeflow.tasks.early_exit import EarlyExitConfig, early_exit
 from squeezeflow.tasks.export import ExportConfig, export
-from squeezeflow.tasks.families import FAMILIES, check_stages, refusal
+from squeezeflow.tasks.families import CELLS, FAMILIES, check_stages, refusal
 from squeezeflow.tasks.prune import PruneConfig, prune
 from squeezeflow.tasks.quantize import QuantizeConfig, quantize
 from squeezeflow.tasks.runtime import load_predictor
@@ -70,7 +70,6 @@ BUILDERS = {
         DebertaV2ForSequenceClassification,
     ),
 }
-STAGES = ["distill", "prune", "early_exit", "export", "quantize:dynamic", "quantize:static", "quantize:qat"]
 
 
 def test_every_supported_family_has_a_builder_here():
@@ -113,7 +112,16 @@ def test_each_stage_runs_on_the_family_or_is_refused_at_preflight(model_type, da
             ctx,
             out,
         ),
-        "prune": lambda: prune(teacher, 0.5, PruneConfig(ratios=[0.5], recovery={"epochs": 0.2}), ctx, out),
+        **{
+            f"prune:{part}": lambda part=part: prune(
+                teacher,
+                0.5,
+                PruneConfig(ratios=[0.5], heads=part == "heads", ffn=part == "ffn", recovery={"epochs": 0.2}),
+                ctx,
+                out,
+            )
+            for part in ("heads", "ffn")
+        },
         # threshold 0 never exits early: the chained ONNX graph must then give the model's own logits
         "early_exit": lambda: early_exit(
             teacher, 0.0, EarlyExitConfig(thresholds=[0.0], training={"epochs": 0.5}), ctx, out
@@ -123,7 +131,7 @@ def test_each_stage_runs_on_the_family_or_is_refused_at_preflight(model_type, da
         "quantize:static": lambda: quantize(onnx_parent, "static", quantize_cfg, ctx, out, teacher),
         "quantize:qat": lambda: quantize(onnx_parent, "qat", quantize_cfg, ctx, out, teacher),
     }
-    for cell in STAGES:
+    for cell in CELLS:
         stage, _, mode = cell.partition(":")
         reason = refusal(model_type, stage, mode or None)
         if reason is None:
@@ -135,14 +143,20 @@ def test_each_stage_runs_on_the_family_or_is_refused_at_preflight(model_type, da
             if cell in ("export", "early_exit"):  # parity of the ONNX graph with PyTorch, for this family
                 got = load_predictor(made.path, made.format).logits(texts)
                 assert np.abs(got - reference).max() < 1e-3, (cell, np.abs(got - reference).max())
-            if cell == "prune":  # heads and channels physically gone; the smaller model reloads and exports as it is
+            if stage == "prune":  # heads or channels physically gone; the smaller model reloads and exports as it is
                 assert made.metrics["prune_params_after_m"] < made.metrics["prune_params_before_m"]
-                assert made.metrics["prune_heads_per_layer"] < 4
+                shrunk = made.metrics["prune_heads_per_layer"] < 4, made.metrics["prune_intermediate_size"] < 64
+                assert shrunk == (mode == "heads", mode == "ffn"), (cell, shrunk)
                 own = load_predictor(made.path, made.format).logits(texts)
                 exported = load_predictor(export(made, ExportConfig(), out).path, "onnx").logits(texts)
                 assert np.abs(exported - own).max() < 1e-3, np.abs(exported - own).max()
         else:
-            stages = [quantize_cfg.model_copy(update={"modes": [mode]})] if mode else [_Stage(stage)]
+            if stage == "quantize":
+                stages = [quantize_cfg.model_copy(update={"modes": [mode]})]
+            elif stage == "prune":
+                stages = [PruneConfig(ratios=[0.5], heads=mode == "heads", ffn=mode == "ffn")]
+            else:
+                stages = [_Stage(stage)]
             with pytest.raises(ModelError, match=r"^stages\.0: .* does not support .* models: it .*; .*$"):
                 check_stages(model_type, stages)
 
@@ -152,3 +166,11 @@ class _Stage:
 
     def __init__(self, kind: str):
         self.kind = kind
+
+
+def test_a_vocabulary_only_prune_is_not_refused_where_heads_cannot_go():
+    check_stages("deberta-v2", [PruneConfig(ratios=[0.0], vocabulary="task")])
+    with pytest.raises(
+        ModelError, match=r"^stages\.0: prune of heads does not support DeBERTa-v2 models: .*heads: false"
+    ):
+        check_stages("deberta-v2", [PruneConfig(ratios=[0.3])])
