@@ -31,6 +31,8 @@ class Family:
     heads: str = "attention.self"
     head_count: str = "num_attention_heads"  # its attribute holding the number of heads ...
     heads_width: str = "all_head_size"  # ... and the one holding heads x head size
+    token_types: bool = True  # whether its embeddings take token_type_ids
+    binary_mask: bool = False  # whether a layer takes the 0/1 attention mask (else the additive one, 0 / -inf)
 
     def part(self, layer, name: str):
         """The module at this family's path `name` (a field above, e.g. "value") in `layer`."""
@@ -42,7 +44,7 @@ FAMILIES = (
     Family(
         "DistilBERT",
         ("distilbert",),
-        {"early_exit": f"{_BERT_LAYOUT}; distill, export and quantize it instead"},
+        {},
         layers="transformer.layer",
         attention_dropout="attention_dropout",
         ffn_width="hidden_dim",
@@ -55,6 +57,8 @@ FAMILIES = (
         heads="attention",
         head_count="n_heads",
         heads_width="dim",
+        token_types=False,
+        binary_mask=True,
     ),
     Family("RoBERTa", ("roberta",)),
     Family("XLM-RoBERTa", ("xlm-roberta",)),

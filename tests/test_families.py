@@ -9,6 +9,7 @@ from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
     AutoConfig,
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
@@ -27,7 +28,7 @@ from transformers import (
 from squeezeflow.tasks.base import ModelError
 from squeezeflow.tasks.data import DataConfig, load_splits
 from squeezeflow.tasks.distill import DistillConfig, StudentShape, distill
-from squeezeflow.tasks.early_exit import EarlyExitConfig, early_exit
+from squeezeflow.tasks.early_exit import EarlyExitConfig, early_exit, load_exit_model, reference_logits
 from squeezeflow.tasks.export import ExportConfig, export
 from squeezeflow.tasks.families import CELLS, FAMILIES, check_stages, refusal
 from squeezeflow.tasks.prune import PruneConfig, prune
@@ -143,6 +144,16 @@ def test_each_stage_runs_on_the_family_or_is_refused_at_preflight(model_type, da
             if cell in ("export", "early_exit"):  # parity of the ONNX graph with PyTorch, for this family
                 got = load_predictor(made.path, made.format).logits(texts)
                 assert np.abs(got - reference).max() < 1e-3, (cell, np.abs(got - reference).max())
+            if cell == "early_exit":  # where some rows leave early, the chained graph agrees with PyTorch row by row
+                sometimes = early_exit(
+                    teacher, 0.5, EarlyExitConfig(thresholds=[0.5], training={"epochs": 0.5}), ctx, out
+                )
+                exit_model = load_exit_model(next(p for p in out.iterdir() if p.name.startswith("exits-")))
+                inputs = dict(AutoTokenizer.from_pretrained(teacher.path)(texts, padding=True, return_tensors="pt"))
+                expected, exit_layers = reference_logits(exit_model, inputs, "entropy", 0.5)
+                predictor = load_predictor(sometimes.path, "onnx-exit")
+                assert np.abs(predictor.logits(texts) - expected).max() < 1e-3
+                assert predictor.last_exit_layers.tolist() == exit_layers.tolist()
             if stage == "prune":  # heads or channels physically gone; the smaller model reloads and exports as it is
                 assert made.metrics["prune_params_after_m"] < made.metrics["prune_params_before_m"]
                 shrunk = made.metrics["prune_heads_per_layer"] < 4, made.metrics["prune_intermediate_size"] < 64

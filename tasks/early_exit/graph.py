@@ -12,6 +12,7 @@ import numpy as np
 
 from ..base import ModelError
 from ..export import fuse
+from ..families import layout_of
 from ..prune import encoder_layers
 from ..runtime import EARLY_EXIT_FILE, SEGMENTS_DIR
 from .heads import torch_modules
@@ -33,7 +34,11 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     mask = torch.ones(1, 8, dtype=torch.long)
     hidden = torch.zeros(1, 8, model.config.hidden_size)
     batch_seq = {0: "batch", 1: "sequence"}
-    entry_args, entry_inputs = (ids, mask, torch.zeros_like(ids)), ["input_ids", "attention_mask", "token_type_ids"]
+    family = layout_of(model.config.model_type)
+    entry_args, entry_inputs = (ids, mask), ["input_ids", "attention_mask"]
+    if family.token_types:
+        entry_args, entry_inputs = (*entry_args, torch.zeros_like(ids)), [*entry_inputs, "token_type_ids"]
+    layers = [modules.Layer(layer, family.binary_mask) for layer in layers]
     if exit_model.embedding_exit:
         entry, inner_layers = modules.EmbeddingSegment(base, heads[0]), layers
     else:

@@ -53,12 +53,25 @@ def torch_modules():
         def __init__(self, model):
             super().__init__()
             self.pooler, self.classifier = getattr(encoder_layers(model)[0], "pooler", None), model.classifier
+            self.pre_classifier = getattr(model, "pre_classifier", None)  # DistilBERT's head on the first token
 
         def forward(self, hidden, attention_mask):
+            if self.pre_classifier is not None:
+                return self.classifier(torch.relu(self.pre_classifier(hidden[:, 0])))
             return self.classifier(hidden if self.pooler is None else self.pooler(hidden))
 
-    def additive_mask(attention_mask, dtype):
-        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    class Layer(nn.Module):
+        """One encoder layer, given the attention mask in the form its family's layers take."""
+
+        def __init__(self, layer, binary_mask: bool):
+            super().__init__()
+            self.layer, self.binary_mask = layer, binary_mask
+
+        def forward(self, hidden, attention_mask):
+            if self.binary_mask:
+                return self.layer(hidden, attention_mask)[0]
+            additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            return self.layer(hidden, additive)[0]
 
     class Embeddings(nn.Module):
         """The encoder's input: the embeddings, then ELECTRA's projection to the hidden size where it has one."""
@@ -68,7 +81,9 @@ def torch_modules():
             self.embeddings = base.embeddings
             self.project = getattr(base, "embeddings_project", None) or nn.Identity()
 
-        def forward(self, input_ids, token_type_ids):
+        def forward(self, input_ids, token_type_ids=None):
+            if token_type_ids is None:  # a family without token types (DistilBERT)
+                return self.project(self.embeddings(input_ids))
             return self.project(self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids))
 
     class EntrySegment(nn.Module):
@@ -76,9 +91,8 @@ def torch_modules():
             super().__init__()
             self.embeddings, self.layer, self.head = Embeddings(base), layer, head
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            hidden = self.embeddings(input_ids, token_type_ids)
-            hidden = self.layer(hidden, attention_mask=additive_mask(attention_mask, hidden.dtype))[0]
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            hidden = self.layer(self.embeddings(input_ids, token_type_ids), attention_mask)
             return hidden, self.head(hidden, attention_mask)
 
     class EmbeddingSegment(nn.Module):
@@ -86,7 +100,7 @@ def torch_modules():
             super().__init__()
             self.embeddings, self.head = Embeddings(base), head
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
             hidden = self.embeddings(input_ids, token_type_ids)
             return hidden, self.head(hidden, attention_mask)
 
@@ -96,7 +110,7 @@ def torch_modules():
             self.layer, self.head = layer, head
 
         def forward(self, hidden_states, attention_mask):
-            hidden = self.layer(hidden_states, attention_mask=additive_mask(attention_mask, hidden_states.dtype))[0]
+            hidden = self.layer(hidden_states, attention_mask)
             return hidden, self.head(hidden, attention_mask)
 
     class ExitModel(nn.Module):
@@ -116,12 +130,8 @@ def torch_modules():
             return self
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                output_hidden_states=True,
-            )
+            types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # DistilBERT takes none
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **types)
             hidden_states = out.hidden_states[:-1] if self.embedding_exit else out.hidden_states[1:-1]
             exits = [head(hidden, attention_mask) for head, hidden in zip(self.heads, hidden_states)]
             return SimpleNamespace(logits=out.logits, exit_logits=exits)
@@ -129,6 +139,7 @@ def torch_modules():
     return SimpleNamespace(
         ExitHead=ExitHead,
         FinalHead=FinalHead,
+        Layer=Layer,
         EntrySegment=EntrySegment,
         EmbeddingSegment=EmbeddingSegment,
         InnerSegment=InnerSegment,
@@ -156,11 +167,14 @@ def build_exit_model(
 
 def head_parts(model, base):
     """(dense, activation, output layer) of the model's classification head, which every exit starts from: BERT's
-    pooler + classifier, or the dense + out_proj head of RoBERTa, XLM-RoBERTa and ELECTRA."""
+    pooler + classifier, DistilBERT's pre_classifier + classifier, or the dense + out_proj head of RoBERTa,
+    XLM-RoBERTa and ELECTRA."""
     from torch import nn
 
     head = getattr(model, "classifier", None)
     pooler = getattr(base, "pooler", None)
+    if isinstance(getattr(model, "pre_classifier", None), nn.Linear):  # DistilBERT: pre_classifier, ReLU, classifier
+        return model.pre_classifier, nn.ReLU(), head
     if pooler is not None and hasattr(pooler, "dense") and isinstance(head, nn.Linear):
         return pooler.dense, nn.Tanh(), head
     if hasattr(head, "dense") and hasattr(head, "out_proj"):  # ELECTRA's head has an activation; RoBERTa's is tanh
