@@ -32,7 +32,9 @@ class Family:
     head_count: str = "num_attention_heads"  # its attribute holding the number of heads ...
     heads_width: str = "all_head_size"  # ... and the one holding heads x head size
     token_types: bool = True  # whether its embeddings take token_type_ids
-    binary_mask: bool = False  # whether a layer takes the 0/1 attention mask (else the additive one, 0 / -inf)
+    # what a layer is called with besides the hidden states: the additive mask (0 / -inf), the 0/1 mask, or what
+    # DeBERTa's encoder computes for each layer (a pairwise mask, relative positions and their embeddings)
+    layer_inputs: str = "additive_mask"  # "additive_mask" | "binary_mask" | "deberta"
 
     def part(self, layer, name: str):
         """The module at this family's path `name` (a field above, e.g. "value") in `layer`."""
@@ -58,7 +60,7 @@ FAMILIES = (
         head_count="n_heads",
         heads_width="dim",
         token_types=False,
-        binary_mask=True,
+        layer_inputs="binary_mask",
     ),
     Family("RoBERTa", ("roberta",)),
     Family("XLM-RoBERTa", ("xlm-roberta",)),
@@ -78,12 +80,11 @@ FAMILIES = (
         {
             "prune:heads": "rebuilds its attention output at full width when it loads, so heads cannot be removed; "
             "set heads: false to remove FFN channels only",
-            "early_exit": "runs each layer as its own graph, and DeBERTa's layers need the relative-position inputs "
-            "its encoder computes; use distill and quantize",
         },
         query="attention.self.query_proj",
         key="attention.self.key_proj",
         value="attention.self.value_proj",
+        layer_inputs="deberta",
     ),
 )
 # the cells of the support table: a stage, or a stage and what it removes or how it quantizes

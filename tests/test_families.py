@@ -67,7 +67,21 @@ BUILDERS = {
         AlbertForSequenceClassification,
     ),
     "deberta-v2": lambda v: (
-        DebertaV2Config(vocab_size=v, hidden_size=32, pad_token_id=0, max_position_embeddings=64, **SHAPE),
+        # as DeBERTa-v3 is configured: relative attention through the shared key/query projections
+        DebertaV2Config(
+            vocab_size=v,
+            hidden_size=32,
+            pad_token_id=0,
+            max_position_embeddings=64,
+            relative_attention=True,
+            position_buckets=16,
+            max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"],
+            share_att_key=True,
+            norm_rel_ebd="layer_norm",
+            position_biased_input=False,
+            **SHAPE,
+        ),
         DebertaV2ForSequenceClassification,
     ),
 }

@@ -38,7 +38,8 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     entry_args, entry_inputs = (ids, mask), ["input_ids", "attention_mask"]
     if family.token_types:
         entry_args, entry_inputs = (*entry_args, torch.zeros_like(ids)), [*entry_inputs, "token_type_ids"]
-    layers = [modules.Layer(layer, family.binary_mask) for layer in layers]
+    stack = base.get_submodule(family.layers.rpartition(".")[0])
+    layers = [modules.Layer(layer, stack, family.layer_inputs) for layer in layers]
     if exit_model.embedding_exit:
         entry, inner_layers = modules.EmbeddingSegment(base, heads[0]), layers
     else:
@@ -84,7 +85,7 @@ def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list, s
 
     rename = {i.name: feeds[i.name] for i in graph.input} | shared
     kept = [node for node in graph.node if not all(x in shared for x in node.output if x)]
-    used = {x for node in kept for x in node.input} | {o.name for o in graph.output}
+    used = {x for node in kept for x in _reads(node)} | {o.name for o in graph.output}
     kept = [
         node for node in kept if node.op_type != "Constant" or node.output[0] in used
     ]  # those only the mask work read
@@ -100,7 +101,33 @@ def _renamed_segment(k: int, graph, feeds: dict[str, str], initializers: list, s
         inputs = [rename.get(x, f"s{k}/{x}") if x else "" for x in node.input]
         outputs = [rename.setdefault(x, f"s{k}/{x}") if x else "" for x in node.output]
         nodes.append(_copied_node(node, f"s{k}/{i}/{node.name}", inputs, outputs))
+        _rename_subgraphs(nodes[-1], lambda x: rename.get(x, f"s{k}/{x}"))
     return nodes, {o.name: rename.get(o.name, f"s{k}/{o.name}") for o in graph.output}
+
+
+def _subgraphs(node) -> list:
+    """The graphs held in a node's attributes (an If's branches, a Loop's body)."""
+    import onnx
+
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _reads(node) -> set[str]:
+    """The values a node reads, those its subgraphs read from the enclosing graph included (e.g. DeBERTa's
+    relative-position code exports as an If whose branches read the segment's values)."""
+    return {x for x in node.input if x} | {x for g in _subgraphs(node) for inner in g.node for x in _reads(inner)}
+
+
+def _rename_subgraphs(node, renamed) -> None:
+    """Every value named in the node's subgraphs, renamed in place by `renamed` as the segment's own values are."""
+    for g in _subgraphs(node):
+        for value in (*g.input, *g.output, *g.value_info, *g.initializer):
+            value.name = renamed(value.name)
+        for inner in g.node:
+            inner.input[:] = [renamed(x) if x else "" for x in inner.input]
+            inner.output[:] = [renamed(x) if x else "" for x in inner.output]
+            inner.name = renamed(inner.name)
+            _rename_subgraphs(inner, renamed)
 
 
 def _mask_work(segments):

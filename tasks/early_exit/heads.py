@@ -3,6 +3,7 @@ supported model, the PyTorch model that runs them, and the reference of which ex
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -52,7 +53,7 @@ def torch_modules():
 
         def __init__(self, model):
             super().__init__()
-            self.pooler, self.classifier = getattr(encoder_layers(model)[0], "pooler", None), model.classifier
+            self.pooler, self.classifier = pooler_of(model), model.classifier
             self.pre_classifier = getattr(model, "pre_classifier", None)  # DistilBERT's head on the first token
 
         def forward(self, hidden, attention_mask):
@@ -61,15 +62,24 @@ def torch_modules():
             return self.classifier(hidden if self.pooler is None else self.pooler(hidden))
 
     class Layer(nn.Module):
-        """One encoder layer, given the attention mask in the form its family's layers take."""
+        """One encoder layer, given the attention mask (and what else it reads) as its family's encoder gives them."""
 
-        def __init__(self, layer, binary_mask: bool):
+        def __init__(self, layer, encoder, inputs: str):
             super().__init__()
-            self.layer, self.binary_mask = layer, binary_mask
+            self.layer, self.inputs = layer, inputs
+            self.encoder = encoder if inputs == "deberta" else None  # its helpers make each layer's inputs
 
         def forward(self, hidden, attention_mask):
-            if self.binary_mask:
+            if self.inputs == "binary_mask":
                 return self.layer(hidden, attention_mask)[0]
+            if self.inputs == "deberta":
+                e = self.encoder
+                return self.layer(
+                    hidden,
+                    e.get_attention_mask(attention_mask),
+                    relative_pos=e.get_rel_pos(hidden),
+                    rel_embeddings=e.get_rel_embedding(),
+                )[0]
             additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
             return self.layer(hidden, additive)[0]
 
@@ -81,9 +91,13 @@ def torch_modules():
             self.embeddings = base.embeddings
             self.project = getattr(base, "embeddings_project", None) or nn.Identity()
 
-        def forward(self, input_ids, token_type_ids=None):
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
             if token_type_ids is None:  # a family without token types (DistilBERT)
                 return self.project(self.embeddings(input_ids))
+            if "mask" in inspect.signature(self.embeddings.forward).parameters:  # DeBERTa zeroes padding here
+                return self.project(
+                    self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
+                )
             return self.project(self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids))
 
     class EntrySegment(nn.Module):
@@ -92,7 +106,7 @@ def torch_modules():
             self.embeddings, self.layer, self.head = Embeddings(base), layer, head
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            hidden = self.layer(self.embeddings(input_ids, token_type_ids), attention_mask)
+            hidden = self.layer(self.embeddings(input_ids, attention_mask, token_type_ids), attention_mask)
             return hidden, self.head(hidden, attention_mask)
 
     class EmbeddingSegment(nn.Module):
@@ -101,7 +115,7 @@ def torch_modules():
             self.embeddings, self.head = Embeddings(base), head
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
-            hidden = self.embeddings(input_ids, token_type_ids)
+            hidden = self.embeddings(input_ids, attention_mask, token_type_ids)
             return hidden, self.head(hidden, attention_mask)
 
     class InnerSegment(nn.Module):
@@ -154,6 +168,11 @@ def build_exit_model(
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
     base, layers = encoder_layers(model)
+    if getattr(getattr(base, "encoder", None), "conv", None) is not None:
+        raise ModelError(
+            f"early_exit: {model_dir} adds a convolution to its first layer's output (DeBERTa-v2 conv_kernel_size), "
+            "which the per-layer graphs do not carry; leave early exit out for this model (DeBERTa-v3 has none)"
+        )
     if len(layers) - 1 + embedding_exit < 1:
         raise ModelError(
             f"early_exit: {model_dir} has one layer, so there is no layer to exit after; set early_exit.embedding_exit "
@@ -170,16 +189,24 @@ def head_parts(model, base):
     pooler + classifier, DistilBERT's pre_classifier + classifier, or the dense + out_proj head of RoBERTa,
     XLM-RoBERTa and ELECTRA."""
     from torch import nn
+    from transformers.activations import ACT2FN
 
     head = getattr(model, "classifier", None)
-    pooler = getattr(base, "pooler", None)
+    pooler = pooler_of(model)
     if isinstance(getattr(model, "pre_classifier", None), nn.Linear):  # DistilBERT: pre_classifier, ReLU, classifier
         return model.pre_classifier, nn.ReLU(), head
     if pooler is not None and hasattr(pooler, "dense") and isinstance(head, nn.Linear):
-        return pooler.dense, nn.Tanh(), head
+        # BERT's pooler holds its tanh; DeBERTa's ContextPooler applies the config's pooler_hidden_act
+        return pooler.dense, getattr(pooler, "activation", None) or ACT2FN[model.config.pooler_hidden_act], head
     if hasattr(head, "dense") and hasattr(head, "out_proj"):  # ELECTRA's head has an activation; RoBERTa's is tanh
         return head.dense, getattr(head, "activation", None) or nn.Tanh(), head.out_proj
     raise ModelError(f"early_exit: {type(model).__name__} has no classification head that exits can start from")
+
+
+def pooler_of(model):
+    """The pooler the classification head reads: in the base model (BERT) or beside it (DeBERTa's ContextPooler)."""
+    base = getattr(model, model.base_model_prefix)
+    return getattr(base, "pooler", None) or getattr(model, "pooler", None)
 
 
 def load_exit_model(trained_dir: Path):
