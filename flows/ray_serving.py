@@ -206,12 +206,13 @@ def classifier_deployment(options: ServeOptions):
         ray_actor_options={"num_cpus": options.threads},
     )
     class Classifier:
-        def __init__(self, model: ServedModel, arm: str) -> None:
+        def __init__(self, model: ServedModel, arm: str, entry: bool = False) -> None:
             from ray.util import metrics
 
             from squeezeflow.tasks.runtime import load_predictor
 
             self.model, self.tags = model, {"model_version": model.version, "arm": arm}
+            self.intake = Intake() if entry else None  # the lone arm takes the HTTP requests itself
             self.predictor = load_predictor(model.path, model.format, options.threads)
             self.batch_sizes = metrics.Histogram(
                 "squeeze_batch_size", "Rows per model call", boundaries=BATCH_BOUNDS, tag_keys=tuple(self.tags)
@@ -254,64 +255,90 @@ def classifier_deployment(options: ServeOptions):
                 for p in rows
             ]
 
+        async def __call__(self, request):
+            return await self.intake.answer(
+                request, lambda: (self.predict, self.tags["model_version"], self.tags["arm"])
+            )
+
     return Classifier
+
+
+class Intake:
+    """Reads a request, has an arm answer it, and records what the metrics need per arm: the application's entry,
+    in the router when there are several arms and in the lone arm's replicas otherwise (one hop less)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        keys = ("model_version", "arm")
+        self.latency = metrics.Histogram(
+            "squeeze_request_latency_ms", "End-to-end latency of a request", LATENCY_BOUNDS_MS, tag_keys=keys
+        )
+        self.requests = metrics.Counter("squeeze_requests", "Requests answered", tag_keys=keys)
+        self.errors = metrics.Counter("squeeze_errors", "Requests refused or failed", tag_keys=("reason",))
+        self.labelled = metrics.Counter("squeeze_labelled_rows", "Rows sent with their true label", tag_keys=keys)
+        self.correct = metrics.Counter("squeeze_correct_rows", "Labelled rows predicted right", tag_keys=keys)
+
+    async def answer(self, request, choose):
+        """`choose()` gives the arm for this request: (an async predict(texts), model version, arm name)."""
+        from starlette.responses import JSONResponse
+
+        started = time.perf_counter()
+        try:
+            texts, labels = checked_request(json.loads(await request.body()))
+        except json.JSONDecodeError as e:
+            self.errors.inc(tags={"reason": "bad_request"})
+            return JSONResponse({"error": f"the body is not JSON ({e})"}, status_code=400)
+        except ValueError as e:
+            self.errors.inc(tags={"reason": "bad_request"})
+            return JSONResponse({"error": str(e)}, status_code=400)
+        predict, version, arm = choose()
+        tags = {"model_version": version, "arm": arm}
+        try:
+            predictions = await predict(texts)
+        except Exception as e:
+            self.errors.inc(tags={"reason": "model_error"})
+            return JSONResponse({"error": f"the model failed: {type(e).__name__}"}, status_code=500)
+        if labels is not None:
+            self.labelled.inc(len(labels), tags=tags)
+            right = sum(p["label_id"] == y for p, y in zip(predictions, labels))
+            if right:  # a Ray counter takes only positive steps
+                self.correct.inc(right, tags=tags)
+        self.requests.inc(tags=tags)
+        self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
+        return {"predictions": predictions, "model_version": version, "arm": arm}
 
 
 def router_deployment():
     from ray import serve
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})  # it only waits on the arms: no core of its own
     class Router:
-        """Chooses an arm per request by its share, and records what the metrics need per arm."""
+        """Chooses an arm per request by its share."""
 
         def __init__(self, arms: list[tuple], seed: int = 0) -> None:
-            from ray.util import metrics
-
             self.arms = arms  # (handle, share, version, arm name)
             self.random = random.Random(seed)
-            keys = ("model_version", "arm")
-            self.latency = metrics.Histogram(
-                "squeeze_request_latency_ms", "End-to-end latency of a request", LATENCY_BOUNDS_MS, tag_keys=keys
-            )
-            self.requests = metrics.Counter("squeeze_requests", "Requests answered", tag_keys=keys)
-            self.errors = metrics.Counter("squeeze_errors", "Requests refused or failed", tag_keys=("reason",))
-            self.labelled = metrics.Counter("squeeze_labelled_rows", "Rows sent with their true label", tag_keys=keys)
-            self.correct = metrics.Counter("squeeze_correct_rows", "Labelled rows predicted right", tag_keys=keys)
+            self.intake = Intake()
+
+        def _choose(self):
+            handle, _, version, arm = self.random.choices(self.arms, weights=[a[1] for a in self.arms])[0]
+            return handle.predict.remote, version, arm
 
         async def __call__(self, request: Request):
-            started = time.perf_counter()
-            try:
-                texts, labels = checked_request(json.loads(await request.body()))
-            except json.JSONDecodeError as e:
-                self.errors.inc(tags={"reason": "bad_request"})
-                return JSONResponse({"error": f"the body is not JSON ({e})"}, status_code=400)
-            except ValueError as e:
-                self.errors.inc(tags={"reason": "bad_request"})
-                return JSONResponse({"error": str(e)}, status_code=400)
-            handle, _, version, arm = self.random.choices(self.arms, weights=[a[1] for a in self.arms])[0]
-            tags = {"model_version": version, "arm": arm}
-            try:
-                predictions = await handle.predict.remote(texts)
-            except Exception as e:
-                self.errors.inc(tags={"reason": "model_error"})
-                return JSONResponse({"error": f"the model failed: {type(e).__name__}"}, status_code=500)
-            if labels is not None:
-                self.labelled.inc(len(labels), tags=tags)
-                right = sum(p["label_id"] == y for p, y in zip(predictions, labels))
-                if right:  # a Ray counter takes only positive steps
-                    self.correct.inc(right, tags=tags)
-            self.requests.inc(tags=tags)
-            self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
-            return {"predictions": predictions, "model_version": version, "arm": arm}
+            return await self.intake.answer(request, self._choose)
 
     return Router
 
 
 def build_app(models: list[tuple[ServedModel, float, str]], options: ServeOptions):
-    """The application: one Classifier deployment per arm (model, share, arm name) behind the Router."""
+    """The application: one Classifier deployment per arm (model, share, arm name) behind the Router; a lone arm
+    answers HTTP itself (a hop through a router costs ~7 ms here: `python -m bench.serve_overhead`)."""
     classifier = classifier_deployment(options)
+    if len(models) == 1:
+        (model, _, name), *_ = models
+        return classifier.options(name=f"classifier-{name}").bind(model, name, entry=True)
     arms = [
         (classifier.options(name=f"classifier-{name}").bind(model, name), share, model.version, name)
         for model, share, name in models

@@ -1,8 +1,10 @@
-"""`squeeze deploy`: two registered versions of the tiny classifier behind a real Ray Serve on 127.0.0.1 (A/B),
-answered as the pyfunc answers, batched only for the model whose batching was measured, refusing bad requests,
-exposing Prometheus metrics, stopped cleanly; `squeeze ab` and `squeeze loadtest` read and load it."""
+"""`squeeze deploy`: the tiny classifier alone, then two registered versions of it (A/B), behind a real Ray Serve
+on 127.0.0.1, answered as the pyfunc answers, batched only for the model whose batching was measured, refusing bad
+requests, exposing Prometheus metrics, stopped cleanly; `squeeze ab` and `squeeze loadtest` read and load it."""
 
+import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -74,6 +76,12 @@ def metrics(port: int) -> str:
         return answer.read().decode()
 
 
+def metrics_with(port: int, name: str) -> str | None:
+    """The metrics text once it holds `name` (Ray exports every few seconds)."""
+    text = metrics(port)
+    return text if name in text else None
+
+
 def batch_sizes(text: str) -> dict[str, dict[float, float]]:
     """Cumulative batch-size histogram per arm, summed over replicas."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -87,93 +95,20 @@ def batch_sizes(text: str) -> dict[str, dict[float, float]]:
     return out
 
 
-def test_the_served_ab_endpoint(registry, tmp_path):
-    uri, recipe_tree = registry
+@contextlib.contextmanager
+def deployed(uri: str, *args: str):
+    """`squeeze deploy` on free ports, answering; on leaving, SIGTERM must stop it and everything it started."""
     port, metrics_port = free_port(), free_port()
     server = subprocess.Popen(
-        [
-            SQUEEZE, "deploy", "models:/tiny@previous", "--challenger", "models:/tiny@champion",
-            "--challenger-share", "0.5", "--port", str(port), "--metrics-port", str(metrics_port),
-            "--max-batch-size", "8", "--batch-wait-ms", "20", "--tracking-uri", uri,
-        ],
+        [SQUEEZE, "deploy", *args, "--port", str(port), "--metrics-port", str(metrics_port), "--tracking-uri", uri],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
     try:
         wait_for(lambda: post(port, {"texts": ["warm up"]})[0] == 200, 240, "the Ray Serve endpoint")
         descendants = psutil.Process(server.pid).children(recursive=True)
-
-        # the answers are the pyfunc's, from whichever arm served them; both arms get traffic
-        mlflow.set_tracking_uri(uri)
-        expected = {
-            arm: mlflow.pyfunc.load_model(f"models:/tiny@{alias}").predict(pd.DataFrame({"text": TEXTS[:8]}))
-            for arm, alias in (("a", "previous"), ("b", "champion"))
-        }
-        arms_seen = set()
-        for _ in range(12):
-            status, answer = post(port, {"texts": TEXTS[:8]})
-            assert status == 200, answer
-            arms_seen.add(answer["arm"])
-            got = [p["label"] for p in answer["predictions"]]
-            assert got == list(expected[answer["arm"]]["label"])
-            assert set(answer["predictions"][0]) == {"label", "label_id", "score", "probabilities"}
-        assert arms_seen == {"a", "b"}
-
-        # under concurrency the batch-invariant arm forms batches; the per-row arm never does
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda t: post(port, {"texts": [t], "labels": [1]}), TEXTS * 4))
-
-        def both_arms_counted():
-            sizes = batch_sizes(metrics(metrics_port))
-            return sizes if {"a", "b"} <= set(sizes) else None
-
-        sizes = wait_for(both_arms_counted, 60, "the batch-size metrics of both arms")
-        assert sizes["a"][float("inf")] > sizes["a"][1.0], "arm a (batched) never formed a batch"
-        assert sizes["b"][float("inf")] == sizes["b"][1.0], "arm b (per row) was batched"
-
-        # bad requests: a 4xx with the reason
-        for body, fragment in [
-            (b"", "not JSON"),
-            ({"text": ["x"]}, "expected a JSON object"),
-            ({"texts": [None]}, "texts[0] is null"),
-            ({"texts": []}, "non-empty list"),
-        ]:
-            status, answer = post(port, body)
-            assert status == 400 and fragment in answer["error"], (body, status, answer)
-
-        # metrics: the latency histogram per arm and model version; the A/B comparison reads them
-        def with_accuracy_counts():
-            text = metrics(metrics_port)
-            return text if "squeeze_correct_rows" in text else None
-
-        text = wait_for(with_accuracy_counts, 60, "the labelled-rows metrics")
-        assert "squeeze_request_latency_ms_bucket" in text
-        arms, verdict = compare_arms(text)
-        assert {a["arm"] for a in arms} == {"a", "b"} and all(a["labelled"] for a in arms)
-        assert {a["model_version"] for a in arms} == {"tiny v1", "tiny v2"}
-        assert "latency: arm" in verdict
-        done = squeeze("ab", f"http://127.0.0.1:{metrics_port}/metrics")
-        assert done.returncode == 0 and "tiny v2" in done.stdout, done.stderr
-
-        # a short load test, logged to the champion's variant run
-        done = squeeze(
-            "loadtest", recipe(tmp_path, recipe_tree), "--url", f"http://127.0.0.1:{port}", "--concurrency", "1,2",
-            "--seconds", "2", "--model-uri", "models:/tiny@champion", "--tracking-uri", uri,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "QPS at p99" in done.stdout and "logged to the variant run" in done.stdout
-        logged = (
-            MlflowClient(uri)
-            .search_runs(
-                [MlflowClient(uri).get_experiment_by_name("tiny").experiment_id],
-                filter_string="tags.`squeeze.role` = 'variant'",
-            )[0]
-            .data.metrics
-        )
-        assert {"serve_qps_at_p99", "serve_p99_ms_at_c1", "serve_p99_ms_at_c2"} <= set(logged)
-
-        # SIGTERM: Ray and everything the server started are gone
+        yield port, metrics_port
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=120)
         assert server.returncode == 0 and "stopped" in output, output[-2000:]
@@ -188,6 +123,90 @@ def test_the_served_ab_endpoint(registry, tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def expected_labels(uri: str, alias: str, texts: list[str]) -> list[str]:
+    mlflow.set_tracking_uri(uri)
+    return list(mlflow.pyfunc.load_model(f"models:/tiny@{alias}").predict(pd.DataFrame({"text": texts}))["label"])
+
+
+def test_a_lone_model_answers_in_one_hop_batches_refuses_bad_requests_and_is_load_tested(registry, tmp_path):
+    uri, recipe_tree = registry
+    with deployed(uri, "models:/tiny@previous", "--max-batch-size", "8", "--batch-wait-ms", "20") as (port, mport):
+        # the pyfunc's answers
+        status, answer = post(port, {"texts": TEXTS[:8]})
+        assert status == 200, answer
+        assert [p["label"] for p in answer["predictions"]] == expected_labels(uri, "previous", TEXTS[:8])
+        assert set(answer["predictions"][0]) == {"label", "label_id", "score", "probabilities"}
+
+        # under concurrency the rows of concurrent requests share model calls (this model's batching was measured)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda t: post(port, {"texts": [t], "labels": [1]}), TEXTS * 4))
+        sizes = wait_for(lambda: batch_sizes(metrics(mport)).get("a"), 60, "the batch-size metric")
+        assert sizes[float("inf")] > sizes[1.0], "no batch was formed"
+
+        # bad requests: a 4xx with the reason
+        for body, fragment in [
+            (b"", "not JSON"),
+            ({"text": ["x"]}, "expected a JSON object"),
+            ({"texts": [None]}, "texts[0] is null"),
+            ({"texts": []}, "non-empty list"),
+        ]:
+            status, answer = post(port, body)
+            assert status == 400 and fragment in answer["error"], (body, status, answer)
+
+        # metrics: the latency histogram; one deployment answers HTTP itself (no router hop)
+        text = wait_for(lambda: metrics_with(mport, "squeeze_request_latency_ms_bucket"), 60, "the latency metric")
+        deployments = set(re.findall(r'deployment="([^"]+)"', text))
+        assert deployments == {"classifier-a"}, deployments
+
+        # a short load test, logged to the registered variant's run
+        done = squeeze(
+            "loadtest", recipe(tmp_path, recipe_tree), "--url", f"http://127.0.0.1:{port}", "--concurrency", "1,2",
+            "--seconds", "2", "--model-uri", "models:/tiny@champion", "--tracking-uri", uri,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "QPS at p99" in done.stdout and "logged to the variant run" in done.stdout
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("tiny").experiment_id
+        logged = client.search_runs([experiment], filter_string="tags.`squeeze.role` = 'variant'")[0].data.metrics
+        assert {"serve_qps_at_p99", "serve_p99_ms_at_c1", "serve_p99_ms_at_c2"} <= set(logged)
+
+
+def test_two_versions_share_the_endpoint_each_arm_labelled_and_compared(registry):
+    uri, _ = registry
+    args = ["models:/tiny@previous", "--challenger", "models:/tiny@champion", "--challenger-share", "0.5"]
+    with deployed(uri, *args, "--max-batch-size", "8", "--batch-wait-ms", "20") as (port, mport):
+        # both arms get traffic, each answering as its own pyfunc
+        expected = {"a": expected_labels(uri, "previous", TEXTS[:8]), "b": expected_labels(uri, "champion", TEXTS[:8])}
+        arms_seen = set()
+        for _ in range(12):
+            status, answer = post(port, {"texts": TEXTS[:8]})
+            assert status == 200, answer
+            arms_seen.add(answer["arm"])
+            assert [p["label"] for p in answer["predictions"]] == expected[answer["arm"]]
+        assert arms_seen == {"a", "b"}
+
+        # under concurrency the batch-invariant arm forms batches; the per-row arm never does
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda t: post(port, {"texts": [t], "labels": [1]}), TEXTS * 4))
+
+        def both_arms_counted():
+            sizes = batch_sizes(metrics(mport))
+            return sizes if {"a", "b"} <= set(sizes) else None
+
+        sizes = wait_for(both_arms_counted, 60, "the batch-size metrics of both arms")
+        assert sizes["a"][float("inf")] > sizes["a"][1.0], "arm a (batched) never formed a batch"
+        assert sizes["b"][float("inf")] == sizes["b"][1.0], "arm b (per row) was batched"
+
+        # per-arm metrics: the A/B comparison reads them
+        text = wait_for(lambda: metrics_with(mport, "squeeze_correct_rows"), 60, "the labelled-rows metrics")
+        arms, verdict = compare_arms(text)
+        assert {a["arm"] for a in arms} == {"a", "b"} and all(a["labelled"] for a in arms)
+        assert {a["model_version"] for a in arms} == {"tiny v1", "tiny v2"}
+        assert "latency: arm" in verdict
+        done = squeeze("ab", f"http://127.0.0.1:{mport}/metrics")
+        assert done.returncode == 0 and "tiny v2" in done.stdout, done.stderr
 
 
 def test_the_p99_policy_adds_a_replica_above_the_target_and_drops_one_well_below_it():
