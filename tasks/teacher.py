@@ -66,6 +66,13 @@ class TeacherConfig(TrainConfig):
         True, description="Fine-tune the model on the train split (off: it is already a fine-tuned classifier)."
     )
     epochs: float = Field(2.0, gt=0, description="Passes over the training data (fractions allowed).")
+    head_learning_rate: float | None = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="Peak learning rate of the weights the fine-tune starts from random (the new classification "
+        "head): they start from nothing, the encoder from pretrained weights. None: the encoder's learning_rate.",
+    )
     born_again: BornAgainConfig | None = Field(
         None,
         description="Fine-tune twice: a fresh copy of the model, trained with the next seed on the labels and the "
@@ -175,7 +182,8 @@ def check_tokenizer(where: str, config, cfg: ModelConfig) -> None:
 
 
 def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_names: list[str] | None = None):
-    """(model, tokenizer) for a sequence classifier; `new_head` allows a fresh head of `num_labels` outputs."""
+    """(model, tokenizer, fresh) for a sequence classifier; `new_head` allows a fresh head of `num_labels` outputs;
+    `fresh` names the parameters initialised at random rather than loaded (that head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(source)
@@ -193,14 +201,17 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
     try:
         # a new classification head is what fine-tuning trains: transformers' "you should TRAIN this" is expected
         with quiet("transformers.modeling_utils", "were not initialized from the model checkpoint"):
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
                 where,
                 num_labels=cfg.num_labels,
                 id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)},
                 ignore_mismatched_sizes=new_head,
                 trust_remote_code=cfg.trust_remote_code,
+                output_loading_info=True,
             )
+        # mismatched keys are names, or (name, shapes...) in older transformers
+        fresh = set(loading["missing_keys"]) | {k if isinstance(k, str) else k[0] for k in loading["mismatched_keys"]}
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
         # the tokenizer yields (and every variant's saved copy keeps yielding) only what this model's forward takes:
         # e.g. DistilBERT has no token_type_ids, even when it is paired with BERT's tokenizer
@@ -217,7 +228,12 @@ def load_classifier(source: str, cfg: ModelConfig, *, new_head: bool, label_name
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model.source: {source!r} has no fast tokenizer (tokenizer.json); squeezeflow needs one")
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, sorted(name for name, _ in model.named_parameters() if name in fresh)
+
+
+def head_rates(fresh: list[str], cfg: TeacherConfig) -> dict[str, float]:
+    """The learning rate of each parameter the fine-tune starts from random, when it has its own."""
+    return dict.fromkeys(fresh, cfg.head_learning_rate) if cfg.head_learning_rate else {}
 
 
 def fine_tune_born_again(
@@ -238,7 +254,7 @@ def fine_tune_born_again(
     log.info("born again: the first fine-tune's soft targets on %d examples", len(texts))
     targets = predict_logits(first, tokenizer, texts, model_cfg.max_length)
     seed_everything(seed + 1)
-    second, _ = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
+    second, _, fresh = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
     born = teacher_cfg.born_again
 
     def loss(outputs, batch):
@@ -261,6 +277,7 @@ def fine_tune_born_again(
         seed=seed + 1,
         loss_fn=loss,
         targets=targets,
+        learning_rates=head_rates(fresh, teacher_cfg),
     )
     return second, {**{f"first_{k}": v for k, v in first_metrics.items()}, **metrics}
 
@@ -274,11 +291,18 @@ def fine_tune_soup(
     copies, figures = [], [first_metrics]
     for i in range(1, teacher_cfg.soup):
         seed_everything(seed + i)  # as make_teacher with this seed: the new head's initial weights too
-        copy, tokenizer = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
+        copy, tokenizer, fresh = load_classifier(model_cfg.source, model_cfg, new_head=True, label_names=label_names)
         log.info("soup: fine-tuning copy %d of %d (seed %d)", i + 1, teacher_cfg.soup, seed + i)
         figures.append(
             train(
-                copy, tokenizer, split.texts, split.labels, teacher_cfg, max_length=model_cfg.max_length, seed=seed + i
+                copy,
+                tokenizer,
+                split.texts,
+                split.labels,
+                teacher_cfg,
+                max_length=model_cfg.max_length,
+                seed=seed + i,
+                learning_rates=head_rates(fresh, teacher_cfg),
             )
         )
         copies.append(copy)
@@ -331,7 +355,7 @@ def make_teacher(
             log.info("teacher %s is already made; reusing it", vid)
             return done
         seed_everything(seed)
-        model, tokenizer = load_classifier(
+        model, tokenizer, fresh = load_classifier(
             model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names
         )
         metrics: dict[str, float] = {}
@@ -351,6 +375,7 @@ def make_teacher(
                 teacher_cfg,
                 max_length=model_cfg.max_length,
                 seed=seed,
+                learning_rates=head_rates(fresh, teacher_cfg),
             )
             if teacher_cfg.born_again:
                 model, metrics = fine_tune_born_again(

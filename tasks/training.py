@@ -154,9 +154,11 @@ def train(
     model_kwargs: dict | None = None,
     evaluate: Callable[[], float] | None = None,
     progress: Callable[[str], None] = log.info,
+    learning_rates: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Trains `model` in place with AdamW, linear warm-up/decay and gradient clipping.
 
+    `learning_rates` gives some parameters (by name) their own peak rate; the rest use cfg.learning_rate.
     `labels` may be None (unlabelled data: the loss must use `targets`); `targets` (e.g. cached teacher logits)
     are aligned with `texts` and reach the loss as batch["teacher_logits"]. With `evaluate` (higher is
     better), the model is scored before training and after each epoch, and the best of those weights are kept
@@ -173,13 +175,14 @@ def train(
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(total_steps * cfg.warmup_ratio)
 
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups: dict[tuple[float, float], list] = {}  # (peak rate, weight decay) -> parameters
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
+            rate = (learning_rates or {}).get(name, cfg.learning_rate)
+            groups.setdefault((rate, 0.0 if param.ndim < 2 else cfg.weight_decay), []).append(param)
     # fused: one kernel per step instead of one per parameter tensor (~5x faster steps on CPU, same update)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": ps, "lr": rate, "weight_decay": decay} for (rate, decay), ps in groups.items()],
         lr=cfg.learning_rate,
         fused=True,
     )

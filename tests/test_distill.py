@@ -560,3 +560,29 @@ def test_long_text_pass_fine_tunes_the_teacher_on_the_long_texts_alone(
             seed=7,
         )
     assert not written(tmp_path / "none")
+
+
+def test_a_fresh_head_learns_at_its_own_rate_and_the_pretrained_encoder_at_its_own(tiny_model_dir):
+    from squeezeflow.tasks.teacher import ModelConfig, load_classifier
+    from squeezeflow.tasks.training import TrainConfig, train
+
+    # the checkpoint has 2 classes and 3 are asked for: the head starts from random, the rest is loaded
+    model, tokenizer, fresh = load_classifier(
+        str(tiny_model_dir), ModelConfig(source=str(tiny_model_dir), num_labels=3, max_length=32), new_head=True
+    )
+    assert fresh == ["classifier.bias", "classifier.weight"]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rows = sentiment_rows(64, seed=3)
+    train(
+        model,
+        tokenizer,
+        [t for t, _ in rows],
+        [y for _, y in rows],
+        TrainConfig(epochs=1, learning_rate=1e-8, batch_size=16, warmup_ratio=0.0),
+        max_length=32,
+        seed=0,
+        learning_rates=dict.fromkeys(fresh, 1e-2),
+    )
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    assert min(moved[name] for name in fresh) > 1e-3
+    assert max(change for name, change in moved.items() if name not in fresh) < 1e-5
