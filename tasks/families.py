@@ -9,9 +9,6 @@ from dataclasses import dataclass, field
 
 from .base import ModelError
 
-# what each refusal says, shared by the families it applies to
-_BERT_LAYOUT = "needs BERT's encoder layout (encoder.layer[i].attention.self, .intermediate, .output)"
-
 
 @dataclass(frozen=True)
 class Family:
@@ -71,7 +68,8 @@ FAMILIES = (
         {
             "prune": "shares one layer's weights across depth, so heads and channels cannot differ per layer; "
             "use distill (fewer layer applications) and quantize",
-            "early_exit": f"{_BERT_LAYOUT}; use distill and quantize",
+            "early_exit": "runs each layer as its own graph, so ALBERT's one shared layer would be copied into every "
+            "graph (its size times its depth); use distill and quantize",
         },
     ),
     Family(
