@@ -1,8 +1,9 @@
 """Served figures: each model behind the same `squeeze deploy` server, loaded by the same Locust load at rising
-concurrency; one table of QPS, p50 and p99.
+concurrency; one table of QPS, p50 and p99. `--optimum-peer-of TEACHER` adds the peer a user of Optimum would serve
+instead (the teacher exported, ORTOptimizer O2, ORTQuantizer dynamic INT8, as bench/sst2.py makes it).
 
     python -m bench.serving configs/trec.yaml models:/squeezeflow-trec@champion artifacts/variants/teacher-668664 \
-        --concurrency 1,2,4,8 --seconds 15
+        --optimum-peer-of artifacts/variants/teacher-668664 --concurrency 1,2,4,8 --seconds 15
 """
 
 from __future__ import annotations
@@ -48,16 +49,37 @@ def measure(command: list[str], url: str, probe: dict, rows, levels, seconds) ->
         server.wait(timeout=120)
 
 
+def optimum_peer(teacher_dir: Path, root: Path) -> Path:
+    """The teacher's Optimum dynamic INT8 peer (made once per teacher, kept under its directory name)."""
+    import shutil
+
+    from bench.sst2 import OPTIMUM, ORT_FP32, peer_optimum_dynamic, peer_ort_fp32
+
+    root = root / teacher_dir.name
+    if not (root / OPTIMUM / "done").exists():
+        for name in (ORT_FP32, OPTIMUM):
+            shutil.rmtree(root / name, ignore_errors=True)
+        (root / OPTIMUM).parent.mkdir(parents=True, exist_ok=True)
+        peer_ort_fp32(teacher_dir, root / ORT_FP32)
+        peer_optimum_dynamic(root / ORT_FP32, root / OPTIMUM)
+        (root / OPTIMUM / "done").write_text("made\n")
+    return root / OPTIMUM
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="the recipe whose eval texts are sent")
-    parser.add_argument("models", nargs="+", help="model URIs or variant directories, each served by squeeze deploy")
+    parser.add_argument("models", nargs="+", help="model URIs or model directories, each served by squeeze deploy")
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--target-p99-ms", type=float, default=10.0)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--optimum-peer-of", type=Path, help="a teacher variant directory: serve its Optimum INT8 too")
+    parser.add_argument("--peers-dir", type=Path, default=Path("bench-out/serving-peers"))
     args = parser.parse_args()
     cfg = load_config(args.recipe)
+    if args.optimum_peer_of:
+        args.models.append(str(optimum_peer(args.optimum_peer_of, args.peers_dir)))
     split = read_split(cfg.data, "eval", cfg.model.num_labels)
     rows, levels = list(zip(split.texts, split.labels)), [int(x) for x in args.concurrency.split(",")]
     url = f"http://127.0.0.1:{args.port}"

@@ -64,21 +64,29 @@ class ServedModel:
     batched: bool  # batched predictions were measured equal to one-row ones
 
 
-def local_variant(directory: Path) -> ServedModel:
-    """A variant directory of artifacts/variants (e.g. the teacher, to load-test it under the same server): served
-    one row per call, as its figures were measured; labels from its config.json."""
+def local_model(directory: Path) -> ServedModel:
+    """A model directory on this machine: a variant of artifacts/variants (e.g. the teacher) or any ONNX classifier
+    exported with its tokenizer and config.json (e.g. a peer made by another tool), to load-test it under the same
+    server. Served one row per call, as such figures are measured; labels from its config.json."""
     import json
 
+    from squeezeflow.tasks.base import SqueezeError
     from squeezeflow.tasks.variant import Variant
 
-    variant = Variant.model_validate_json((directory / "variant.json").read_text())
+    if (directory / "variant.json").exists():
+        variant = Variant.model_validate_json((directory / "variant.json").read_text())
+        version, model_format = variant.id, variant.format
+    elif (directory / "model.onnx").exists():
+        version, model_format = directory.name, "onnx"
+    else:
+        raise SqueezeError(f"{directory}: neither a variant (variant.json) nor an ONNX model directory (model.onnx)")
     config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
     labels = config.get("id2label") or {}
     return ServedModel(
         uri=str(directory),
-        version=variant.id,
+        version=version,
         path=str(directory),
-        format=variant.format,
+        format=model_format,
         label_names=[labels[k] for k in sorted(labels, key=int)] if labels else [],
         batched=False,
     )
@@ -86,15 +94,15 @@ def local_variant(directory: Path) -> ServedModel:
 
 def fetch_model(uri: str, dst: Path) -> ServedModel:
     """Downloads `uri` (models:/NAME@alias, models:/NAME/VERSION, or a logged model's path) and reads its config;
-    a variant directory is served from where it is."""
+    a model directory on this machine is served from where it is."""
     import mlflow
     import yaml
     from mlflow.exceptions import MlflowException
 
     from squeezeflow.tasks.base import SqueezeError
 
-    if (Path(uri) / "variant.json").exists():
-        return local_variant(Path(uri))
+    if Path(uri).is_dir() and not (Path(uri) / "MLmodel").exists():
+        return local_model(Path(uri))
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))

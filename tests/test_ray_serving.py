@@ -268,3 +268,23 @@ def test_qps_at_the_p99_target_counts_only_levels_without_failures():
     ]
     assert qps_at_p99(levels, 10.0) == 90.0
     assert qps_at_p99(levels, 5.0) == 0.0
+
+
+def test_a_model_directory_is_served_from_where_it_is(tmp_path):
+    from squeezeflow.flows.ray_serving import fetch_model
+    from squeezeflow.tasks.base import SqueezeError
+
+    peer = tmp_path / "optimum-int8"  # an ONNX classifier made by another tool: no variant.json
+    peer.mkdir()
+    (peer / "model.onnx").write_bytes(b"")
+    (peer / "config.json").write_text(json.dumps({"id2label": {"1": "pos", "0": "neg"}}))
+    served = fetch_model(str(peer), tmp_path / "unused")
+    assert (served.format, served.version, served.label_names, served.batched) == (
+        "onnx",
+        "optimum-int8",
+        ["neg", "pos"],
+        False,
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SqueezeError, match="neither a variant .* nor an ONNX model directory"):
+        fetch_model(str(tmp_path / "empty"), tmp_path / "unused")
