@@ -240,6 +240,7 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
         )
         if cfg.hidden_weight or cfg.attention_weight:
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            teacher.to(batch["input_ids"].device)  # where the student trains (a no-op once it is there)
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=True, output_attentions=bool(cfg.attention_weight))
             total = total + layer_matching_loss(

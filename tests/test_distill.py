@@ -382,7 +382,7 @@ def test_training_learns_the_known_answer_in_either_precision(tiny_model_dir, pr
         max_length=32,
         seed=7,
     )
-    assert figures["train_bf16"] == float(precision == "bf16")
+    assert figures["train_mixed_precision"] == float(precision == "bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
     truth = np.array([y for _, y in held])
     assert accuracy_on(model, tokenizer, [t for t, _ in held], truth, 32) >= 0.9
@@ -586,3 +586,35 @@ def test_a_fresh_head_learns_at_its_own_rate_and_the_pretrained_encoder_at_its_o
     moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
     assert min(moved[name] for name in fresh) > 1e-3
     assert max(change for name, change in moved.items() if name not in fresh) < 1e-5
+
+
+def test_two_accumulated_batches_train_as_one_batch_of_both(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from squeezeflow.tasks.training import predict_logits, train
+
+    rows, held = sentiment_rows(64, seed=4), [t for t, _ in sentiment_rows(40, seed=5)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def logits(batch_size: int, accumulate: int):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+        for module in model.modules():  # no dropout: the runs draw their random masks in different shapes
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        figures = train(
+            model,
+            tokenizer,
+            [t for t, _ in rows],
+            [y for _, y in rows],
+            TrainConfig(epochs=2, learning_rate=1e-3, batch_size=batch_size, gradient_accumulation_steps=accumulate),
+            max_length=32,
+            seed=3,
+        )
+        assert figures["train_steps"] == 64 * 2 / (batch_size * accumulate)  # optimizer steps
+        return predict_logits(model, tokenizer, held, 32)
+
+    whole = logits(16, 1)
+    # two batches of 8 accumulated take the steps one batch of 16 takes; without accumulation they take twice as many
+    accumulated, small = np.abs(logits(8, 2) - whole).max(), np.abs(logits(8, 1) - whole).max()
+    print(f"max logit difference from batches of 16: accumulated 2 x 8 {accumulated:.2e}, batches of 8 {small:.2e}")
+    assert accumulated < small / 10
