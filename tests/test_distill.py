@@ -78,6 +78,40 @@ def test_student_layers_equal_the_chosen_teacher_layers(tiny_model_dir):
             assert torch.equal(s[key], t[key]), key
 
 
+def test_a_distilbert_student_of_every_teacher_layer_computes_the_teachers_hidden_states(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    student, teacher, chosen = build_student(tiny_model_dir, StudentShape(num_layers=2, family="distilbert"))
+    assert student.config.model_type == "distilbert" and chosen == [0, 1]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = tokenizer(["the film was really excellent", "awful"], padding=True, return_tensors="pt")
+    student.eval(), teacher.eval()
+    with torch.no_grad():
+        mine = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True).hidden_states
+        theirs = teacher(**batch, output_hidden_states=True).hidden_states
+    for s, t in zip(mine, theirs):  # the embeddings (token type folded in) and each layer, where tokens are real
+        real = batch["attention_mask"].bool()
+        assert torch.allclose(s[real], t[real], atol=1e-5)
+
+
+def test_a_distilbert_student_is_distilled_exported_and_quantized(trained_tiny, tmp_path):
+    from squeezeflow.tasks.quantize import QuantizeConfig, quantize
+
+    teacher, data = trained_tiny
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "c")
+    shape = StudentShape(num_layers=1, family="distilbert")
+    cfg = DistillConfig(students=[shape.model_dump()], training={"epochs": 2, "learning_rate": 1e-3})
+    student = distill(teacher, shape, cfg, ctx, tmp_path / "v")
+    assert student.lineage.endswith("distill[L1-distilbert]")
+    texts = load_splits(data, 2).eval.texts
+    own = load_predictor(student.path, "hf").logits(texts)
+    onnx = export(student, ExportConfig(), tmp_path / "v")
+    assert np.abs(load_predictor(onnx.path, "onnx").logits(texts) - own).max() < 1e-3
+    int8 = quantize(onnx, "dynamic", QuantizeConfig(), ctx, tmp_path / "v")
+    truth = np.asarray(load_splits(data, 2).eval.labels)
+    assert (load_predictor(int8.path, "onnx").logits(texts).argmax(-1) == truth).mean() >= 0.8
+
+
 def test_smaller_ffn_starts_from_scratch_only_where_shapes_differ(tiny_model_dir):
     student, teacher, chosen = build_student(tiny_model_dir, StudentShape(num_layers=1, intermediate_size=16))
     assert student.config.intermediate_size == 16 and chosen == [1]  # one layer: the teacher's last
