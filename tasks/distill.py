@@ -167,9 +167,11 @@ def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dro
         return student, teacher, chosen  # nothing in the teacher has the student's width
     source = teacher.state_dict()
     prefix = f"{teacher.base_model_prefix}.{layout.layers}."
+    # one layer per depth (ALBERT's one shared layer serves every depth: it is copied as it is)
+    per_depth = len(getattr(teacher, teacher.base_model_prefix).get_submodule(layout.layers)) == depth
     mapped = {}
     for key in student.state_dict():
-        if key.startswith(prefix):
+        if key.startswith(prefix) and per_depth:
             index, rest = key[len(prefix) :].split(".", 1)
             mapped[key] = source.get(f"{prefix}{chosen[int(index)]}.{rest}")
         else:

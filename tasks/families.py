@@ -73,11 +73,20 @@ FAMILIES = (
         "ALBERT",
         ("albert",),
         {
-            "prune": "shares one layer's weights across depth, so heads and channels cannot differ per layer; "
-            "use distill (fewer layer applications) and quantize",
             "early_exit": "runs each layer as its own graph, so ALBERT's one shared layer would be copied into every "
             "graph (its size times its depth); use distill and quantize",
         },
+        # one group of one shared layer, as ALBERT's released models are: pruning it prunes every application
+        layers="encoder.albert_layer_groups.0.albert_layers",
+        query="attention.query",
+        key="attention.key",
+        value="attention.value",
+        attention_out="attention.dense",
+        attention_norm="attention.LayerNorm",
+        ffn_in="ffn",
+        ffn_out="ffn_output",
+        output_norm="full_layer_layer_norm",
+        heads="attention",
     ),
     Family(
         "DeBERTa-v2",
