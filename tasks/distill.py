@@ -50,6 +50,11 @@ class StudentShape(StrictModel):
     hidden_size: int | None = Field(
         None, ge=8, description="A smaller hidden size; the whole student then starts from scratch."
     )
+    family: Literal["distilbert"] | None = Field(
+        None,
+        description="Build the student as a model of another family (distilbert: no token types, a lighter "
+        "embedding), its layers copied from a BERT teacher's part by part; None: the teacher's family.",
+    )
 
     @model_validator(mode="after")
     def _one_depth(self) -> StudentShape:
@@ -72,6 +77,7 @@ class StudentShape(StrictModel):
         parts = [f"L{len(self.teacher_layers(teacher_depth))}"]
         parts += [f"H{self.hidden_size}"] if self.hidden_size else []
         parts += [f"I{self.intermediate_size}"] if self.intermediate_size else []
+        parts += [self.family] if self.family else []
         return f"distill[{'-'.join(parts)}]"
 
 
@@ -144,6 +150,8 @@ def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dro
 
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     config = AutoConfig.from_pretrained(teacher_dir)
+    if shape.family:
+        return _student_of_another_family(teacher, shape, attention_dropout)
     layout = layout_of(config.model_type)  # DistilBERT names its layers and config fields its own way
     if attention_dropout is not None:
         setattr(config, layout.attention_dropout, attention_dropout)
@@ -159,9 +167,11 @@ def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dro
         return student, teacher, chosen  # nothing in the teacher has the student's width
     source = teacher.state_dict()
     prefix = f"{teacher.base_model_prefix}.{layout.layers}."
+    # one layer per depth (ALBERT's one shared layer serves every depth: it is copied as it is)
+    per_depth = len(getattr(teacher, teacher.base_model_prefix).get_submodule(layout.layers)) == depth
     mapped = {}
     for key in student.state_dict():
-        if key.startswith(prefix):
+        if key.startswith(prefix) and per_depth:
             index, rest = key[len(prefix) :].split(".", 1)
             mapped[key] = source.get(f"{prefix}{chosen[int(index)]}.{rest}")
         else:
@@ -170,6 +180,56 @@ def build_student(teacher_dir: str | Path, shape: StudentShape, *, attention_dro
     loadable = {k: v for k, v in mapped.items() if v is not None and v.shape == own[k].shape}
     student.load_state_dict(loadable, strict=False)
     log.info("student %s: %d/%d tensors from teacher layers %s", shape.token(depth), len(loadable), len(own), chosen)
+    return student, teacher, chosen
+
+
+def _student_of_another_family(teacher, shape: StudentShape, attention_dropout: float | None):
+    """A DistilBERT student of a BERT teacher: the same width, the chosen teacher layers copied part by part (the
+    token-type embedding BERT adds to every token folded into the word embeddings); the head's dense layer starts
+    from the pooler's, under DistilBERT's ReLU, so distillation re-learns it."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    tc = teacher.config
+    if tc.model_type != "bert":
+        raise ModelError(
+            f"distill.students: family {shape.family} students are made from BERT teachers; this one is {tc.model_type}"
+        )
+    chosen = shape.teacher_layers(tc.num_hidden_layers)
+    config = DistilBertConfig(
+        vocab_size=tc.vocab_size,
+        max_position_embeddings=tc.max_position_embeddings,
+        n_layers=len(chosen),
+        n_heads=tc.num_attention_heads,
+        dim=tc.hidden_size,
+        hidden_dim=shape.intermediate_size or tc.intermediate_size,
+        dropout=tc.hidden_dropout_prob,
+        attention_dropout=tc.attention_probs_dropout_prob if attention_dropout is None else attention_dropout,
+        activation=tc.hidden_act,
+        seq_classif_dropout=tc.hidden_dropout_prob,
+        pad_token_id=tc.pad_token_id,
+        num_labels=tc.num_labels,
+        id2label=tc.id2label,
+        label2id=tc.label2id,
+    )
+    student = DistilBertForSequenceClassification(config)
+    source, target = layout_of("bert"), layout_of("distilbert")
+    t_base, s_base = teacher.bert, student.distilbert
+    with torch.no_grad():
+        s_base.embeddings.word_embeddings.weight.copy_(
+            t_base.embeddings.word_embeddings.weight + t_base.embeddings.token_type_embeddings.weight[0]
+        )
+        s_base.embeddings.position_embeddings.weight.copy_(t_base.embeddings.position_embeddings.weight)
+        s_base.embeddings.LayerNorm.load_state_dict(t_base.embeddings.LayerNorm.state_dict())
+        t_layers, s_layers = t_base.get_submodule(source.layers), s_base.get_submodule(target.layers)
+        for s_layer, index in zip(s_layers, chosen):
+            for name in source.PARTS:
+                s_part, t_part = target.part(s_layer, name), source.part(t_layers[index], name)
+                if s_part.weight.shape == t_part.weight.shape:  # a smaller FFN starts from scratch
+                    s_part.load_state_dict(t_part.state_dict())
+        student.pre_classifier.load_state_dict(t_base.pooler.dense.state_dict())
+        student.classifier.load_state_dict(teacher.classifier.state_dict())
+    log.info("student %s: a DistilBERT from teacher layers %s", shape.token(tc.num_hidden_layers), chosen)
     return student, teacher, chosen
 
 
@@ -240,6 +300,7 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
         )
         if cfg.hidden_weight or cfg.attention_weight:
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            teacher.to(batch["input_ids"].device)  # where the student trains (a no-op once it is there)
             with torch.no_grad():
                 t_out = teacher(**inputs, output_hidden_states=True, output_attentions=bool(cfg.attention_weight))
             total = total + layer_matching_loss(
@@ -283,6 +344,9 @@ def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: Stage
             parent.path, shape, attention_dropout=0.0 if cfg.attention_weight else None
         )
         tokenizer = AutoTokenizer.from_pretrained(parent.path)
+        if not layout_of(student.config.model_type).token_types:  # the student (and its saved copy) takes none
+            names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+            tokenizer = AutoTokenizer.from_pretrained(parent.path, model_input_names=names)
         layer_map = cfg.layer_map or chosen
         if len(layer_map) != student.config.num_hidden_layers:
             raise ModelError(

@@ -28,10 +28,15 @@ class Family:
     heads: str = "attention.self"
     head_count: str = "num_attention_heads"  # its attribute holding the number of heads ...
     heads_width: str = "all_head_size"  # ... and the one holding heads x head size
+    attention_norm: str = "attention.output.LayerNorm"  # the LayerNorm after attention ...
+    output_norm: str = "output.LayerNorm"  # ... and the one after the FFN
     token_types: bool = True  # whether its embeddings take token_type_ids
     # what a layer is called with besides the hidden states: the additive mask (0 / -inf), the 0/1 mask, or what
     # DeBERTa's encoder computes for each layer (a pairwise mask, relative positions and their embeddings)
     layer_inputs: str = "additive_mask"  # "additive_mask" | "binary_mask" | "deberta"
+
+    # a layer's parts, each a module with a weight and a bias: what a student of another family copies from its teacher
+    PARTS = ("query", "key", "value", "attention_out", "attention_norm", "ffn_in", "ffn_out", "output_norm")
 
     def part(self, layer, name: str):
         """The module at this family's path `name` (a field above, e.g. "value") in `layer`."""
@@ -56,6 +61,8 @@ FAMILIES = (
         heads="attention",
         head_count="n_heads",
         heads_width="dim",
+        attention_norm="sa_layer_norm",
+        output_norm="output_layer_norm",
         token_types=False,
         layer_inputs="binary_mask",
     ),
@@ -66,11 +73,20 @@ FAMILIES = (
         "ALBERT",
         ("albert",),
         {
-            "prune": "shares one layer's weights across depth, so heads and channels cannot differ per layer; "
-            "use distill (fewer layer applications) and quantize",
             "early_exit": "runs each layer as its own graph, so ALBERT's one shared layer would be copied into every "
             "graph (its size times its depth); use distill and quantize",
         },
+        # one group of one shared layer, as ALBERT's released models are: pruning it prunes every application
+        layers="encoder.albert_layer_groups.0.albert_layers",
+        query="attention.query",
+        key="attention.key",
+        value="attention.value",
+        attention_out="attention.dense",
+        attention_norm="attention.LayerNorm",
+        ffn_in="ffn",
+        ffn_out="ffn_output",
+        output_norm="full_layer_layer_norm",
+        heads="attention",
     ),
     Family(
         "DeBERTa-v2",

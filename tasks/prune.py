@@ -140,8 +140,11 @@ def prune_model(
     # The residual stream keeps its width: every layer that writes to it is left whole; so are the heads' owners
     # when only FFN channels go, and the FFN when only heads go.
     # (so is everything outside the layers: embeddings, pooler, every family's head, e.g. DistilBERT's pre_classifier)
-    stack = base.get_submodule(layout.layers.rpartition(".")[0])
-    ignored = [m for m in (*model.children(), *base.children()) if m is not base and m is not stack]
+    ignored = [m for m in model.children() if m is not base]
+    node = base
+    for name in layout.layers.split("."):  # and, on the way down to the layers, every module beside that path
+        ignored += [m for n, m in node.named_children() if n != name]
+        node = node.get_submodule(name)
     value_layer = {}
     for index, layer in enumerate(layers):
         ignored += [at(layer, "attention_out"), at(layer, "ffn_out")]

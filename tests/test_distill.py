@@ -78,6 +78,40 @@ def test_student_layers_equal_the_chosen_teacher_layers(tiny_model_dir):
             assert torch.equal(s[key], t[key]), key
 
 
+def test_a_distilbert_student_of_every_teacher_layer_computes_the_teachers_hidden_states(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    student, teacher, chosen = build_student(tiny_model_dir, StudentShape(num_layers=2, family="distilbert"))
+    assert student.config.model_type == "distilbert" and chosen == [0, 1]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = tokenizer(["the film was really excellent", "awful"], padding=True, return_tensors="pt")
+    student.eval(), teacher.eval()
+    with torch.no_grad():
+        mine = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True).hidden_states
+        theirs = teacher(**batch, output_hidden_states=True).hidden_states
+    for s, t in zip(mine, theirs):  # the embeddings (token type folded in) and each layer, where tokens are real
+        real = batch["attention_mask"].bool()
+        assert torch.allclose(s[real], t[real], atol=1e-5)
+
+
+def test_a_distilbert_student_is_distilled_exported_and_quantized(trained_tiny, tmp_path):
+    from squeezeflow.tasks.quantize import QuantizeConfig, quantize
+
+    teacher, data = trained_tiny
+    ctx = StageContext(data=data, num_labels=2, max_length=32, seed=7, teacher=teacher, cache_dir=tmp_path / "c")
+    shape = StudentShape(num_layers=1, family="distilbert")
+    cfg = DistillConfig(students=[shape.model_dump()], training={"epochs": 2, "learning_rate": 1e-3})
+    student = distill(teacher, shape, cfg, ctx, tmp_path / "v")
+    assert student.lineage.endswith("distill[L1-distilbert]")
+    texts = load_splits(data, 2).eval.texts
+    own = load_predictor(student.path, "hf").logits(texts)
+    onnx = export(student, ExportConfig(), tmp_path / "v")
+    assert np.abs(load_predictor(onnx.path, "onnx").logits(texts) - own).max() < 1e-3
+    int8 = quantize(onnx, "dynamic", QuantizeConfig(), ctx, tmp_path / "v")
+    truth = np.asarray(load_splits(data, 2).eval.labels)
+    assert (load_predictor(int8.path, "onnx").logits(texts).argmax(-1) == truth).mean() >= 0.8
+
+
 def test_smaller_ffn_starts_from_scratch_only_where_shapes_differ(tiny_model_dir):
     student, teacher, chosen = build_student(tiny_model_dir, StudentShape(num_layers=1, intermediate_size=16))
     assert student.config.intermediate_size == 16 and chosen == [1]  # one layer: the teacher's last
@@ -382,7 +416,7 @@ def test_training_learns_the_known_answer_in_either_precision(tiny_model_dir, pr
         max_length=32,
         seed=7,
     )
-    assert figures["train_bf16"] == float(precision == "bf16")
+    assert figures["train_mixed_precision"] == float(precision == "bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
     truth = np.array([y for _, y in held])
     assert accuracy_on(model, tokenizer, [t for t, _ in held], truth, 32) >= 0.9
@@ -586,3 +620,35 @@ def test_a_fresh_head_learns_at_its_own_rate_and_the_pretrained_encoder_at_its_o
     moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
     assert min(moved[name] for name in fresh) > 1e-3
     assert max(change for name, change in moved.items() if name not in fresh) < 1e-5
+
+
+def test_two_accumulated_batches_train_as_one_batch_of_both(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from squeezeflow.tasks.training import predict_logits, train
+
+    rows, held = sentiment_rows(64, seed=4), [t for t, _ in sentiment_rows(40, seed=5)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def logits(batch_size: int, accumulate: int):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+        for module in model.modules():  # no dropout: the runs draw their random masks in different shapes
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        figures = train(
+            model,
+            tokenizer,
+            [t for t, _ in rows],
+            [y for _, y in rows],
+            TrainConfig(epochs=1, learning_rate=1e-3, batch_size=batch_size, gradient_accumulation_steps=accumulate),
+            max_length=32,
+            seed=3,
+        )
+        assert figures["train_steps"] == 64 / (batch_size * accumulate)  # optimizer steps
+        return predict_logits(model, tokenizer, held, 32)
+
+    whole = logits(16, 1)
+    # two batches of 8 accumulated take the steps one batch of 16 takes; without accumulation they take twice as many
+    accumulated, small = np.abs(logits(8, 2) - whole).max(), np.abs(logits(8, 1) - whole).max()
+    print(f"max logit difference from batches of 16: accumulated 2 x 8 {accumulated:.2e}, batches of 8 {small:.2e}")
+    assert accumulated < small / 10

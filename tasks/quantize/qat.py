@@ -144,8 +144,8 @@ def qat_fine_tune(
     model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     base = getattr(model, model.base_model_prefix)
-    # the module holding the layers: BERT's `encoder`, DistilBERT's `transformer`
-    encoder = base.get_submodule(layout_of(model.config.model_type).layers.rpartition(".")[0])
+    # the encoder below the embeddings: BERT's `encoder`, DistilBERT's `transformer`
+    encoder = base.get_submodule(layout_of(model.config.model_type).layers.split(".")[0])
     if cfg.four_bit_embeddings:
         freeze_on_four_bit_grid(base.embeddings, cfg.embedding_block_size)
     ranges = calibration = None
