@@ -34,8 +34,8 @@ def workdir(tmp_path_factory):
 
 def make_models(root: Path) -> None:
     """Tiny BERT directories that each break one thing preflight checks: no tokenizer; a tokenizer with more tokens
-    than the embeddings have rows; 64 position embeddings (the recipe asks for 128 tokens); and a DistilBERT, whose
-    family some stages do not support."""
+    than the embeddings have rows; 64 position embeddings (the recipe asks for 128 tokens); and an ALBERT and a
+    DeBERTa, whose families some stages do not support."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     vocab = root / "vocab.txt"
@@ -57,11 +57,19 @@ def make_models(root: Path) -> None:
         BertForSequenceClassification(config).save_pretrained(root / name)
         if with_tokenizer:
             tokenizer.save_pretrained(root / name)
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import (
+        AlbertConfig,
+        AlbertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+    )
 
-    distilbert = DistilBertConfig(vocab_size=len(tokenizer), dim=8, n_layers=1, n_heads=2, hidden_dim=16, num_labels=2)
-    DistilBertForSequenceClassification(distilbert).save_pretrained(root / "distilbert")
-    tokenizer.save_pretrained(root / "distilbert")
+    for name, model in (
+        ("albert", AlbertForSequenceClassification(AlbertConfig(vocab_size=len(tokenizer), embedding_size=8, **shape))),
+        ("deberta", DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=len(tokenizer), **shape))),
+    ):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
