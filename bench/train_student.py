@@ -11,10 +11,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from squeezeflow.flows.compress import stage_context
 from squeezeflow.flows.config import load_config
 from squeezeflow.tasks.distill import DistillConfig, StudentShape, distill
 from squeezeflow.tasks.evaluate import machine
-from squeezeflow.tasks.variant import StageContext, Variant
+from squeezeflow.tasks.variant import Variant
 
 
 def main() -> None:
@@ -28,14 +29,7 @@ def main() -> None:
     cfg = load_config(args.recipe)
     teacher = Variant.model_validate_json((args.teacher / "variant.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = StageContext(
-            data=cfg.data,
-            num_labels=cfg.model.num_labels,
-            max_length=cfg.model.max_length,
-            seed=cfg.seed,
-            teacher=teacher,
-            cache_dir=Path(tmp) / "cache",
-        )
+        ctx = stage_context(cfg, teacher, Path(tmp) / "cache")  # a cold cache: teacher logits computed here
         distill_cfg = DistillConfig(
             students=[{"num_layers": args.layers}],
             training={"epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": 32},

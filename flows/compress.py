@@ -62,15 +62,19 @@ def teacher_and_context(cfg: SqueezeConfig) -> tuple[Variant, StageContext]:
     """The fine-tuned teacher (made once per teacher settings and data: variants live by id under
     artifacts_dir/variants, so an unchanged stage of a later run reuses its output) and what every stage reads."""
     teacher = teacher_task(cfg.model, cfg.teacher, cfg.data, cfg.artifacts_dir / "variants", cfg.seed)
-    ctx = StageContext(
+    return teacher, stage_context(cfg, teacher, cfg.artifacts_dir / "cache")
+
+
+def stage_context(cfg: SqueezeConfig, teacher: Variant, cache_dir: Path) -> StageContext:
+    """What every stage reads: the data, labels, length and seed, the teacher, where its logits are cached."""
+    return StageContext(
         data=cfg.data,
         num_labels=cfg.model.num_labels,
         max_length=cfg.model.max_length,
         seed=cfg.seed,
         teacher=teacher,
-        cache_dir=cfg.artifacts_dir / "cache",
+        cache_dir=cache_dir,
     )
-    return teacher, ctx
 
 
 def grow(

@@ -94,4 +94,4 @@ def test_mlflow_ui_shows_a_variants_benchmark_metrics(finished, mlflow_ui, brows
     browser.goto(f"{mlflow_ui}/#/experiments/{result['experiment_id']}/runs/{champion.info.run_id}")
     wait_for(lambda: champion.info.run_name in browser.text(), 120, f"the page of run {champion.info.run_name}")
     wanted = ["accuracy", "accuracy_drop", "latency_p50_ms", "size_mb", "parity_agreement"]
-    wait_for(lambda: all(name in browser.text() for name in wanted), 60, f"metrics {wanted} on the run page")
+    wait_for(lambda: all(name in browser.text() for name in wanted), 180, f"metrics {wanted} on the run page")
