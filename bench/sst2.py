@@ -2,6 +2,10 @@
 would pick instead, in one process and with the same harness (rounds interleaved, same threads, batch 1).
 
     python -m bench.sst2 --data-dir ../shared/data/sst2 --out DIR [--config configs/sst2.yaml] [--set key=value ...]
+    python -m bench.sst2 --data-dir ../shared/data/sst2 --out DIR --config configs/sst2-search.yaml --budget 25
+
+A recipe with `{search: ...}` knobs is searched (`squeeze search`, every trial scored on validation, `--budget`
+minutes, `--trials`) instead of run as written; the champion it registers is then measured beside the peers.
 
 Peers, all made from the recipe's fine-tuned teacher and stored under its id (a new teacher gets new peers), each
 run as its users run it (ONNX Runtime's default session options, the same thread count): PyTorch fp32;
@@ -26,13 +30,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-PEER_KEYS = ("name", "accuracy", "latency_p50_ms", "latency_p99_ms", "throughput_qps", "size_mb")
+PEER_KEYS = (
+    "name",
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "throughput_qps",
+    "size_mb",
+)
 VARIANT_KEYS = (
     "variant_id",
     "parent_id",
     "lineage",
     "stage",
+    "val_accuracy",
     "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
     "accuracy_drop",
     "latency_p50_ms",
     "latency_p99_ms",
@@ -44,7 +60,11 @@ CHAMPION_KEYS = (
     "variant_id",
     "lineage",
     "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
     "accuracy_drop",
+    "accuracy_drop_ci_low",
+    "accuracy_drop_ci_high",
     "latency_p50_ms",
     "size_mb",
     "speedup_vs_torch_fp32",
@@ -53,7 +73,7 @@ CHAMPION_KEYS = (
     "speedup_vs_best_peer",
     "size_ratio_vs_teacher",
 )
-TOP_KEYS = ("machine", "wall_s", "teacher", "peers", "variants", "champion")
+TOP_KEYS = ("machine", "wall_s", "search", "teacher", "peers", "variants", "champion")
 
 TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OPTIMUM_STATIC, OLIVE = (
     "pytorch-fp32",
@@ -81,7 +101,7 @@ def has_vnni() -> bool:
 
 
 def machine(threads: int) -> dict:
-    from squeezeflow.tasks.evaluate import cpu_model
+    from squeezeflow.tasks.evaluate import cpu_flags, cpu_model
 
     cpu = cpu_model()
     libraries = {}
@@ -107,6 +127,7 @@ def machine(threads: int) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": threads,
+        "cpu_flags": cpu_flags(),
         "vnni": has_vnni(),
         "libraries": libraries,
     }
@@ -273,21 +294,27 @@ def make_peers(teacher, root: Path, calibration: list[str]) -> list:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def results_document(machine_info: dict, wall_s: float, variants: list, side_by_side: list, champion_id: str) -> dict:
+def results_document(
+    machine_info: dict, wall_s: float, variants: list, side_by_side: list, champion_id: str, search: dict | None = None
+) -> dict:
     """The results.json document: the recipe's variants (as the flow measured them) and the champion against the
-    peers (as measured side by side in one interleaved benchmark)."""
+    peers (as measured side by side in one interleaved benchmark); `search`: the study that chose the knobs, if
+    the recipe was searched."""
     by_name = {v.lineage.removeprefix("peer:"): v for v in side_by_side if v.lineage.startswith("peer:")}
     teacher = next(v for v in side_by_side if v.stage == "teacher")
     by_name[TORCH_FP32] = teacher
     champion = next(v for v in side_by_side if v.id == champion_id)
     peers = [
-        {"name": name, **{k: by_name[name].metrics[k] for k in PEER_KEYS[1:]}} for name in PEER_ORDER if name in by_name
+        {"name": name, **{k: by_name[name].metrics.get(k) for k in PEER_KEYS[1:]}}
+        for name in PEER_ORDER
+        if name in by_name
     ]
     p50 = champion.metrics["latency_p50_ms"]
     best_peer = min(p["latency_p50_ms"] for p in peers)
     return {
-        "machine": machine_info,
+        "machine": {**machine_info, "other_cpu_share": teacher.metrics.get("bench_other_cpu_share")},
         "wall_s": wall_s,
+        "search": search,
         "teacher": {k: teacher.metrics[k] for k in ("accuracy", "latency_p50_ms", "size_mb")},
         "peers": peers,
         "variants": [
@@ -303,8 +330,7 @@ def results_document(machine_info: dict, wall_s: float, variants: list, side_by_
         "champion": {
             "variant_id": champion.id,
             "lineage": champion.lineage,
-            "accuracy": champion.metrics["accuracy"],
-            "accuracy_drop": champion.metrics["accuracy_drop"],
+            **{k: champion.metrics.get(k) for k in CHAMPION_KEYS[2:8]},
             "latency_p50_ms": p50,
             "size_mb": champion.metrics["size_mb"],
             "speedup_vs_torch_fp32": by_name[TORCH_FP32].metrics["latency_p50_ms"] / p50,
@@ -346,49 +372,78 @@ def goal_lines(champion: dict) -> list[str]:
     return lines
 
 
+def _pct_ci(row: dict) -> str:
+    """Accuracy in percent with its 95 % interval, when the row has one."""
+    if row.get("accuracy_ci_low") is None:
+        return f"{row['accuracy'] * 100:.2f} %"
+    return f"{row['accuracy'] * 100:.2f} % [{row['accuracy_ci_low'] * 100:.1f}, {row['accuracy_ci_high'] * 100:.1f}]"
+
+
 def markdown(doc: dict, command: str) -> str:
     m, c = doc["machine"], doc["champion"]
+    share = m.get("other_cpu_share")
+    load = "" if share is None else f"; other processes took {share * 100:.0f} % of the CPU during the side-by-side"
     lines = [
         "# squeezeflow SST-2 benchmark",
         "",
         f"`{command}`",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads for every engine; wall time "
-        f"{doc['wall_s'] / 60:.1f} min.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags {m.get('cpu_flags') or 'unknown'}, {m['threads']} "
+        f"threads for every engine{load}; wall time {doc['wall_s'] / 60:.1f} min.",
         "",
-        "## Champion vs peers (one interleaved benchmark, SST-2 dev, batch 1)",
+    ]
+    if doc.get("search"):
+        s = doc["search"]
+        lines += [
+            f"Knobs chosen by `squeeze search` on the validation split: study `{s['study']}`, "
+            f"{s['trials_completed']} trial(s) in a {s['budget_minutes']:g}-minute budget; its report: "
+            f"`{s['report']}`.",
+            "",
+        ]
+    lines += [
+        "## Champion vs peers (one interleaved benchmark, SST-2 dev, batch 1; accuracy with its 95 % interval)",
         "",
-        "| model | accuracy | p50 ms | p99 ms | batch-32 qps | size MB |",
+        "| model | accuracy [95 % CI] | p50 ms | p99 ms | batch-32 qps | size MB |",
         "|---|---|---|---|---|---|",
     ]
     for p in doc["peers"]:
         lines.append(
-            f"| {p['name']} | {p['accuracy']:.4f} | {p['latency_p50_ms']:.2f} | {p['latency_p99_ms']:.2f} | "
+            f"| {p['name']} | {_pct_ci(p)} | {p['latency_p50_ms']:.2f} | {p['latency_p99_ms']:.2f} | "
             f"{p['throughput_qps']:.0f} | {p['size_mb']:.1f} |"
         )
     lines.append(
-        f"| **squeezeflow champion** `{c['lineage']}` | {c['accuracy']:.4f} | {c['latency_p50_ms']:.2f} | | | "
+        f"| **squeezeflow champion** `{c['lineage']}` | {_pct_ci(c)} | {c['latency_p50_ms']:.2f} | | | "
         f"{c['size_mb']:.1f} |"
     )
+    drop = f"{c['accuracy_drop'] * 100:+.2f} points"
+    if c.get("accuracy_drop_ci_low") is not None:
+        drop += f" [{c['accuracy_drop_ci_low'] * 100:+.2f}, {c['accuracy_drop_ci_high'] * 100:+.2f}] (paired)"
     lines += [
+        "",
+        f"Champion's drop against the teacher on dev: {drop}.",
         "",
         "Goals:",
         *goal_lines(c),
         "",
-        f"Speed-up vs Optimum dynamic INT8: {c['speedup_vs_optimum_dynamic']:.2f}×; vs Olive: "
-        f"{c['speedup_vs_olive']:.2f}×.",
+        f"Speed-up vs Optimum dynamic INT8: {_times(c['speedup_vs_optimum_dynamic'])}; vs Olive: "
+        f"{_times(c['speedup_vs_olive'])}.",
         "",
-        "## Every variant of the recipe (as the flow measured them)",
+        "## The run's variants (as the flow measured them)",
         "",
-        "| lineage | accuracy | drop (pt) | p50 ms | p99 ms | qps | size MB | params M |",
-        "|---|---|---|---|---|---|---|---|",
+        "| lineage | val acc | eval acc [95 % CI] | drop (pt) | p50 ms | p99 ms | qps | size MB | params M |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in doc["variants"]:
+        val = "" if v.get("val_accuracy") is None else f"{v['val_accuracy'] * 100:.2f} %"
         lines.append(
-            f"| {v['lineage']} | {v['accuracy']:.4f} | {v['accuracy_drop'] * 100:+.2f} | {v['latency_p50_ms']:.2f} | "
+            f"| {v['lineage']} | {val} | {_pct_ci(v)} | {v['accuracy_drop'] * 100:+.2f} | {v['latency_p50_ms']:.2f} | "
             f"{v['latency_p99_ms']:.2f} | {v['throughput_qps']:.0f} | {v['size_mb']:.1f} | {v['params_m']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}×"
 
 
 def plot_side_by_side(measured: list, champion_id: str, path: Path) -> None:
@@ -409,22 +464,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="recipe override key=value (repeatable)"
     )
+    parser.add_argument(
+        "--budget", type=float, default=25.0, help="a search recipe: minutes after which no trial starts (25)"
+    )
+    parser.add_argument("--trials", type=int, default=40, help="a search recipe: at most this many trials (40)")
     args = parser.parse_args(argv)
 
     import squeezeflow.tasks  # noqa: F401  (offline environment defaults)
     from squeezeflow.flows.compress import run_compress
-    from squeezeflow.flows.config import load_config
+    from squeezeflow.flows.config import apply_overrides, parse_config, read_recipe
+    from squeezeflow.flows.search import SearchOptions, run_search
+    from squeezeflow.flows.space import SearchSpace, has_search
     from squeezeflow.tasks.base import SqueezeError
     from squeezeflow.tasks.evaluate import benchmark
     from squeezeflow.tasks.variant import Variant
 
     started = time.perf_counter()
     out = args.out.resolve()
+    overrides = [f"data.dir={args.data_dir.resolve()}", f"artifacts_dir={out / 'artifacts'}", *args.overrides]
+    search = None
     try:
-        cfg = load_config(
-            args.config, [f"data.dir={args.data_dir.resolve()}", f"artifacts_dir={out / 'artifacts'}", *args.overrides]
-        )
-        result = run_compress(cfg)
+        tree = apply_overrides(read_recipe(args.config), str(args.config), overrides)
+        if has_search(tree):
+            cfg = SearchSpace(tree, str(args.config)).first()
+            options = SearchOptions(trials=args.trials, budget_minutes=args.budget, objective="latency")
+            result = run_search(tree, options, str(args.config))
+            search = {
+                "study": result["study"],
+                "trials_completed": result["trials_completed"],
+                "budget_minutes": args.budget,
+                "report": result["search_report"],
+            }
+        else:
+            cfg = parse_config(tree, str(args.config))
+            result = run_compress(cfg)
     except SqueezeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -440,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         contenders, cfg.data, cfg.model.num_labels, cfg.benchmark.model_copy(update={"measure_rss": False})
     )
     doc = results_document(
-        machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id
+        machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id, search
     )
     check_document(doc)
     command = "python -m bench.sst2 " + " ".join(argv if argv is not None else sys.argv[1:])

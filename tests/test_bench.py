@@ -23,14 +23,19 @@ from squeezeflow.tasks.variant import Variant
 METRICS = {"accuracy_drop": 0.0, "latency_p99_ms": 1.0, "throughput_qps": 100.0, "params_m": 1.0}
 
 
-def variant(vid, lineage, stage, accuracy, p50, size, parent=None):
+def variant(vid, lineage, stage, accuracy, p50, size, parent=None, **more):
     metrics = {**METRICS, "accuracy": accuracy, "latency_p50_ms": p50, "size_mb": size, "accuracy_drop": 0.9 - accuracy}
+    metrics |= more
     return Variant(id=vid, parent_id=parent, stage=stage, lineage=lineage, format="onnx", path="/x", metrics=metrics)
 
 
 def test_results_document_has_exactly_the_keys_and_the_right_ratios():
     teacher = variant("t", "teacher", "teacher", 0.9, 20.0, 90.0)
-    champion = variant("c", "teacher>distill[L2]>onnx>int8-dynamic", "quantize", 0.895, 1.0, 9.0, parent="o")
+    intervals = {"accuracy_ci_low": 0.87, "accuracy_ci_high": 0.915}
+    paired = {"accuracy_drop_ci_low": -0.004, "accuracy_drop_ci_high": 0.014}
+    champion = variant(
+        "c", "teacher>distill[L2]>onnx>int8-dynamic", "quantize", 0.895, 1.0, 9.0, "o", **intervals, **paired
+    )
     side_by_side = [
         teacher,
         variant("p1", "peer:torch-quantize-dynamic", "quantize", 0.89, 18.0, 90.0),
@@ -39,9 +44,9 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
         variant("p4", "peer:olive-cpu-int8", "quantize", 0.89, 3.0, 23.0),
         champion,
     ]
-    doc = results_document(
-        {"cpu": "test", "cores": 2, "threads": 2, "libraries": {}}, 12.5, [teacher, champion], side_by_side, "c"
-    )
+    machine = {"cpu": "test", "cores": 2, "threads": 2, "cpu_flags": "avx2", "libraries": {}}
+    search = {"study": "sst2-latency-abc", "trials_completed": 3, "budget_minutes": 25.0, "report": "search.md"}
+    doc = results_document(machine, 12.5, [teacher, champion], side_by_side, "c", search)
     check_document(doc)
     assert tuple(doc) == TOP_KEYS and tuple(doc["champion"]) == CHAMPION_KEYS
     assert all(tuple(p) == PEER_KEYS for p in doc["peers"]) and all(tuple(v) == VARIANT_KEYS for v in doc["variants"])
@@ -62,6 +67,9 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
     text = markdown(doc, "python -m bench.sst2 --data-dir d --out o")
     assert "speedup_vs_torch_fp32: 20.00× (goal ≥ 15×): met" in text
     assert "accuracy_drop: 0.50 pt (goal ≤ 1.0 pt): met" in text
+    assert "| **squeezeflow champion** `teacher>distill[L2]>onnx>int8-dynamic` | 89.50 % [87.0, 91.5] |" in text
+    assert "drop against the teacher on dev: +0.50 points [-0.40, +1.40] (paired)" in text
+    assert "CPU flags avx2" in text and "3 trial(s) in a 25-minute budget" in text
 
 
 def test_check_document_names_what_is_wrong():

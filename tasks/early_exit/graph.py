@@ -41,7 +41,7 @@ def export_segments(exit_model, out_dir: Path, opset: int, optimize: str) -> lis
     stack = base.get_submodule(family.layers.rpartition(".")[0])
     layers = [modules.Layer(layer, stack, family.layer_inputs) for layer in layers]
     if exit_model.embedding_exit:
-        entry, inner_layers = modules.EmbeddingSegment(base, heads[0]), layers
+        entry, inner_layers = modules.EmbeddingSegment(base, heads[0], family.layer_inputs), layers
     else:
         entry, inner_layers = modules.EntrySegment(base, layers[0], heads[0]), layers[1:]
     parts = [entry] + [modules.InnerSegment(layer, head) for layer, head in zip(inner_layers, heads[1:])]

@@ -3,7 +3,6 @@ supported model, the PyTorch model that runs them, and the reference of which ex
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -86,15 +85,16 @@ def torch_modules():
     class Embeddings(nn.Module):
         """The encoder's input: the embeddings, then ELECTRA's projection to the hidden size where it has one."""
 
-        def __init__(self, base):
+        def __init__(self, base, inputs: str):
             super().__init__()
             self.embeddings = base.embeddings
             self.project = getattr(base, "embeddings_project", None) or nn.Identity()
+            self.takes_mask = inputs == "deberta"  # DeBERTa's embeddings zero the padding themselves
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             if token_type_ids is None:  # a family without token types (DistilBERT)
                 return self.project(self.embeddings(input_ids))
-            if "mask" in inspect.signature(self.embeddings.forward).parameters:  # DeBERTa zeroes padding here
+            if self.takes_mask:
                 return self.project(
                     self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
                 )
@@ -103,16 +103,16 @@ def torch_modules():
     class EntrySegment(nn.Module):
         def __init__(self, base, layer, head):
             super().__init__()
-            self.embeddings, self.layer, self.head = Embeddings(base), layer, head
+            self.embeddings, self.layer, self.head = Embeddings(base, layer.inputs), layer, head
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             hidden = self.layer(self.embeddings(input_ids, attention_mask, token_type_ids), attention_mask)
             return hidden, self.head(hidden, attention_mask)
 
     class EmbeddingSegment(nn.Module):
-        def __init__(self, base, head):
+        def __init__(self, base, head, inputs: str):
             super().__init__()
-            self.embeddings, self.head = Embeddings(base), head
+            self.embeddings, self.head = Embeddings(base, inputs), head
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             hidden = self.embeddings(input_ids, attention_mask, token_type_ids)
@@ -179,12 +179,12 @@ def build_exit_model(
             "to true (an exit on the embeddings) or leave early exit out for this model"
         )
     modules = torch_modules()
-    dense, activation, classifier = head_parts(model, base)
+    dense, activation, classifier = head_parts(model)
     heads = [modules.ExitHead(dense, activation, classifier, pooling) for _ in range(len(layers) - 1 + embedding_exit)]
     return modules.ExitModel(model, heads, train_backbone, embedding_exit)
 
 
-def head_parts(model, base):
+def head_parts(model):
     """(dense, activation, output layer) of the model's classification head, which every exit starts from: BERT's
     pooler + classifier, DistilBERT's pre_classifier + classifier, or the dense + out_proj head of RoBERTa,
     XLM-RoBERTa and ELECTRA."""
