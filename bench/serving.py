@@ -1,6 +1,8 @@
 """Served figures: each model behind the same `squeeze deploy` server, loaded by the same Locust load at rising
 concurrency; one table of QPS, p50 and p99. `--optimum-peer-of TEACHER` adds the peer a user of Optimum would serve
-instead (the teacher exported, ORTOptimizer O2, ORTQuantizer dynamic INT8, as bench/sst2.py makes it).
+instead (the teacher exported, ORTOptimizer O2, ORTQuantizer dynamic INT8, as bench/sst2.py makes it);
+`--mlflow-serve URI` adds a registered model behind `mlflow models serve` (one process, the logged pyfunc), as a user of
+the Model Registry would serve it.
 
     python -m bench.serving configs/trec.yaml models:/squeezeflow-trec@champion artifacts/variants/teacher-668664 \
         --optimum-peer-of artifacts/variants/teacher-668664 --concurrency 1,2,4,8 --seconds 15
@@ -27,6 +29,7 @@ SQUEEZE = str(Path(sys.executable).with_name("squeeze"))
 
 
 def ready(url: str, body: dict, seconds: float) -> None:
+    """Waits until a POST of `body` to `url` is answered."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -38,12 +41,15 @@ def ready(url: str, body: dict, seconds: float) -> None:
     raise RuntimeError(f"{url} did not answer within {seconds:.0f}s")
 
 
-def measure(command: list[str], url: str, probe: dict, rows, levels, seconds) -> list[dict]:
+def measure(command: list[str], url: str, rows, levels, seconds, protocol: str = "squeeze") -> list[dict]:
     """Starts a server, loads it at each level, stops it."""
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        ready(url + "/", probe, 300)
-        return [run_level(url, rows, users, seconds) for users in levels]
+        if protocol == "mlflow":
+            ready(url + "/invocations", {"dataframe_split": {"columns": ["text"], "data": [["hello"]]}}, 300)
+        else:
+            ready(url + "/", {"texts": ["hello"]}, 300)
+        return [run_level(url, rows, users, seconds, protocol) for users in levels]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=120)
@@ -76,6 +82,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--optimum-peer-of", type=Path, help="a teacher variant directory: serve its Optimum INT8 too")
     parser.add_argument("--peers-dir", type=Path, default=Path("bench-out/serving-peers"))
+    parser.add_argument(
+        "--mlflow-serve", help="a model URI: also serve it with mlflow models serve (--env-manager local)"
+    )
     args = parser.parse_args()
     cfg = load_config(args.recipe)
     if args.optimum_peer_of:
@@ -86,7 +95,14 @@ def main() -> None:
     results = {}
     for model in args.models:
         command = [SQUEEZE, "deploy", model, "--port", str(args.port), "--metrics-port", str(args.port + 80)]
-        results[f"squeeze deploy {model}"] = measure(command, url, {"texts": ["hello"]}, rows, levels, args.seconds)
+        results[f"squeeze deploy {model}"] = measure(command, url, rows, levels, args.seconds)
+    if args.mlflow_serve:
+        mlflow = str(Path(sys.executable).with_name("mlflow"))
+        command = [mlflow, "models", "serve", "-m", args.mlflow_serve, "--env-manager", "local"]
+        command += ["-h", "127.0.0.1", "-p", str(args.port)]
+        results[f"mlflow models serve {args.mlflow_serve}"] = measure(
+            command, url, rows, levels, args.seconds, "mlflow"
+        )
     print(f"machine: {machine()}; {args.seconds}s per level; Locust shares the machine's cores with the server")
     print("| server and model | clients | QPS | p50 ms | p99 ms | failures |")
     print("|---|---|---|---|---|---|")

@@ -14,8 +14,12 @@ from pathlib import Path
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
-def run_level(url: str, rows: list[tuple[str, int]], users: int, seconds: int) -> dict[str, float]:
-    """One Locust run with `users` closed-loop clients for `seconds`: QPS, p50, p99 (ms) and failures."""
+def run_level(
+    url: str, rows: list[tuple[str, int]], users: int, seconds: int, protocol: str = "squeeze"
+) -> dict[str, float]:
+    """One Locust run with `users` closed-loop clients for `seconds`: QPS, p50, p99 (ms) and failures.
+    `protocol`: squeeze (POST / as `squeeze deploy` answers it) or mlflow (POST /invocations of `mlflow models
+    serve`)."""
     with tempfile.TemporaryDirectory(prefix="squeezeflow-loadtest-") as tmp:
         texts = Path(tmp) / "texts.json"
         texts.write_text(json.dumps(rows))
@@ -43,7 +47,7 @@ def run_level(url: str, rows: list[tuple[str, int]], users: int, seconds: int) -
                 "--loglevel",
                 "WARNING",
             ],
-            env={**os.environ, "SQUEEZE_TEXTS": str(texts)},
+            env={**os.environ, "SQUEEZE_TEXTS": str(texts), "SQUEEZE_PROTOCOL": protocol},
             capture_output=True,
             text=True,
             timeout=seconds + 120,

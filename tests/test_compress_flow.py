@@ -415,6 +415,11 @@ def test_the_champion_serves_from_a_fresh_environment_made_from_its_own_requirem
         assert status == 200 and [row["label"] for row in answer["predictions"]] == ["pos", "neg"]
         status, answer = post(["a fine film", None])
         assert status == 400 and "text of row 1 is null" in json.dumps(answer), answer
+        # the load test speaks this server's protocol too (bench/serving.py compares it with squeeze deploy)
+        from squeezeflow.flows.loadtest import run_level
+
+        level = run_level(f"http://127.0.0.1:{port}", [("a fine film", 1), ("an awful plot", 0)], 2, 3, "mlflow")
+        assert level["requests"] > 0 and level["failures"] == 0, level
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
