@@ -20,8 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from squeezeflow.flows.config import load_config
+from squeezeflow.flows.config import read_recipe
 from squeezeflow.flows.loadtest import qps_at_p99, run_level
+from squeezeflow.flows.space import recipe_config
 from squeezeflow.tasks.data import read_split
 from squeezeflow.tasks.evaluate import machine
 
@@ -43,7 +44,11 @@ def ready(url: str, body: dict, seconds: float) -> None:
 
 def measure(command: list[str], url: str, rows, levels, seconds, protocol: str = "squeeze") -> list[dict]:
     """Starts a server, loads it at each level, stops it."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the venv's bin first: mlflow models serve starts `uvicorn` by name
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
     try:
         if protocol == "mlflow":
             ready(url + "/invocations", {"dataframe_split": {"columns": ["text"], "data": [["hello"]]}}, 300)
@@ -83,37 +88,48 @@ def main() -> None:
     parser.add_argument("--optimum-peer-of", type=Path, help="a teacher variant directory: serve its Optimum INT8 too")
     parser.add_argument("--peers-dir", type=Path, default=Path("bench-out/serving-peers"))
     parser.add_argument(
+        "--tracking-uri", help="the MLflow store models:/ URIs are read from (default: squeeze deploy's)"
+    )
+    parser.add_argument(
         "--mlflow-serve", help="a model URI: also serve it with mlflow models serve (--env-manager local)"
     )
     args = parser.parse_args()
-    cfg = load_config(args.recipe)
+    cfg = recipe_config(read_recipe(args.recipe), args.recipe)
     if args.optimum_peer_of:
         args.models.append(str(optimum_peer(args.optimum_peer_of, args.peers_dir)))
     split = read_split(cfg.data, "eval", cfg.model.num_labels)
     rows, levels = list(zip(split.texts, split.labels)), [int(x) for x in args.concurrency.split(",")]
     url = f"http://127.0.0.1:{args.port}"
-    results = {}
+    servers = []
     for model in args.models:
         command = [SQUEEZE, "deploy", model, "--port", str(args.port), "--metrics-port", str(args.port + 80)]
-        results[f"squeeze deploy {model}"] = measure(command, url, rows, levels, args.seconds)
+        command += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+        servers.append((f"squeeze deploy {model}", command, "squeeze"))
     if args.mlflow_serve:
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         command = [mlflow, "models", "serve", "-m", args.mlflow_serve, "--env-manager", "local"]
-        command += ["-h", "127.0.0.1", "-p", str(args.port)]
-        results[f"mlflow models serve {args.mlflow_serve}"] = measure(
-            command, url, rows, levels, args.seconds, "mlflow"
+        servers.append(
+            (f"mlflow models serve {args.mlflow_serve}", [*command, "-h", "127.0.0.1", "-p", str(args.port)], "mlflow")
         )
+        if args.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # mlflow models serve reads the store from here
     print(f"machine: {machine()}; {args.seconds}s per level; Locust shares the machine's cores with the server")
     print("| server and model | clients | QPS | p50 ms | p99 ms | failures |")
-    print("|---|---|---|---|---|---|")
-    for name, measured in results.items():
+    print("|---|---|---|---|---|---|", flush=True)
+    for name, command, protocol in servers:  # each server's rows as soon as it is measured
+        try:
+            measured = measure(command, url, rows, levels, args.seconds, protocol)
+        except RuntimeError as e:
+            print(f"| {name} | not measured: {e} |||||", flush=True)
+            continue
         for level in measured:
             print(
                 f"| {name} | {level['users']} | {level['qps']:.1f} | {level['p50_ms']:.0f} | {level['p99_ms']:.0f} | "
                 f"{level['failures']} |"
             )
         print(
-            f"| {name} | QPS at p99 ≤ {args.target_p99_ms:g} ms | {qps_at_p99(measured, args.target_p99_ms):.1f} |||||"
+            f"| {name} | QPS at p99 ≤ {args.target_p99_ms:g} ms | {qps_at_p99(measured, args.target_p99_ms):.1f} |||||",
+            flush=True,
         )
 
 

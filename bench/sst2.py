@@ -472,9 +472,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import squeezeflow.tasks  # noqa: F401  (offline environment defaults)
     from squeezeflow.flows.compress import run_compress
-    from squeezeflow.flows.config import apply_overrides, parse_config, read_recipe
+    from squeezeflow.flows.config import apply_overrides, read_recipe
     from squeezeflow.flows.search import SearchOptions, run_search
-    from squeezeflow.flows.space import SearchSpace, has_search
+    from squeezeflow.flows.space import has_search, recipe_config
     from squeezeflow.tasks.base import SqueezeError
     from squeezeflow.tasks.evaluate import benchmark
     from squeezeflow.tasks.variant import Variant
@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     search = None
     try:
         tree = apply_overrides(read_recipe(args.config), str(args.config), overrides)
+        cfg = recipe_config(tree, str(args.config))
         if has_search(tree):
-            cfg = SearchSpace(tree, str(args.config)).first()
             options = SearchOptions(trials=args.trials, budget_minutes=args.budget, objective="latency")
             result = run_search(tree, options, str(args.config))
             search = {
@@ -496,7 +496,6 @@ def main(argv: list[str] | None = None) -> int:
                 "report": result["search_report"],
             }
         else:
-            cfg = parse_config(tree, str(args.config))
             result = run_compress(cfg)
     except SqueezeError as e:
         print(f"error: {e}", file=sys.stderr)

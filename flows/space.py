@@ -130,6 +130,11 @@ def has_search(node: Any) -> bool:
     return isinstance(node, list) and any(has_search(v) for v in node)
 
 
+def recipe_config(tree: dict, source: str = "config") -> SqueezeConfig:
+    """A recipe tree as a config; a search recipe at every searched knob's first value."""
+    return SearchSpace(tree, source).first() if has_search(tree) else parse_config(tree, source)
+
+
 def _where(path: tuple) -> str:
     return ".".join(str(k) for k in path)
 
