@@ -60,6 +60,12 @@ def measure(command: list[str], url: str, rows, levels, seconds, protocol: str =
         server.wait(timeout=120)
 
 
+def deploy_command(model: str, port: int, tracking_uri: str | None = None) -> list[str]:
+    """`squeeze deploy` of a model URI or directory on `port` (metrics on port + 80)."""
+    command = [SQUEEZE, "deploy", model, "--port", str(port), "--metrics-port", str(port + 80)]
+    return command + (["--tracking-uri", tracking_uri] if tracking_uri else [])
+
+
 def optimum_peer(teacher_dir: Path, root: Path) -> Path:
     """The teacher's Optimum dynamic INT8 peer (made once per teacher, kept under its directory name)."""
     import shutil
@@ -102,9 +108,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     servers = []
     for model in args.models:
-        command = [SQUEEZE, "deploy", model, "--port", str(args.port), "--metrics-port", str(args.port + 80)]
-        command += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
-        servers.append((f"squeeze deploy {model}", command, "squeeze"))
+        servers.append((f"squeeze deploy {model}", deploy_command(model, args.port, args.tracking_uri), "squeeze"))
     if args.mlflow_serve:
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         command = [mlflow, "models", "serve", "-m", args.mlflow_serve, "--env-manager", "local"]

@@ -73,7 +73,10 @@ CHAMPION_KEYS = (
     "speedup_vs_best_peer",
     "size_ratio_vs_teacher",
 )
-TOP_KEYS = ("machine", "wall_s", "search", "teacher", "peers", "variants", "champion")
+TOP_KEYS = ("machine", "wall_s", "search", "teacher", "peers", "variants", "champion", "serving")
+SERVE_LEVELS = (1, 2, 4, 8)  # concurrent clients of the serving rows
+SERVE_TARGET_P99_MS = 10.0
+SERVED_COLUMNS = (("qps", 1), ("p50_ms", 0), ("p99_ms", 0))
 
 TORCH_FP32, TORCH_DYNAMIC, ORT_FP32, OPTIMUM, OPTIMUM_STATIC, OLIVE = (
     "pytorch-fp32",
@@ -295,7 +298,13 @@ def make_peers(teacher, root: Path, calibration: list[str]) -> list:
 
 
 def results_document(
-    machine_info: dict, wall_s: float, variants: list, side_by_side: list, champion_id: str, search: dict | None = None
+    machine_info: dict,
+    wall_s: float,
+    variants: list,
+    side_by_side: list,
+    champion_id: str,
+    search: dict | None = None,
+    serving: dict | None = None,
 ) -> dict:
     """The results.json document: the recipe's variants (as the flow measured them) and the champion against the
     peers (as measured side by side in one interleaved benchmark); `search`: the study that chose the knobs, if
@@ -341,6 +350,7 @@ def results_document(
             "speedup_vs_best_peer": best_peer / p50,
             "size_ratio_vs_teacher": teacher.metrics["size_mb"] / champion.metrics["size_mb"],
         },
+        "serving": serving,
     }
 
 
@@ -439,11 +449,44 @@ def markdown(doc: dict, command: str) -> str:
             f"| {v['lineage']} | {val} | {_pct_ci(v)} | {v['accuracy_drop'] * 100:+.2f} | {v['latency_p50_ms']:.2f} | "
             f"{v['latency_p99_ms']:.2f} | {v['throughput_qps']:.0f} | {v['size_mb']:.1f} | {v['params_m']:.2f} |"
         )
+    if doc.get("serving"):
+        lines += serving_markdown(doc["serving"])
     return "\n".join(lines) + "\n"
 
 
 def _times(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}×"
+
+
+def serving_rows(champion, teacher, peers_root: Path, rows: list, seconds: int) -> dict:
+    """The champion, the PyTorch teacher and the Optimum peer, each behind the same `squeeze deploy` (one replica)
+    and loaded by the same Locust at rising concurrency: {name: [level figures]}."""
+    from bench.serving import deploy_command, measure
+
+    served = {"squeezeflow champion": champion.path, TORCH_FP32: teacher.path}
+    served[OPTIMUM] = str(peers_root / teacher.id / OPTIMUM)
+    url = "http://127.0.0.1:8000"
+    return {
+        name: measure(deploy_command(path, 8000), url, rows, SERVE_LEVELS, seconds) for name, path in served.items()
+    }
+
+
+def serving_markdown(serving: dict) -> list[str]:
+    from squeezeflow.flows.loadtest import qps_at_p99
+
+    lines = [
+        "",
+        "## Served (`squeeze deploy`, one replica; Locust on the same machine, one sentence per request)",
+        "",
+        f"| model | QPS at {' / '.join(map(str, SERVE_LEVELS))} clients | p50 ms | p99 ms | failures | "
+        f"QPS at p99 ≤ {SERVE_TARGET_P99_MS:g} ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, levels in serving.items():
+        qps, p50, p99 = (" / ".join(f"{x[key]:.{digits}f}" for x in levels) for key, digits in SERVED_COLUMNS)
+        failures = sum(x["failures"] for x in levels)
+        lines.append(f"| {name} | {qps} | {p50} | {p99} | {failures} | {qps_at_p99(levels, SERVE_TARGET_P99_MS):.1f} |")
+    return lines
 
 
 def plot_side_by_side(measured: list, champion_id: str, path: Path) -> None:
@@ -468,6 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=25.0, help="a search recipe: minutes after which no trial starts (25)"
     )
     parser.add_argument("--trials", type=int, default=40, help="a search recipe: at most this many trials (40)")
+    parser.add_argument(
+        "--serve-seconds",
+        type=int,
+        default=0,
+        help="also serve the champion, the teacher and the Optimum peer (squeeze deploy) and load each for this many "
+        "seconds per level of 1, 2, 4, 8 clients (0: not served)",
+    )
     args = parser.parse_args(argv)
 
     import squeezeflow.tasks  # noqa: F401  (offline environment defaults)
@@ -511,9 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     side_by_side = benchmark(
         contenders, cfg.data, cfg.model.num_labels, cfg.benchmark.model_copy(update={"measure_rss": False})
     )
-    doc = results_document(
-        machine(cfg.benchmark.threads), time.perf_counter() - started, variants, side_by_side, champion.id, search
-    )
+    serving = None
+    if args.serve_seconds > 0:
+        from squeezeflow.tasks.data import read_split
+
+        split = read_split(cfg.data, "eval", cfg.model.num_labels)
+        rows = list(zip(split.texts, split.labels))
+        serving = serving_rows(champion, teacher, out / "peers", rows, args.serve_seconds)
+    wall_s = time.perf_counter() - started
+    doc = results_document(machine(cfg.benchmark.threads), wall_s, variants, side_by_side, champion.id, search, serving)
     check_document(doc)
     command = "python -m bench.sst2 " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.json").write_text(json.dumps(doc, indent=2))

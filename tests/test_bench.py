@@ -46,7 +46,15 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
     ]
     machine = {"cpu": "test", "cores": 2, "threads": 2, "cpu_flags": "avx2", "libraries": {}}
     search = {"study": "sst2-latency-abc", "trials_completed": 3, "budget_minutes": 25.0, "report": "search.md"}
-    doc = results_document(machine, 12.5, [teacher, champion], side_by_side, "c", search)
+
+    def level(users, qps, p99, failures=0):
+        return {"users": users, "qps": qps, "p50_ms": p99 / 2, "p99_ms": p99, "requests": 100, "failures": failures}
+
+    serving = {
+        "squeezeflow champion": [level(1, 60.0, 9.0), level(2, 80.0, 14.0)],
+        "optimum-o2-dynamic-int8": [level(1, 50.0, 12.0), level(2, 55.0, 20.0, failures=2)],
+    }
+    doc = results_document(machine, 12.5, [teacher, champion], side_by_side, "c", search, serving)
     check_document(doc)
     assert tuple(doc) == TOP_KEYS and tuple(doc["champion"]) == CHAMPION_KEYS
     assert all(tuple(p) == PEER_KEYS for p in doc["peers"]) and all(tuple(v) == VARIANT_KEYS for v in doc["variants"])
@@ -69,6 +77,8 @@ def test_results_document_has_exactly_the_keys_and_the_right_ratios():
     assert "accuracy_drop: 0.50 pt (goal ≤ 1.0 pt): met" in text
     assert "| **squeezeflow champion** `teacher>distill[L2]>onnx>int8-dynamic` | 89.50 % [87.0, 91.5] |" in text
     assert "drop against the teacher on dev: +0.50 points [-0.40, +1.40] (paired)" in text
+    assert "| squeezeflow champion | 60.0 / 80.0 | 4 / 7 | 9 / 14 | 0 | 60.0 |" in text  # QPS at p99 <= 10 ms: 60
+    assert "| optimum-o2-dynamic-int8 | 50.0 / 55.0 | 6 / 10 | 12 / 20 | 2 | 0.0 |" in text
     assert "CPU flags avx2" in text and "3 trial(s) in a 25-minute budget" in text
 
 
