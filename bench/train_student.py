@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--max-examples", type=int, default=None, help="train on this many examples (seeded sample)")
     args = parser.parse_args()
     cfg = load_config(args.recipe)
     teacher = Variant.model_validate_json((args.teacher / "variant.json").read_text())
@@ -32,7 +33,12 @@ def main() -> None:
         ctx = stage_context(cfg, teacher, Path(tmp) / "cache")  # a cold cache: teacher logits computed here
         distill_cfg = DistillConfig(
             students=[{"num_layers": args.layers}],
-            training={"epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": 32},
+            training={
+                "epochs": args.epochs,
+                "learning_rate": args.learning_rate,
+                "batch_size": 32,
+                "max_examples": args.max_examples,
+            },
         )
         student = distill(teacher, StudentShape(num_layers=args.layers), distill_cfg, ctx, Path(tmp) / "variants")
     m = student.metrics
