@@ -215,6 +215,49 @@ def run(config: Annotated[Path, typer.Argument(help="YAML recipe")], set_: SetOp
         raise typer.Exit(EXIT_VARIANTS_FAILED)
 
 
+@app.command()
+def teacher(
+    config: Annotated[Path, typer.Argument(help="YAML recipe: its model, teacher and data sections are read")],
+    out: Annotated[Path, typer.Option(help="Directory the fine-tuned teacher is written to (save_pretrained)")],
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune the recipe's teacher alone and save it: data-parallel over several GPUs or machines when started by
+    `accelerate launch` (or CPU processes by `torchrun`). Then compress it with model.source=OUT and
+    teacher.finetune=false."""
+    from accelerate import PartialState
+
+    from squeezeflow.flows.config import load_config
+    from squeezeflow.tasks.data import load_splits
+    from squeezeflow.tasks.teacher import check_model_source, fine_tuned
+    from squeezeflow.tasks.variant import staged_dir
+
+    try:
+        cfg = load_config(config, set_)
+        if not cfg.teacher.finetune:
+            raise SqueezeError("teacher.finetune: false, so there is nothing to train; set it to true")
+        load_splits(cfg.data, cfg.model.num_labels)
+        check_model_source(cfg.model)
+        if out.exists() and any(out.iterdir()):
+            raise SqueezeError(f"--out: {out} is not empty; name a new directory")
+        started = time.perf_counter()
+        model, tokenizer, figures = fine_tuned(cfg.model, cfg.teacher, cfg.data, cfg.seed)
+    except SqueezeError as e:
+        _fail(str(e))
+    state = PartialState()  # made by the training's Accelerator: which process this is
+    if state.is_main_process:
+        with staged_dir(out) as scratch:  # the directory appears whole or not at all
+            model.save_pretrained(scratch, safe_serialization=True)
+            tokenizer.save_pretrained(scratch)
+            figures |= {"wall_seconds": time.perf_counter() - started}
+            (scratch / "training.json").write_text(json.dumps(figures, indent=2) + "\n")
+        console.print(
+            f"teacher fine-tuned in {int(figures.get('train_processes', 1))} process(es), "
+            f"{figures['wall_seconds']:.0f}s; saved to {out}\n"
+            f"compress it: squeeze run {config} --set model.source={out} --set teacher.finetune=false"
+        )
+    state.wait_for_everyone()
+
+
 def minutes(text: str) -> float:
     """A time budget: 45m, 2h, 90s, or a number of minutes."""
     import re

@@ -324,6 +324,55 @@ def long_training_texts(split, teacher_cfg: TeacherConfig, seed: int) -> tuple[l
     return [texts[i] for i in keep], [split.labels[sampled[i]] for i in keep]
 
 
+def fine_tuned(model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, seed: int):
+    """The teacher as the recipe makes it: (model, tokenizer, training figures); loaded as is when not fine-tuned.
+    Started in several processes (`accelerate launch`, `torchrun`), every process runs it and the fine-tune is
+    data-parallel."""
+    seed_everything(seed)
+    model, tokenizer, fresh = load_classifier(
+        model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names
+    )
+    metrics: dict[str, float] = {}
+    if teacher_cfg.finetune:
+        train_split = load_splits(data_cfg, model_cfg.num_labels).train
+        # picked before fine-tuning, so that a min_words no text reaches fails at once
+        long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
+        log.info(
+            "fine-tuning the teacher on %d examples",
+            min(len(train_split), teacher_cfg.max_examples or len(train_split)),
+        )
+        metrics = train(
+            model,
+            tokenizer,
+            train_split.texts,
+            train_split.labels,
+            teacher_cfg,
+            max_length=model_cfg.max_length,
+            seed=seed,
+            learning_rates=head_rates(fresh, teacher_cfg),
+        )
+        if teacher_cfg.born_again:
+            model, metrics = fine_tune_born_again(
+                model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics
+            )
+        elif teacher_cfg.soup > 1:
+            model, metrics = fine_tune_soup(
+                model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics
+            )
+        if long_texts is not None:
+            figures = train(
+                model,
+                tokenizer,
+                *long_texts,
+                teacher_cfg.long_text_pass,
+                max_length=model_cfg.max_length,
+                seed=seed,
+            )
+            metrics |= {f"long_text_pass_{k}": v for k, v in figures.items()}
+    tokenizer.model_max_length = model_cfg.max_length
+    return model, tokenizer, metrics
+
+
 def make_teacher(
     model_cfg: ModelConfig, teacher_cfg: TeacherConfig, data_cfg: DataConfig, out_root: Path, seed: int
 ) -> Variant:
@@ -354,48 +403,7 @@ def make_teacher(
         if done:
             log.info("teacher %s is already made; reusing it", vid)
             return done
-        seed_everything(seed)
-        model, tokenizer, fresh = load_classifier(
-            model_cfg.source, model_cfg, new_head=teacher_cfg.finetune, label_names=data_cfg.label_names
-        )
-        metrics: dict[str, float] = {}
-        if teacher_cfg.finetune:
-            train_split = load_splits(data_cfg, model_cfg.num_labels).train
-            # picked before fine-tuning, so that a min_words no text reaches fails at once
-            long_texts = long_training_texts(train_split, teacher_cfg, seed) if teacher_cfg.long_text_pass else None
-            log.info(
-                "fine-tuning the teacher on %d examples",
-                min(len(train_split), teacher_cfg.max_examples or len(train_split)),
-            )
-            metrics = train(
-                model,
-                tokenizer,
-                train_split.texts,
-                train_split.labels,
-                teacher_cfg,
-                max_length=model_cfg.max_length,
-                seed=seed,
-                learning_rates=head_rates(fresh, teacher_cfg),
-            )
-            if teacher_cfg.born_again:
-                model, metrics = fine_tune_born_again(
-                    model, tokenizer, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics
-                )
-            elif teacher_cfg.soup > 1:
-                model, metrics = fine_tune_soup(
-                    model, train_split, model_cfg, teacher_cfg, data_cfg.label_names, seed, metrics
-                )
-            if long_texts is not None:
-                figures = train(
-                    model,
-                    tokenizer,
-                    *long_texts,
-                    teacher_cfg.long_text_pass,
-                    max_length=model_cfg.max_length,
-                    seed=seed,
-                )
-                metrics |= {f"long_text_pass_{k}": v for k, v in figures.items()}
-        tokenizer.model_max_length = model_cfg.max_length
+        model, tokenizer, metrics = fine_tuned(model_cfg, teacher_cfg, data_cfg, seed)
         return save_hf_variant(teacher.model_copy(update={"metrics": metrics}), model, tokenizer)
 
 

@@ -91,7 +91,9 @@ def cpu_has_amx_bf16() -> bool:
 def accelerator_for(cfg: TrainConfig):
     """An accelerate Accelerator for one training: the device it finds (CUDA when present, else the CPU), mixed
     precision on or off as `cfg` says, and its gradient accumulation. The process's mixed-precision type is set once
-    (accelerate keeps one per process), so each training switches autocast on or off rather than changing it."""
+    (accelerate keeps one per process), so each training switches autocast on or off rather than changing it.
+    Started by `accelerate launch` or `torchrun` with several processes, it trains data-parallel (NCCL between GPUs,
+    gloo between CPU processes)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs
@@ -101,6 +103,7 @@ def accelerator_for(cfg: TrainConfig):
     else:
         kind = "bf16"
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # accelerate forms a CPU process group only when told it is on the CPU
         mixed_precision=kind,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         kwargs_handlers=[AutocastKwargs(enabled=cfg.uses_mixed_precision())],
@@ -203,7 +206,19 @@ def train(
     seed_everything(seed)
     progress_key = f"train-{id(model)}-{time.perf_counter()}"
     keep = sample_indices(len(texts), cfg.max_examples, seed)
+    accelerator = accelerator_for(cfg)
+    # data parallel: process k takes batches k, k + N, ... of the same seeded order; every process steps as often
+    # (the gradients are averaged at each step), so the epoch's leftover batches are dropped
+    processes, rank = accelerator.num_processes, accelerator.process_index
     batches_per_epoch = math.ceil(len(keep) / cfg.batch_size)
+    if processes > 1:
+        batches_per_epoch //= processes
+        if batches_per_epoch == 0:
+            raise DataError(
+                f"{len(keep)} training examples make fewer batches of {cfg.batch_size} than the {processes} processes "
+                "training them; train on more examples or in fewer processes"
+            )
+        progress = progress if accelerator.is_main_process else (lambda message: None)
     accumulate = cfg.gradient_accumulation_steps
     total_steps = max(1, math.ceil(batches_per_epoch * cfg.epochs / accumulate))  # optimizer steps
     warmup = int(total_steps * cfg.warmup_ratio)
@@ -213,7 +228,6 @@ def train(
         if param.requires_grad:
             rate = (learning_rates or {}).get(name, cfg.learning_rate)
             groups.setdefault((rate, 0.0 if param.ndim < 2 else cfg.weight_decay), []).append(param)
-    accelerator = accelerator_for(cfg)
     model.to(accelerator.device)  # before the optimizer is built: fused AdamW steps on its parameters' device
     # fused: one kernel per step instead of one per parameter tensor (~5x faster steps on CPU, same update)
     optimizer = torch.optim.AdamW(
@@ -243,9 +257,11 @@ def train(
         while step < total_steps:
             model.train()
             order = [keep[i] for i in torch.randperm(len(keep), generator=generator).tolist()]
-            for idx in batch_order(order, texts, cfg.batch_size, cfg.group_by_length, generator):
+            for k, idx in enumerate(batch_order(order, texts, cfg.batch_size, cfg.group_by_length, generator)):
                 if step >= total_steps:
                     break
+                if k % processes != rank:
+                    continue
                 inputs = tokenizer(
                     [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
                 )
@@ -295,6 +311,7 @@ def train(
         "train_seconds": time.perf_counter() - started,
         "train_mixed_precision": float(cfg.uses_mixed_precision()),
         "train_device_cuda": float(accelerator.device.type == "cuda"),
+        "train_processes": float(processes),
     }
 
 

@@ -210,3 +210,29 @@ def test_kill_9_of_the_cli_leaves_no_process_it_started(tmp_path, tiny_model_dir
     finally:
         if cli.poll() is None:
             cli.kill()
+
+
+def test_the_teacher_fine_tunes_data_parallel_in_two_processes_and_compresses_from_its_directory(tmp_path, tiny_config):
+    """`squeeze teacher` under torchrun (what `accelerate launch` starts on GPUs): two CPU processes share each epoch's
+    batches, one writes the model; a recipe then starts from that directory without fine-tuning again."""
+    tiny_config["teacher"] |= {"epochs": 1, "batch_size": 8}
+    path = recipe(tmp_path, tiny_config)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["--standalone", "--nproc_per_node", "2", SQUEEZE, "teacher", path, "--out"]
+    done = subprocess.run(
+        [torchrun, *command, str(tmp_path / "dp")], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("teacher fine-tuned in 2 process(es)") == 1  # the main process alone writes and reports
+    figures = json.loads((tmp_path / "dp" / "training.json").read_text())
+    # 240 rows, 10 % set aside for validation: 216 to train, 27 batches of 8; one process would step 27 times
+    assert figures["train_processes"] == 2 and figures["train_steps"] == 13
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "dp").iterdir()}
+
+    again = squeeze("teacher", path, "--out", str(tmp_path / "dp"))
+    assert_one_line_error(again, "--out", "is not empty")
+    tiny_config["model"]["source"], tiny_config["teacher"]["finetune"] = str(tmp_path / "dp"), False
+    done = squeeze("validate", recipe(tmp_path, tiny_config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_one_line_error(squeeze("teacher", recipe(tmp_path, tiny_config), "--out", "x"), "teacher.finetune: false")
