@@ -243,7 +243,9 @@ def train(
             else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
         ),
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays ours: accelerate's would step N times per step in N processes, but total_steps already
+    # counts the steps of one process
+    model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     figures: dict[str, float] = {}
     best_score, best_state = -math.inf, None
@@ -279,7 +281,8 @@ def train(
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:  # the optimizer stepped
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 batches += 1
                 if batches % accumulate:
