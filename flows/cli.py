@@ -277,6 +277,9 @@ def search(
     max_drop: Annotated[
         float | None, typer.Option(help="Accuracy budget on validation (default: the recipe's)")
     ] = None,
+    follow_ups: Annotated[
+        int, typer.Option(min=0, max=100, help="After each trial that trains: trials reusing its trained models")
+    ] = 2,
     set_: SetOption = None,
 ) -> None:
     """Search the recipe's {search: ...} knobs with Optuna on the validation split; register the best variant."""
@@ -287,7 +290,11 @@ def search(
     if max_drop is not None and not 0 <= max_drop <= 1:
         _fail(f"--max-drop: {max_drop} is not a fraction (0.01 = 1 point)")
     options = SearchOptions(
-        trials=trials, budget_minutes=minutes(budget) if budget else None, objective=objective, max_drop=max_drop
+        trials=trials,
+        budget_minutes=minutes(budget) if budget else None,
+        objective=objective,
+        max_drop=max_drop,
+        follow_ups=follow_ups,
     )
     tree, _ = checked_search(config, set_)
     guard_children()

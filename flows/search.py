@@ -54,6 +54,13 @@ class SearchOptions(StrictModel):
     max_drop: float | None = Field(
         None, ge=0, le=1, description="Accuracy budget on validation (None: the recipe's selection.max_accuracy_drop)."
     )
+    follow_ups: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="After each trial that trains, this many trials that keep its training knobs and draw only the "
+        "others (exit thresholds, export, INT8): they reuse its trained models, at a fraction of a trial's cost.",
+    )
 
 
 def _process_alive(trial: optuna.trial.FrozenTrial) -> bool:
@@ -92,7 +99,7 @@ def open_study(cfg: SqueezeConfig, space: SearchSpace, objective: str) -> optuna
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         if not _process_alive(t):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params)
+            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "follows"})
     return study
 
 
@@ -155,6 +162,9 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
             measured |= {v["id"]: Variant.model_validate(v) for v in t.user_attrs.get("variants", [])}
 
+        training = [d.name for d in space.dimensions if d.retrains]
+        follow_ups = options.follow_ups if 0 < len(training) < len(space.dimensions) else 0
+
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             values = {d.name: d.suggest(trial) for d in space.dimensions}
             cfg = space.config(values).model_copy(update={"selection": selection})
@@ -167,6 +177,7 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                     "mlflow.parentRunId": run.info.run_id,
                     **process_tags("trial"),
                     "squeeze.trial": str(trial.number),
+                    **({"squeeze.follows": str(trial.user_attrs["follows"])} if "follows" in trial.user_attrs else {}),
                 },
             )
             try:
@@ -198,6 +209,10 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                     ],
                 )
                 client.set_terminated(trial_run.info.run_id, "FINISHED")
+                if "follows" not in trial.user_attrs:  # queued first, so they run before the sampler's next draw
+                    fixed = {name: trial.params[name] for name in training}
+                    for _ in range(follow_ups):
+                        study.enqueue_trial(fixed, user_attrs={"follows": trial.number})
                 logger.info(
                     "trial %d: %s, validation accuracy %.4f, %s %.3f",
                     trial.number,
@@ -306,8 +321,9 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
     lines += ["|" + "---|" * (len(names) + 6)]
     for t in study.get_trials(deepcopy=False):
         vals = t.values or [None, None]
+        follows = f" (reuses #{t.user_attrs['follows']})" if "follows" in t.user_attrs else ""
         lines.append(
-            f"| {t.number} | {t.state.name} | "
+            f"| {t.number}{follows} | {t.state.name} | "
             + " | ".join(cell(t.params.get(n, "")) for n in names)
             + " | "
             + f"{cell(t.user_attrs.get('best_lineage', ''))} | {cell(vals[0]) if vals[0] is not None else ''} | "

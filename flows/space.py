@@ -86,6 +86,18 @@ def _takes_list(path: tuple, tree: dict) -> bool:
     return typing.get_origin(_unwrap(annotation)) is list
 
 
+def _retrains(stage: str | None, keys: tuple) -> bool:
+    """Whether a knob's value reaches a training. An exit's threshold, ONNX export and INT8 conversion are built from
+    trained models without training (exits are trained once for every threshold; QAT's own knobs do train)."""
+    if stage is None:
+        return keys[:1] not in (("selection",), ("benchmark",))
+    if stage == "early_exit":
+        return keys[:1] not in (("thresholds",), ("criterion",))
+    if stage == "quantize":
+        return keys[:1] == ("qat",)
+    return stage != "export"
+
+
 def _label(value: Any) -> str | int | float | bool | None:
     """A choice as Optuna (and MLflow's params) can hold it: scalars as they are, anything else as compact JSON."""
     if value is None or isinstance(value, str | int | float | bool):
@@ -99,6 +111,7 @@ class Dimension:
     name: str  # as a person reads it: stage kind, then the knob's keys (early_exit.thresholds)
     spec: list | Range
     as_list: bool
+    retrains: bool  # a new value trains a model; otherwise the trial reuses every trained model of an earlier one
 
     def suggest(self, trial) -> Any:
         if isinstance(self.spec, list):
@@ -156,8 +169,9 @@ class SearchSpace:
         if isinstance(node, dict) and set(node) == {"search"}:
             spec = self._spec(node["search"], f"{_where(path)}.search")
             stage = self.tree["stages"][path[1]].get("kind") if path[:1] == ("stages",) and len(path) > 2 else None
-            name = ".".join(map(str, (stage, *path[2:]))) if stage else _where(path)
-            self.dimensions.append(Dimension(path, name, spec, _takes_list(path, self.tree)))
+            keys = path[2:] if stage else path
+            name = ".".join(map(str, (stage, *keys))) if stage else _where(path)
+            self.dimensions.append(Dimension(path, name, spec, _takes_list(path, self.tree), _retrains(stage, keys)))
         elif isinstance(node, dict):
             for key, value in node.items():
                 self._collect(value, (*path, key))

@@ -1,6 +1,7 @@
 """bench/sst2.py: the results.json schema and figures from hand-made measurements, and the peers it builds."""
 
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -19,6 +20,8 @@ from bench.sst2 import (
 from squeezeflow.tasks.data import load_splits
 from squeezeflow.tasks.runtime import load_predictor
 from squeezeflow.tasks.variant import Variant
+
+from .conftest import make_tiny_config
 
 METRICS = {"accuracy_drop": 0.0, "latency_p99_ms": 1.0, "throughput_qps": 100.0, "params_m": 1.0}
 
@@ -131,3 +134,41 @@ def test_the_bench_plot_shows_the_champion_among_the_peers(tmp_path):
     ]
     plot_side_by_side(side_by_side, "c", tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_distils_each_drawn_setting_cheap_and_full(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from bench import fidelity
+
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["stages"] = [
+        {
+            "kind": "distill",
+            "students": {"search": [{"num_layers": 1}, {"layers": [1]}]},
+            "soft_weight": {"search": {"low": 0.2, "high": 0.9}},
+            "training": {"epochs": 2, "learning_rate": 3e-3, "batch_size": 16},
+        }
+    ]
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert fidelity.main([str(path), "--settings", "3", "--fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "3 settings, cheap = 0.25 of the examples: Spearman" in out
+    rows = [line for line in out.splitlines() if line[:2] in ("0:", "1:", "2:")]
+    assert len(rows) == 3 and all("distill.soft_weight" in line for line in rows)
+    for line in rows:  # the cheap student took about a quarter of the full one's optimizer steps
+        cheap, full = (int(n) for n in re.findall(r"\((\d+) steps", line))
+        assert cheap < full / 2
+
+
+def test_fidelity_refuses_a_recipe_that_does_not_distil_first(tmp_path, tiny_config):
+    import yaml
+
+    from bench import fidelity
+
+    tiny_config["stages"][1]["modes"] = {"search": [["dynamic"], ["static"]]}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    with pytest.raises(SystemExit, match="the first stage must distil"):
+        fidelity.compare(path, 3, 0.25)

@@ -52,6 +52,8 @@ def test_a_space_names_its_knobs_and_puts_single_values_into_list_knobs(tiny_con
     assert cfg.stages[1].thresholds == [0.25]  # a sampled threshold, tried as a one-item list
     assert cfg.stages[3].modes == ["static", "dynamic"]
     assert cfg.teacher.learning_rate == 1e-3
+    # a threshold or an INT8 mode is applied to trained models; a teacher's rate or a student's shape trains them
+    assert {n for n, d in names.items() if d.retrains} == {"teacher.learning_rate", "distill.students"}
 
 
 @pytest.mark.parametrize(
@@ -149,3 +151,32 @@ def test_a_killed_search_resumes_reuses_its_variants_and_nests_trials_in_mlflow(
     report = next((tmp_path / "artifacts" / "runs").glob("*/search/search.md")).read_text()
     assert "quantize.modes" in report and "eval acc" in report and "within budget" in report
     assert yaml.safe_load(open(path))["stages"][1]["modes"] == {"search": [["dynamic"], ["static"]]}
+
+
+def test_trials_that_follow_a_training_trial_reuse_its_trained_student(tmp_path, tiny_model_dir):
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["stages"] = [
+        {
+            "kind": "distill",
+            "students": {"search": [{"num_layers": 1}, {"layers": [1]}]},
+            "training": {"epochs": 2, "learning_rate": 3e-3, "batch_size": 16},
+        },
+        {"kind": "export"},
+        {"kind": "quantize", "modes": ["dynamic"], "per_channel": {"search": [True, False]}},
+    ]
+    tree["benchmark"] = {"threads": 1, "warmup": 1, "rounds": 1, "latency_texts": 10, "measure_rss": False}
+    done = squeeze("search", recipe(tmp_path, tree), "--trials", "2", "--follow-ups", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "artifacts" / "search" / "tiny.journal"))
+    )
+    (name,) = optuna.get_all_study_names(storage)
+    first, follower = optuna.load_study(study_name=name, storage=storage).trials
+    assert follower.user_attrs["follows"] == 0 and "follows" not in first.user_attrs
+    assert follower.params["distill.students"] == first.params["distill.students"]
+    # the follower's student is the first trial's, made before the follower started
+    (student,) = [v for v in follower.user_attrs["variants"] if v["stage"] == "distill"]
+    assert student["id"] in {v["id"] for v in first.user_attrs["variants"]}
+    assert student["made_at"] < follower.datetime_start.timestamp()
+    report = next((tmp_path / "artifacts" / "runs").glob("*/search/search.md")).read_text()
+    assert "| 1 (reuses #0) | COMPLETE |" in report
