@@ -255,7 +255,11 @@ def conclude(
             )
             registered_id = champion.id
             registry = f"{name} v{version} is this run's best, promoted in this run" + (
-                f" (v{incumbent[1]} is now @previous)" if incumbent else ""
+                f" (v{incumbent[1]} is now @previous: p50 "
+                f"{incumbent_measured.metrics['latency_p50_ms']:.2f} ms in this benchmark, validation accuracy "
+                f"{incumbent_measured.metrics['val_accuracy']:.4f})"
+                if incumbent
+                else ""
             )
         selection = replace(selection, registered_id=registered_id, registry=registry)
         mlflow.set_tags(

@@ -172,6 +172,8 @@ def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefec
     assert second["promoted"] and second["model_version"] == "2"
     assert client.get_model_version_by_alias("tiny-classifier", "champion").version in (2, "2")
     assert client.get_model_version_by_alias("tiny-classifier", "previous").version in (1, "1")
+    # the replaced champion was measured in the same benchmark: its figures stand beside the new one's
+    assert "(v1 is now @previous: p50 " in second["registry"] and " ms in this benchmark" in second["registry"]
 
     description = client.get_model_version("tiny-classifier", "2").description
     assert "teacher>onnx>int8-dynamic" in description and "Validation accuracy" in description
