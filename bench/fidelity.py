@@ -25,13 +25,11 @@ from squeezeflow.tasks.teacher import make_teacher
 from squeezeflow.tasks.training import accuracy_on
 
 
-def student_accuracy(student, ctx) -> float:
+def student_accuracy(student, texts: list[str], truth, max_length: int) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    splits = load_splits(ctx.data, ctx.num_labels)
-    texts, truth = validation_truth(splits.validation, ctx.teacher.path, ctx.max_length, ctx.cache_dir)
     model = AutoModelForSequenceClassification.from_pretrained(student.path)
-    return accuracy_on(model, AutoTokenizer.from_pretrained(student.path), texts, truth, ctx.max_length)
+    return accuracy_on(model, AutoTokenizer.from_pretrained(student.path), texts, truth, max_length)
 
 
 def compare(
@@ -46,7 +44,9 @@ def compare(
     # fine-tuned once (or reused from the recipe's artifacts), outside Prefect: no flow to report to
     teacher = make_teacher(base.model, base.teacher, base.data, base.artifacts_dir / "variants", base.seed)
     ctx = stage_context(base, teacher, base.artifacts_dir / "cache")
-    train_size = len(load_splits(ctx.data, ctx.num_labels).train)
+    splits = load_splits(ctx.data, ctx.num_labels)
+    train_size = len(splits.train)
+    texts, truth = validation_truth(splits.validation, teacher.path, ctx.max_length, ctx.cache_dir)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +63,7 @@ def compare(
                 student = distill(teacher, cfg.students[0], cfg, ctx, Path(tmp) / f"{i}-{label}")
                 row[f"{label}_seconds"] = time.perf_counter() - started
                 row[f"{label}_steps"] = student.metrics["distill_train_steps"]
-                row[label] = student_accuracy(student, ctx)
+                row[label] = student_accuracy(student, texts, truth, ctx.max_length)
             rows.append(row)
             print(
                 f"{i}: {row['setting']}: "
