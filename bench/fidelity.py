@@ -18,6 +18,7 @@ from scipy.stats import kendalltau, spearmanr
 from squeezeflow.flows.compress import stage_context
 from squeezeflow.flows.config import apply_overrides, read_recipe
 from squeezeflow.flows.space import SearchSpace
+from squeezeflow.tasks.base import SqueezeError
 from squeezeflow.tasks.data import load_splits
 from squeezeflow.tasks.distill import distill, validation_truth
 from squeezeflow.tasks.evaluate import machine
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fraction: give a share between 0 and 1, e.g. 0.25")
     if args.settings < 3:
         parser.error("--settings: at least 3, or there is no ranking to compare")
-    rows = compare(args.recipe, args.settings, args.fraction, args.seed, args.overrides)
+    try:
+        rows = compare(args.recipe, args.settings, args.fraction, args.seed, args.overrides)
+    except SqueezeError as e:  # a recipe, data or model mistake: one line, no traceback
+        parser.exit(2, f"error: {e}\n")
     cheap, full = [r["cheap"] for r in rows], [r["full"] for r in rows]
     rho, tau = spearmanr(cheap, full).statistic, kendalltau(cheap, full).statistic
     same_best = max(range(len(rows)), key=cheap.__getitem__) == max(range(len(rows)), key=full.__getitem__)
