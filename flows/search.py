@@ -75,6 +75,12 @@ def _process_alive(trial: optuna.trial.FrozenTrial) -> bool:
         return True
 
 
+def _sampler(seed: int) -> optuna.samplers.BaseSampler:
+    # multivariate TPE with the accuracy budget as a constraint: fits budgets of tens of trials, where NSGA-II's
+    # populations would still be random
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
+
+
 def open_study(cfg: SqueezeConfig, space: SearchSpace, objective: str) -> optuna.Study:
     """The study in a journal file under artifacts_dir/search: an unchanged recipe resumes it, several processes
     may share it. Trials left RUNNING by a killed process on this host are marked failed and queued again."""
@@ -87,15 +93,12 @@ def open_study(cfg: SqueezeConfig, space: SearchSpace, objective: str) -> optuna
         study_name=f"{cfg.name}-{objective}-{space.fingerprint()}",
         storage=JournalStorage(JournalFileBackend(str(path))),
         directions=["maximize", "minimize"],
-        # multivariate TPE with the accuracy budget as a constraint: fits budgets of tens of trials, where NSGA-II's
-        # populations would still be random
-        sampler=optuna.samplers.TPESampler(
-            seed=cfg.seed,
-            multivariate=True,
-            n_startup_trials=5,
-        ),
+        sampler=_sampler(cfg.seed),
         load_if_exists=True,
     )
+    if earlier := len(study.get_trials(deepcopy=False)):
+        # a resumed or joining process: the recipe's seed alone would replay the first process's draws
+        study.sampler = _sampler(cfg.seed + earlier)
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         if not _process_alive(t):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)

@@ -11,6 +11,7 @@ import optuna
 import pytest
 import yaml
 
+from squeezeflow.flows.search import open_study
 from squeezeflow.flows.space import SearchSpace
 from squeezeflow.tasks.base import ConfigError
 
@@ -78,6 +79,25 @@ def test_the_cli_refuses_a_recipe_with_nothing_to_search_or_a_bad_budget(tmp_pat
     assert_one_line_error(squeeze("search", recipe(tmp_path, tiny_config)), "nothing to search")
     done = squeeze("search", recipe(tmp_path, searched(tiny_config)), "--budget", "soon")
     assert done.returncode == 2 and "is not a time budget" in done.stderr
+
+
+def test_a_resumed_study_draws_anew_and_a_fresh_one_draws_as_before(tmp_path, tiny_config):
+    tree = copy.deepcopy(tiny_config)
+    tree["stages"] = [{"kind": "early_exit", "thresholds": {"search": {"low": 0.05, "high": 0.6}}}, {"kind": "export"}]
+    space = SearchSpace(tree, "r.yaml")
+
+    def first_draw(artifacts_dir) -> float:
+        study = open_study(space.first().model_copy(update={"artifacts_dir": artifacts_dir}), space, "latency")
+        trial = study.ask()
+        value = space.dimensions[0].suggest(trial)
+        study.tell(trial, [0.9, 1.0])
+        return value
+
+    first = first_draw(tmp_path / "a")
+    # the process that resumes the study must not replay the first process's draws (it would repeat its trials)
+    assert first_draw(tmp_path / "a") != first
+    # the recipe's seed still makes a new search reproducible
+    assert first_draw(tmp_path / "b") == first
 
 
 def statuses(db) -> dict[str, list[str]]:
