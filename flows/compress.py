@@ -282,6 +282,7 @@ def conclude(
         machine(),
         [(f.lineage, f.error) for f in failures],
         cfg.selection.objective,
+        incumbent_measured if incumbent else None,
     )
     for path in report_files:
         mlflow.log_artifact(str(path))

@@ -72,8 +72,10 @@ def markdown(
     title: str,
     machine: str | None = None,
     failed: list[tuple[str, str]] = (),
+    incumbent: Variant | None = None,
 ) -> str:
-    """The report; `failed`: (lineage, error) of each variant that could not be made."""
+    """The report; `failed`: (lineage, error) of each variant that could not be made; `incumbent`: the champion
+    registered before this run, measured in the same benchmark."""
     header = [name for name, _ in COLUMNS]
     lines = [
         f"# {title}",
@@ -103,6 +105,10 @@ def markdown(
         "intervals (Wilson; the drop paired against the teacher). "
         "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties.",
     ]
+    if incumbent:
+        lines += ["", "## The champion registered before this run, measured in the same benchmark", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows([incumbent])]
     if failed:
         lines += ["", f"## {len(failed)} variant(s) failed", "", "| lineage | error |", "|---|---|"]
         lines += [
@@ -220,10 +226,11 @@ def write_report(
     machine: str | None = None,
     failed: list[tuple[str, str]] = (),
     objective: str = "latency",
+    incumbent: Variant | None = None,
 ) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "report.md", out_dir / "variants.csv", out_dir / "pareto.png"]
-    paths[0].write_text(markdown(variants, selection, title, machine, failed))
+    paths[0].write_text(markdown(variants, selection, title, machine, failed, incumbent))
     write_csv(variants, paths[1])
     pareto_plot(variants, selection, paths[2], objective)
     return paths

@@ -188,6 +188,9 @@ def test_a_new_champion_is_promoted_only_when_it_beats_the_registered_one(prefec
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     assert any(row.startswith("| ▲") for row in rows) and not any("★" in row for row in rows)  # never a false mark
     assert "Registered champion: tiny-classifier v2" in report
+    # the kept champion's own figures from this benchmark, eval accuracy included, stand under the table
+    assert "## The champion registered before this run, measured in the same benchmark" in report
+    assert any(row.startswith("| champion-v2 | champion v2: teacher>onnx>int8-dynamic |") for row in rows)
 
     fourth = compress(with_int8)  # the registered champion wins again: it is not registered a second time
     assert not fourth["promoted"] and fourth["model_version"] == "2"
