@@ -90,7 +90,8 @@ def markdown(
         machine_note(variants, machine),
         "",
     ]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table_head = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += table_head
     for v, row in zip(variants, table_rows(variants)):
         marks = (
             ("▲ " if v.id == selection.champion.id else "")
@@ -106,8 +107,7 @@ def markdown(
         "Latency: batch 1 on the eval texts; differences within the round-to-round spread are ties.",
     ]
     if incumbent:
-        lines += ["", "## The champion registered before this run, measured in the same benchmark", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["", "## The champion registered before this run, measured in the same benchmark", "", *table_head]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows([incumbent])]
     if failed:
         lines += ["", f"## {len(failed)} variant(s) failed", "", "| lineage | error |", "|---|---|"]
