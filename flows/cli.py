@@ -280,6 +280,8 @@ def search(
     follow_ups: Annotated[
         int, typer.Option(min=0, max=100, help="After each trial that trains: trials reusing its trained models")
     ] = 2,
+    sampler: Annotated[str, typer.Option(help="tpe (multivariate TPE), nsga2 or random")] = "tpe",
+    seed: Annotated[int | None, typer.Option(help="Seeds the sampler (default: the recipe's seed)")] = None,
     set_: SetOption = None,
 ) -> None:
     """Search the recipe's {search: ...} knobs with Optuna on the validation split; register the best variant."""
@@ -289,12 +291,16 @@ def search(
         _fail(f"--objective: {objective!r}; expected latency or size")
     if max_drop is not None and not 0 <= max_drop <= 1:
         _fail(f"--max-drop: {max_drop} is not a fraction (0.01 = 1 point)")
+    if sampler not in ("tpe", "nsga2", "random"):
+        _fail(f"--sampler: {sampler!r}; expected tpe, nsga2 or random")
     options = SearchOptions(
         trials=trials,
         budget_minutes=minutes(budget) if budget else None,
         objective=objective,
         max_drop=max_drop,
         follow_ups=follow_ups,
+        sampler=sampler,
+        seed=seed,
     )
     tree, _ = checked_search(config, set_)
     guard_children()

@@ -61,6 +61,10 @@ class SearchOptions(StrictModel):
         description="After each trial that trains, this many trials that keep its training knobs and draw only the "
         "others (exit thresholds, export, INT8): they reuse its trained models, at a fraction of a trial's cost.",
     )
+    sampler: Literal["tpe", "nsga2", "random"] = Field(
+        "tpe", description="Optuna's sampler: multivariate TPE, NSGA-II (populations of 6) or random draws."
+    )
+    seed: int | None = Field(None, description="Seeds the sampler (None: the recipe's seed).")
 
 
 def _process_alive(trial: optuna.trial.FrozenTrial) -> bool:
@@ -75,30 +79,36 @@ def _process_alive(trial: optuna.trial.FrozenTrial) -> bool:
         return True
 
 
-def _sampler(seed: int) -> optuna.samplers.BaseSampler:
-    # multivariate TPE with the accuracy budget as a constraint: fits budgets of tens of trials, where NSGA-II's
-    # populations would still be random
+def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    # each reads the accuracy budget from the constraint every trial sets; bench/samplers.py compares them
+    if kind == "nsga2":  # a population small enough to breed within a budget of tens of trials
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=6)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
 
 
-def open_study(cfg: SqueezeConfig, space: SearchSpace, objective: str) -> optuna.Study:
+def open_study(
+    cfg: SqueezeConfig, space: SearchSpace, objective: str, sampler: str = "tpe", seed: int | None = None
+) -> optuna.Study:
     """The study in a journal file under artifacts_dir/search: an unchanged recipe resumes it, several processes
     may share it. Trials left RUNNING by a killed process on this host are marked failed and queued again."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     path = cfg.artifacts_dir / "search" / f"{cfg.name}.journal"
+    seed = cfg.seed if seed is None else seed
     path.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=f"{cfg.name}-{objective}-{space.fingerprint()}",
         storage=JournalStorage(JournalFileBackend(str(path))),
         directions=["maximize", "minimize"],
-        sampler=_sampler(cfg.seed),
+        sampler=_sampler(sampler, seed),
         load_if_exists=True,
     )
     if earlier := len(study.get_trials(deepcopy=False)):
         # a resumed or joining process: the recipe's seed alone would replay the first process's draws
-        study.sampler = _sampler(cfg.seed + earlier)
+        study.sampler = _sampler(sampler, seed + earlier)
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         if not _process_alive(t):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
@@ -142,7 +152,7 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
     base = base.model_copy(update={"selection": selection})
     check_stages(check_model_source(base.model), base.stages)
     metric = SCORED[options.objective]
-    study = open_study(base, space, options.objective)
+    study = open_study(base, space, options.objective, options.sampler, options.seed)
     run_dir = new_run_dir(base)
     experiment_id = open_experiment(base)
     client = MlflowClient()
@@ -156,6 +166,7 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                 "trials": options.trials,
                 "budget_minutes": options.budget_minutes,
                 "objective": options.objective,
+                "sampler": options.sampler,
                 "max_accuracy_drop": selection.max_accuracy_drop,
                 "study": study.study_name,
                 **check_data_task(base.data, base.model.num_labels),

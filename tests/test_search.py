@@ -81,13 +81,23 @@ def test_the_cli_refuses_a_recipe_with_nothing_to_search_or_a_bad_budget(tmp_pat
     assert done.returncode == 2 and "is not a time budget" in done.stderr
 
 
-def test_a_resumed_study_draws_anew_and_a_fresh_one_draws_as_before(tmp_path, tiny_config):
+@pytest.mark.parametrize(
+    "sampler, kind",
+    [
+        ("tpe", optuna.samplers.TPESampler),
+        ("nsga2", optuna.samplers.NSGAIISampler),
+        ("random", optuna.samplers.RandomSampler),
+    ],
+)
+def test_a_resumed_study_draws_anew_and_a_fresh_one_draws_as_before(tmp_path, tiny_config, sampler, kind):
     tree = copy.deepcopy(tiny_config)
     tree["stages"] = [{"kind": "early_exit", "thresholds": {"search": {"low": 0.05, "high": 0.6}}}, {"kind": "export"}]
     space = SearchSpace(tree, "r.yaml")
 
-    def first_draw(artifacts_dir) -> float:
-        study = open_study(space.first().model_copy(update={"artifacts_dir": artifacts_dir}), space, "latency")
+    def first_draw(artifacts_dir, seed=None) -> float:
+        cfg = space.first().model_copy(update={"artifacts_dir": artifacts_dir})
+        study = open_study(cfg, space, "latency", sampler, seed)
+        assert isinstance(study.sampler, kind)
         trial = study.ask()
         value = space.dimensions[0].suggest(trial)
         study.tell(trial, [0.9, 1.0])
@@ -96,8 +106,9 @@ def test_a_resumed_study_draws_anew_and_a_fresh_one_draws_as_before(tmp_path, ti
     first = first_draw(tmp_path / "a")
     # the process that resumes the study must not replay the first process's draws (it would repeat its trials)
     assert first_draw(tmp_path / "a") != first
-    # the recipe's seed still makes a new search reproducible
+    # the recipe's seed still makes a new search reproducible; another seed draws anew
     assert first_draw(tmp_path / "b") == first
+    assert first_draw(tmp_path / "c", seed=tiny_config.get("seed", 0) + 1000) != first
 
 
 def statuses(db) -> dict[str, list[str]]:
