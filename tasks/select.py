@@ -133,7 +133,10 @@ def beats(challenger: Variant, incumbent: Variant, cfg: SelectionConfig) -> bool
     if violations(challenger, cfg) and not violations(incumbent, cfg):
         return False
     if cfg.objective == "latency" and latency_tie(challenger, incumbent):
-        return False
+        # as inside a run (best_of): a tie goes to validation accuracy, then to a clearly smaller file
+        acc_new, acc_old = challenger.metrics["val_accuracy"], incumbent.metrics["val_accuracy"]
+        size_new, size_old = challenger.metrics["size_mb"], incumbent.metrics["size_mb"]
+        return acc_new > acc_old or (acc_new == acc_old and size_new < size_old * (1 - PROMOTION_MARGIN))
     new, old = OBJECTIVES[cfg.objective](challenger)[0], OBJECTIVES[cfg.objective](incumbent)[0]
     return new < old - PROMOTION_MARGIN * abs(old)
 

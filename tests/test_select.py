@@ -84,3 +84,7 @@ def test_latencies_within_the_round_to_round_spread_are_ties_won_by_validation_a
     assert not beats(exits, registered, cfg) and beats(
         steady.model_copy(update={"metrics": {**steady.metrics, "latency_p50_ms": 1.0}}), registered, cfg
     )
+    # a challenger tied on latency wins as it would inside a run: on validation accuracy, then on a clearly smaller size
+    assert beats(v("sharper", 0.9, 2.4, 30.0, spread=0.2), registered, cfg)
+    assert beats(v("lighter", 0.895, 2.4, 18.0, spread=0.2), registered, cfg)
+    assert not beats(v("a-bit-lighter", 0.895, 2.4, 22.8, spread=0.2), registered, cfg)
