@@ -172,3 +172,37 @@ def test_fidelity_refuses_a_recipe_that_does_not_distil_first(tmp_path, tiny_con
     path.write_text(yaml.safe_dump(tiny_config))
     with pytest.raises(SystemExit, match="the first stage must distil"):
         fidelity.compare(path, 3, 0.25)
+
+
+def test_samplers_runs_each_sampler_in_a_study_of_its_own_on_shared_variants(
+    prefect_harness, tmp_path, tiny_model_dir, capsys
+):
+    import yaml
+
+    from bench import samplers
+
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["stages"] = [
+        {"kind": "export"},
+        {"kind": "quantize", "modes": ["dynamic"], "per_channel": {"search": [True, False]}},
+    ]
+    tree["benchmark"] = {"threads": 1, "warmup": 1, "rounds": 1, "latency_texts": 10, "measure_rss": False}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    reuse, out = tmp_path / "shared", tmp_path / "out"
+    argv = [str(path), "--reuse", str(reuse), "--out", str(out), "--samplers", "nsga2", "random", "--trials", "2"]
+    assert samplers.main([*argv, "--seeds", "1"]) == 0
+    runs = json.loads((out / "samplers.json").read_text())["runs"]
+    assert [(r["sampler"], len(r["trials"])) for r in runs] == [("nsga2", 2), ("random", 2)]
+    assert all(t["speedup"] is None or t["speedup"] > 0 for r in runs for t in r["trials"])
+    # a study each, one teacher: fine-tuned by the first search, reused by the second
+    assert len(list(out.glob("*/artifacts/search/*.journal"))) == 2
+    assert len(list((reuse / "variants").glob("teacher-*"))) == 1
+    printed = capsys.readouterr().out
+    assert "| nsga2 | 1 | " in printed and "| random | 1 | " in printed
+    # run again, it reads the finished study instead of searching anew
+    journal = next(out.glob("random-0/artifacts/search/*.journal"))
+    size = journal.stat().st_size
+    assert samplers.main([*argv, "--seeds", "1", "--samplers", "random"]) == 0
+    assert json.loads((out / "samplers.json").read_text())["runs"][0]["trials"] == runs[1]["trials"]
+    assert journal.stat().st_size == size
