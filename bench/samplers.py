@@ -3,7 +3,7 @@ sampler and seed, each in a study (and MLflow store) of its own but all sharing 
 `--reuse`, and prints after how many trials each found how fast a variant within the accuracy budget (validation
 p50, the search's objective), with its speed-up over the teacher measured in the same trial's benchmark.
 
-    python -m bench.samplers bench/sst2-exits-int8.yaml --reuse BENCH/artifacts --trials 12 --seeds 1 --out DIR
+    python -m bench.samplers bench/sst2-exits-int8.yaml --reuse BENCH/artifacts --trials 12 --seeds 2 --out DIR
 """
 
 from __future__ import annotations
@@ -104,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where each run's study, MLflow store and report go")
     parser.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "random"], choices=["tpe", "nsga2", "random"])
     parser.add_argument("--trials", type=int, default=8, help="trials per search (8)")
-    parser.add_argument("--seeds", type=int, default=2, help="searches per sampler, seeded 0, 1, ... (2)")
+    parser.add_argument("--seeds", type=int, default=2, help="searches per sampler (2)")
+    parser.add_argument("--first-seed", type=int, default=0, help="their seeds: this one and the next ones (0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, KEY=VALUE")
     args = parser.parse_args(argv)
     if args.trials < 2:
         parser.error("--trials: at least 2")
     runs = []
     try:
-        for seed in range(args.seeds):  # seeds outside: a stopped bench has every sampler at the same count
+        # seeds outside: a stopped bench has every sampler at the same count
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for sampler in args.samplers:
                 runs.append(run_one(args.recipe, args.overrides, args.reuse, args.out, sampler, seed, args.trials))
                 curve = best_so_far(runs[-1]["trials"])

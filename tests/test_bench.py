@@ -206,3 +206,10 @@ def test_samplers_runs_each_sampler_in_a_study_of_its_own_on_shared_variants(
     assert samplers.main([*argv, "--seeds", "1", "--samplers", "random"]) == 0
     assert json.loads((out / "samplers.json").read_text())["runs"][0]["trials"] == runs[1]["trials"]
     assert journal.stat().st_size == size
+    # --first-seed starts a new study of its own beside the others, on the same teacher
+    assert samplers.main([*argv, "--seeds", "1", "--first-seed", "1", "--samplers", "random"]) == 0
+    assert [(r["sampler"], r["seed"]) for r in json.loads((out / "samplers.json").read_text())["runs"]] == [
+        ("random", 1)
+    ]
+    assert len(list(out.glob("random-1/artifacts/search/*.journal"))) == 1
+    assert len(list((reuse / "variants").glob("teacher-*"))) == 1
