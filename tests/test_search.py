@@ -75,10 +75,14 @@ def test_a_bad_search_space_is_one_clear_line(tiny_config, knob, fragment):
     assert fragment in str(raised.value)
 
 
-def test_the_cli_refuses_a_recipe_with_nothing_to_search_or_a_bad_budget(tmp_path, tiny_config):
+def test_the_cli_refuses_a_recipe_with_nothing_to_search_a_bad_budget_or_an_unknown_sampler(tmp_path, tiny_config):
     assert_one_line_error(squeeze("search", recipe(tmp_path, tiny_config)), "nothing to search")
     done = squeeze("search", recipe(tmp_path, searched(tiny_config)), "--budget", "soon")
     assert done.returncode == 2 and "is not a time budget" in done.stderr
+    assert_one_line_error(
+        squeeze("search", recipe(tmp_path, searched(tiny_config)), "--sampler", "cmaes"),
+        "--sampler: 'cmaes'; expected tpe, nsga2 or random",
+    )
 
 
 @pytest.mark.parametrize(
