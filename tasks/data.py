@@ -6,9 +6,11 @@ file that no stage trains on) is what every choice is made on; `eval` is read on
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +47,12 @@ class DataConfig(StrictModel):
         ge=0,
         description="Seed of that slice; apart from the recipe's seed, so runs with other seeds choose on the same "
         "rows.",
+    )
+    validation_overlap: Literal["allow", "exclude"] = Field(
+        "allow",
+        description="Without data.validation: exclude = the slice draws only whole rows (no word span of another "
+        "train row) and every train row that is a word span of a held row leaves train, so no validation text is "
+        "trained on, whole or in part; for train files that also hold their sentences' phrases (SST-2).",
     )
     format: Literal["auto", "tsv", "csv", "jsonl"] = Field(
         "auto", description="File format; auto = from the extension."
@@ -196,22 +204,62 @@ class Splits:
     eval: Split
 
 
-def validation_rows(labels: list[int] | None, n: int, cfg: DataConfig) -> list[int]:
+def validation_rows(
+    labels: list[int] | None, n: int, cfg: DataConfig, candidates: list[int] | None = None
+) -> list[int]:
     """The train rows set aside for validation: `validation_fraction` of each class (stratified; of all rows when
-    unlabelled), at most `validation_max` in all and at least one per class, drawn with `validation_seed`."""
+    unlabelled), at most `validation_max` in all and at least one per class, drawn with `validation_seed` from
+    `candidates` (default: every row)."""
     rng = random.Random(cfg.validation_seed)
-    total = min(cfg.validation_max, max(1, round(n * cfg.validation_fraction)))
+    pool = list(range(n)) if candidates is None else candidates
+    total = min(cfg.validation_max, len(pool), max(1, round(n * cfg.validation_fraction)))
     if labels is None:
-        return sorted(rng.sample(range(n), total))
+        return sorted(rng.sample(pool, total))
     by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
+    for i in pool:
+        by_class.setdefault(labels[i], []).append(i)
     chosen = []
     for label in sorted(by_class):
         rows = by_class[label]
-        take = min(len(rows) - 1, max(1, round(total * len(rows) / n)))  # every class keeps a training row
+        take = min(len(rows) - 1, max(1, round(total * len(rows) / len(pool))))  # every class keeps a training row
         chosen += rng.sample(rows, take)
     return sorted(chosen)
+
+
+SPAN_WORDS = 64  # spans are quadratic in a row's words: a row longer than this counts as whole
+
+
+def _spans(words: tuple[str, ...], proper: bool) -> Iterator[int]:
+    """Hashes of a row's contiguous word spans (proper: shorter than the row), of at most SPAN_WORDS words."""
+    longest = min(len(words) - 1 if proper else len(words), SPAN_WORDS)
+    for length in range(1, longest + 1):
+        for start in range(len(words) - length + 1):
+            yield hash(words[start : start + length])
+
+
+@functools.lru_cache(maxsize=4)  # every stage re-reads the splits; the span index costs seconds on 67k rows
+def _held_apart(texts: tuple[str, ...], labels: tuple[int, ...] | None, cfg_json: str) -> tuple[list[int], set[int]]:
+    """validation_overlap=exclude: the held rows (whole rows only) and the train rows that are word spans of them."""
+    cfg = DataConfig.model_validate_json(cfg_json)
+    words = [tuple(t.split()) for t in texts]
+    inside: set[int] = set()
+    for row in words:
+        inside.update(_spans(row, proper=True))
+    whole = [i for i, row in enumerate(words) if hash(row) not in inside]
+    if labels is not None:
+        classes = set(labels)
+        short = sorted(c for c in classes if sum(labels[i] == c for i in whole) < 2)
+        if short:
+            raise DataError(
+                f"data.validation_overlap: exclude needs two whole rows (no word span of another row) of every class; "
+                f"classes {short} have fewer. Set data.validation to a file, or validation_overlap: allow"
+            )
+    held = validation_rows(None if labels is None else list(labels), len(texts), cfg, whole)
+    held_spans: set[int] = set()
+    for i in held:
+        held_spans.update(_spans(words[i], proper=False))
+    held_set = set(held)
+    return held, {i for i, row in enumerate(words) if i not in held_set and hash(row) in held_spans}
 
 
 def _subset(split: Split, rows: list[int]) -> Split:
@@ -237,7 +285,12 @@ def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
             raise DataError(
                 f"data.train: {train.path} has one example; a validation slice needs more (or set data.validation)"
             )
-        held = validation_rows(train.labels, len(train), cfg)
+        dropped: set[int] = set()
+        if cfg.validation_overlap == "exclude":
+            labels = None if train.labels is None else tuple(train.labels)
+            held, dropped = _held_apart(tuple(train.texts), labels, cfg.model_dump_json())
+        else:
+            held = validation_rows(train.labels, len(train), cfg)
         if not held:
             raise DataError(
                 f"data.train: {train.path} has too few examples per class to set a validation slice aside; set "
@@ -245,7 +298,7 @@ def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
             )
         held_set = set(held)
         validation = _subset(train, held)
-        train = _subset(train, [i for i in range(len(train.texts)) if i not in held_set])
+        train = _subset(train, [i for i in range(len(train.texts)) if i not in held_set and i not in dropped])
     return Splits(train=train, validation=validation, eval=eval_)
 
 

@@ -112,6 +112,48 @@ def test_validation_is_a_stratified_seeded_slice_of_train_that_no_stage_trains_o
     assert len(load_splits(config(tmp_path, validation_fraction=0.2, validation_max=40), 2).validation) == 40
 
 
+def treebank_rows(sentences: int) -> list[tuple[str, int]]:
+    """Whole sentences, each followed by some of its phrases (word spans), as a sentiment treebank's train file."""
+    rows = []
+    for i in range(sentences):
+        words = f"film {i} was {'good' if i % 3 else 'bad'} and long".split()
+        label = 1 if i % 3 else 0
+        rows += [
+            (" ".join(words), label),
+            (" ".join(words[:4]), label),
+            (" ".join(words[1:4]), label),
+            (words[3], label),
+        ]
+    return rows
+
+
+def test_validation_overlap_exclude_holds_whole_rows_and_drops_their_phrases_from_train(tmp_path):
+    rows = treebank_rows(60)
+    write_tsv(tmp_path / "train.tsv", rows)
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
+    splits = load_splits(config(tmp_path, validation_fraction=0.1, validation_overlap="exclude"), 2)
+    whole = {text for text, _ in rows[::4]}
+    assert len(splits.validation) == 24 and set(splits.validation.texts) <= whole
+    assert 0 < splits.validation.labels.count(0) < splits.validation.labels.count(1)
+    held_phrases = {" ".join(t.split()[:4]) for t in splits.validation.texts} | {
+        " ".join(t.split()[1:4]) for t in splits.validation.texts
+    }
+    assert not held_phrases & set(splits.train.texts)  # no part of a held sentence is trained on
+    assert not {"good", "bad"} & set(splits.train.texts)  # a phrase other rows share leaves train too...
+    kept = [t for t, _ in rows[::4] if t not in set(splits.validation.texts)]
+    assert set(kept) <= set(splits.train.texts)  # ...but the other sentences stay
+    allow = load_splits(config(tmp_path, validation_fraction=0.1), 2)
+    assert len(allow.train) + len(allow.validation) == len(rows) and not set(allow.validation.texts) <= whole
+
+
+def test_validation_overlap_exclude_needs_whole_rows_of_every_class(tmp_path):
+    rows = treebank_rows(30) + [("the plot", 2), ("the plot twist", 2)]  # class 2 has one whole row
+    write_tsv(tmp_path / "train.tsv", rows)
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1), ("c", 2)])
+    with pytest.raises(DataError, match=r"data.validation_overlap: exclude needs two whole rows .* classes \[2\]"):
+        load_splits(config(tmp_path, validation_overlap="exclude"), 3)
+
+
 def test_a_validation_file_is_used_whole_and_checked_like_eval(tmp_path):
     write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1), ("c", 2)])
     write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1), ("c", 2)])
