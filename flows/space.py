@@ -10,6 +10,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -236,5 +237,11 @@ class SearchSpace:
         return self.config({d.name: d.ends()[0] for d in self.dimensions})
 
     def fingerprint(self) -> str:
-        """Names the study: a changed recipe or space starts a new one, an unchanged one resumes."""
-        return hashlib.sha256(json.dumps(self.tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        """Names the study: a changed recipe or space starts a new one, an unchanged one resumes, however its
+        directories are spelled (`../data` and `/abs/data` are one study)."""
+        tree = copy.deepcopy(self.tree)
+        data = tree.get("data")
+        for node, key in ((tree, "artifacts_dir"), (data, "dir")):
+            if isinstance(node, dict) and isinstance(node.get(key), str | Path):
+                node[key] = str(Path(node[key]).resolve())
+        return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -183,5 +183,6 @@ def test_the_data_fingerprint_covers_train_and_validation_but_not_eval(tmp_path)
     write_tsv(tmp_path / "eval.tsv", [("a", 1), ("b", 0)])
     assert data_fingerprint(config(tmp_path)) == before
     assert data_fingerprint(config(tmp_path, validation_fraction=0.2)) != before
+    assert data_fingerprint(config(tmp_path, validation_overlap="exclude")) != before
     write_tsv(tmp_path / "train.tsv", [("a", 0), ("b", 1)] * 11)
     assert data_fingerprint(config(tmp_path)) != before

@@ -57,6 +57,16 @@ def test_a_space_names_its_knobs_and_puts_single_values_into_list_knobs(tiny_con
     assert {n for n, d in names.items() if d.retrains} == {"teacher.learning_rate", "distill.students"}
 
 
+def test_a_study_is_named_by_its_recipe_not_by_how_its_directories_are_spelled(tiny_config, tmp_path, monkeypatch):
+    tree = searched(tiny_config)
+    monkeypatch.chdir(tmp_path)
+    absolute = SearchSpace({**tree, "data": {**tree["data"], "dir": str(tmp_path)}}, "r.yaml").fingerprint()
+    relative = {**tree, "data": {**tree["data"], "dir": "."}, "artifacts_dir": "artifacts"}
+    assert SearchSpace(relative, "r.yaml").fingerprint() == absolute
+    other = {**relative, "data": {**relative["data"], "dir": "elsewhere"}}
+    assert SearchSpace(other, "r.yaml").fingerprint() != absolute
+
+
 @pytest.mark.parametrize(
     "knob, fragment",
     [
