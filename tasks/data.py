@@ -9,6 +9,7 @@ import csv
 import functools
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from prefect import task
 from pydantic import Field
 
 from .base import DataError, StrictModel
+
+log = logging.getLogger("squeezeflow.data")
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -328,12 +331,36 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def share_inside(inner: Split, outer: Split) -> float:
+    """The share of `inner`'s rows whose words appear, whole and in order, inside some row of `outer`."""
+    haystack = "\n".join(f" {' '.join(t.split())} " for t in outer.texts)  # one C-speed substring search per row
+    return sum(f" {' '.join(t.split())} " in haystack for t in inner.texts) / max(1, len(inner))
+
+
+# above this share of validation rows inside training rows, choices are made on text the model has learned
+OVERLAP_WARNING = 0.2
+
+
 @task(name="check-data")
-def check_data_task(cfg: DataConfig, num_labels: int) -> dict[str, int]:
-    """Validates the splits up front (stages re-read the files themselves: records and paths flow, not data)."""
+def check_data_task(cfg: DataConfig, num_labels: int) -> dict[str, float]:
+    """Validates the splits up front (stages re-read the files themselves: records and paths flow, not data), and
+    says how much of the validation text is trained on."""
     splits = load_splits(cfg, num_labels)
+    inside = share_inside(splits.validation, splits.train)
+    if inside > OVERLAP_WARNING:
+        fix = (
+            "set data.validation_overlap: exclude"
+            if cfg.validation is None and cfg.validation_overlap == "allow"
+            else "hold out other rows"
+        )
+        log.warning(
+            "%.0f %% of the validation rows appear inside training rows: validation scores are inflated; %s",
+            100 * inside,
+            fix,
+        )
     return {
         "train_examples": len(splits.train),
         "validation_examples": len(splits.validation),
         "eval_examples": len(splits.eval),
+        "validation_inside_train": round(inside, 4),
     }

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from squeezeflow.tasks.base import DataError
-from squeezeflow.tasks.data import DataConfig, data_fingerprint, load_splits, read_split
+from squeezeflow.tasks.data import DataConfig, check_data_task, data_fingerprint, load_splits, read_split, share_inside
 
 from .conftest import write_tsv
 
@@ -144,6 +144,27 @@ def test_validation_overlap_exclude_holds_whole_rows_and_drops_their_phrases_fro
     assert set(kept) <= set(splits.train.texts)  # ...but the other sentences stay
     allow = load_splits(config(tmp_path, validation_fraction=0.1), 2)
     assert len(allow.train) + len(allow.validation) == len(rows) and not set(allow.validation.texts) <= whole
+
+
+def test_the_data_check_measures_and_warns_when_validation_text_is_trained_on(tmp_path, caplog):
+    write_tsv(tmp_path / "train.tsv", treebank_rows(60))
+    write_tsv(tmp_path / "eval.tsv", [("a", 0), ("b", 1)])
+    leaky = config(tmp_path, validation_fraction=0.2)
+    with caplog.at_level("WARNING", logger="squeezeflow.data"):
+        counts = check_data_task.fn(leaky, 2)
+    assert counts["validation_inside_train"] > 0.5
+    assert "appear inside training rows" in caplog.text and "data.validation_overlap: exclude" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="squeezeflow.data"):
+        assert (
+            check_data_task.fn(config(tmp_path, validation_fraction=0.2, validation_overlap="exclude"), 2)[
+                "validation_inside_train"
+            ]
+            == 0
+        )
+    assert not caplog.text
+    splits = load_splits(leaky, 2)
+    assert share_inside(splits.validation, splits.validation) == 1.0  # every row lies inside itself
 
 
 def test_validation_overlap_exclude_needs_whole_rows_of_every_class(tmp_path):
