@@ -20,17 +20,9 @@ from squeezeflow.flows.config import apply_overrides, read_recipe
 from squeezeflow.flows.space import SearchSpace
 from squeezeflow.tasks.base import SqueezeError
 from squeezeflow.tasks.data import load_splits
-from squeezeflow.tasks.distill import distill, validation_truth
+from squeezeflow.tasks.distill import distill, validation_accuracy
 from squeezeflow.tasks.evaluate import machine
 from squeezeflow.tasks.teacher import make_teacher
-from squeezeflow.tasks.training import accuracy_on
-
-
-def student_accuracy(student, texts: list[str], truth, max_length: int) -> float:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(student.path)
-    return accuracy_on(model, AutoTokenizer.from_pretrained(student.path), texts, truth, max_length)
 
 
 def compare(
@@ -45,9 +37,7 @@ def compare(
     # fine-tuned once (or reused from the recipe's artifacts), outside Prefect: no flow to report to
     teacher = make_teacher(base.model, base.teacher, base.data, base.artifacts_dir / "variants", base.seed)
     ctx = stage_context(base, teacher, base.artifacts_dir / "cache")
-    splits = load_splits(ctx.data, ctx.num_labels)
-    train_size = len(splits.train)
-    texts, truth = validation_truth(splits.validation, teacher.path, ctx.max_length, ctx.cache_dir)
+    train_size = len(load_splits(ctx.data, ctx.num_labels).train)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +54,7 @@ def compare(
                 student = distill(teacher, cfg.students[0], cfg, ctx, Path(tmp) / f"{i}-{label}")
                 row[f"{label}_seconds"] = time.perf_counter() - started
                 row[f"{label}_steps"] = student.metrics["distill_train_steps"]
-                row[label] = student_accuracy(student, texts, truth, ctx.max_length)
+                row[label] = validation_accuracy(student, ctx)
             rows.append(row)
             print(
                 f"{i}: {row['setting']}: "

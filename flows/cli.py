@@ -282,6 +282,10 @@ def search(
     ] = 2,
     sampler: Annotated[str, typer.Option(help="tpe (multivariate TPE), nsga2 or random")] = "tpe",
     seed: Annotated[int | None, typer.Option(help="Seeds the sampler (default: the recipe's seed)")] = None,
+    screen: Annotated[
+        float | None,
+        typer.Option(help="Distil new students first on this share of their examples; train in full the hopeful"),
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Search the recipe's {search: ...} knobs with Optuna on the validation split; register the best variant."""
@@ -293,6 +297,8 @@ def search(
         _fail(f"--max-drop: {max_drop} is not a fraction (0.01 = 1 point)")
     if sampler not in ("tpe", "nsga2", "random"):
         _fail(f"--sampler: {sampler!r}; expected tpe, nsga2 or random")
+    if screen is not None and not 0 < screen < 1:
+        _fail(f"--screen: {screen} is not a share of the training examples (e.g. 0.25)")
     options = SearchOptions(
         trials=trials,
         budget_minutes=minutes(budget) if budget else None,
@@ -301,6 +307,7 @@ def search(
         follow_ups=follow_ups,
         sampler=sampler,
         seed=seed,
+        screen=screen,
     )
     tree, _ = checked_search(config, set_)
     guard_children()

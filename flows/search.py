@@ -31,6 +31,7 @@ from squeezeflow.flows.compress import (
 )
 from squeezeflow.flows.config import SqueezeConfig
 from squeezeflow.flows.form import Recipe, SearchRecipe
+from squeezeflow.flows.screen import Screening, calibrate, gains_of, screen_students, summary
 from squeezeflow.flows.space import SearchSpace
 from squeezeflow.tasks.base import StrictModel
 from squeezeflow.tasks.data import check_data_task
@@ -65,6 +66,13 @@ class SearchOptions(StrictModel):
         "tpe", description="Optuna's sampler: multivariate TPE, NSGA-II (populations of 6) or random draws."
     )
     seed: int | None = Field(None, description="Seeds the sampler (None: the recipe's seed).")
+    screen: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Distil each new student first on this share of its training examples, and train it in full only "
+        "if it could then keep the accuracy budget (None: every student trains in full).",
+    )
 
 
 def _process_alive(trial: optuna.trial.FrozenTrial) -> bool:
@@ -117,17 +125,20 @@ def open_study(
 
 
 @flow(name="search-trial")
-def trial_flow(config: Recipe, known: list[str]) -> dict:
-    """One trial: the chain for this trial's recipe (variants made before are reused by id), and the variants not
-    in `known` measured on the validation split, the teacher beside them as the reference."""
+def trial_flow(config: Recipe, known: list[str], screening: Screening | None = None) -> dict:
+    """One trial: the chain for this trial's recipe (variants made before are reused by id; new students screened
+    first when `screening`), and the variants not in `known` measured on the validation split, the teacher beside
+    them as the reference."""
     cfg = config.to_config()
     teacher, ctx = teacher_and_context(cfg)
+    cfg, screened = screen_students(cfg, teacher, ctx, screening) if screening else (cfg, [])
     variants, failures = grow(teacher, ctx, cfg.stages, cfg.artifacts_dir / "variants")
     new = [v for v in variants if v.id not in known]
     if new and teacher not in new:
         new = [teacher, *new]
     measured = benchmark_task(new, cfg.data, cfg.model.num_labels, cfg.benchmark, report_eval=False) if new else []
-    return {"ids": [v.id for v in variants], "measured": measured, "failures": failures}
+    screened = calibrate(screened, cfg, teacher, ctx)
+    return {"ids": [v.id for v in variants], "measured": measured, "failures": failures, "screen": screened}
 
 
 def run_search(tree: dict, options: SearchOptions, source: str = "config") -> dict:
@@ -167,6 +178,7 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                 "budget_minutes": options.budget_minutes,
                 "objective": options.objective,
                 "sampler": options.sampler,
+                "screen": options.screen,
                 "max_accuracy_drop": selection.max_accuracy_drop,
                 "study": study.study_name,
                 **check_data_task(base.data, base.model.num_labels),
@@ -199,7 +211,19 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                     trial_run.info.run_id,
                     params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in trial.params.items()],
                 )
-                outcome = trial_flow.with_options(flow_run_name=f"trial-{trial.number}")(cfg, sorted(measured))
+                screening = (
+                    Screening(
+                        fraction=options.screen,
+                        max_drop=selection.max_accuracy_drop,
+                        gains=gains_of(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])),
+                    )
+                    if options.screen
+                    else None
+                )
+                outcome = trial_flow.with_options(flow_run_name=f"trial-{trial.number}")(
+                    cfg, sorted(measured), screening
+                )
+                trial.set_user_attr("screen", outcome["screen"])
                 measured.update({v.id: v for v in outcome["measured"]})
                 for f in outcome["failures"]:
                     log_failed_variant(
@@ -220,6 +244,11 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                     tags=[
                         mlflow.entities.RunTag("squeeze.best_variant", best.champion.id),
                         mlflow.entities.RunTag("squeeze.best_lineage", best.champion.lineage),
+                        *(
+                            [mlflow.entities.RunTag("squeeze.screen", summary(outcome["screen"]))]
+                            if outcome["screen"]
+                            else []
+                        ),
                     ],
                 )
                 client.set_terminated(trial_run.info.run_id, "FINISHED")
@@ -228,12 +257,13 @@ def search(recipe: SearchRecipe, options: SearchOptions, source: str = "recipe")
                     for _ in range(follow_ups):
                         study.enqueue_trial(fixed, user_attrs={"follows": trial.number})
                 logger.info(
-                    "trial %d: %s, validation accuracy %.4f, %s %.3f",
+                    "trial %d: %s, validation accuracy %.4f, %s %.3f%s",
                     trial.number,
                     best.champion.lineage,
                     figures["val_accuracy"],
                     metric,
                     figures[metric],
+                    f"; screened: {summary(outcome['screen'])}" if outcome["screen"] else "",
                 )
                 return figures["val_accuracy"], figures[metric]
             except BaseException:
@@ -331,8 +361,14 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
 
     lines = [f"# search {study.study_name}", "", "## trials (scored on validation)", ""]
     names = [d.name for d in space.dimensions]
-    lines += ["| # | state | " + " | ".join(names) + f" | best variant | val acc | {metric} | within budget |"]
-    lines += ["|" + "---|" * (len(names) + 6)]
+    screened = any(t.user_attrs.get("screen") for t in study.get_trials(deepcopy=False))
+    lines += [
+        "| # | state | "
+        + " | ".join(names)
+        + f" | best variant | val acc | {metric} | within budget |"
+        + (" screened students |" if screened else "")
+    ]
+    lines += ["|" + "---|" * (len(names) + 6 + screened)]
     for t in study.get_trials(deepcopy=False):
         vals = t.values or [None, None]
         follows = f" (reuses #{t.user_attrs['follows']})" if "follows" in t.user_attrs else ""
@@ -342,6 +378,7 @@ def write_search_report(study: optuna.Study, result: dict, space: SearchSpace, m
             + " | "
             + f"{cell(t.user_attrs.get('best_lineage', ''))} | {cell(vals[0]) if vals[0] is not None else ''} | "
             + f"{cell(vals[1]) if vals[1] is not None else ''} | {cell(within_budget(t))} |"
+            + (f" {cell(summary(t.user_attrs.get('screen', [])))} |" if screened else "")
         )
     lines += ["", "## the front, measured together (eval read here, once)", ""]
     lines += [

@@ -316,20 +316,39 @@ def _loss(cfg: DistillConfig, teacher, layer_map: list[int]):
     return loss
 
 
-def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path) -> Variant:
-    from transformers import AutoConfig, AutoTokenizer
+def student_record(
+    parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path
+) -> Variant:
+    """The record (id, path) of the student `distill` makes from these knobs, before it is made."""
+    from transformers import AutoConfig
 
     if parent.format != "hf":
         raise ModelError(f"distill: the teacher must be a PyTorch variant, {parent.id} is {parent.format}")
-    depth = AutoConfig.from_pretrained(parent.path).num_hidden_layers
-    token = shape.token(depth)
+    token = shape.token(AutoConfig.from_pretrained(parent.path).num_hidden_layers)
     # augment and soup only when set: students made before they existed keep their ids
     unset = (["augment"] if cfg.augment is None else []) + (["soup"] if cfg.soup == 1 else [])
     unset += ["long_text_pass"] if cfg.long_text_pass is None else []
     knobs = {"student": shape.model_dump(exclude_none=True), **cfg.knobs("students", *unset)}
-    child = derive(
+    return derive(
         parent, stage="distill", token=token, params=knobs, format="hf", out_root=out_root, data=ctx.data_fingerprint
     )
+
+
+def validation_accuracy(variant: Variant, ctx: StageContext) -> float:
+    """A PyTorch variant's accuracy on the validation split (the teacher's labels where the split has none)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    splits = load_splits(ctx.data, ctx.num_labels)
+    texts, truth = validation_truth(splits.validation, ctx.teacher.path, ctx.max_length, ctx.cache_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(variant.path)
+    return accuracy_on(model, AutoTokenizer.from_pretrained(variant.path), texts, truth, ctx.max_length)
+
+
+def distill(parent: Variant, shape: StudentShape, cfg: DistillConfig, ctx: StageContext, out_root: Path) -> Variant:
+    from transformers import AutoTokenizer
+
+    child = student_record(parent, shape, cfg, ctx, out_root)
+    token = child.token
     with making(child) as done:
         if done:
             return done

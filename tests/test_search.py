@@ -11,6 +11,8 @@ import optuna
 import pytest
 import yaml
 
+from squeezeflow.flows.form import SearchRecipe
+from squeezeflow.flows.screen import verdict
 from squeezeflow.flows.search import open_study
 from squeezeflow.flows.space import SearchSpace
 from squeezeflow.tasks.base import ConfigError
@@ -225,3 +227,49 @@ def test_trials_that_follow_a_training_trial_reuse_its_trained_student(tmp_path,
     assert student["made_at"] < follower.datetime_start.timestamp()
     report = next((tmp_path / "artifacts" / "runs").glob("*/search/search.md")).read_text()
     assert "| 1 (reuses #0) | COMPLETE |" in report
+
+
+def test_a_screen_calibrates_on_its_first_students_then_keeps_only_those_that_could_keep_the_budget():
+    assert verdict(0.30, [0.02]) is None  # one calibration could be a fluke: train in full
+    assert verdict(0.10, [0.01, 0.03]) == pytest.approx(0.07)  # the most full training added to any student
+    assert verdict(0.10, [-0.02, -0.01]) == pytest.approx(0.10)  # never stricter than the cheap drop itself
+
+
+def test_a_screened_search_trains_in_full_only_the_students_that_could_keep_the_budget(tmp_path, tiny_model_dir):
+    tree = make_tiny_config(tmp_path, tiny_model_dir)
+    tree["stages"] = [
+        {
+            "kind": "distill",
+            # the teacher's own two layers learn at once; a width-8 student from scratch at a rate of 1e-8 cannot
+            "students": {"search": [{"num_layers": 2}, {"num_layers": 2, "hidden_size": 8}]},
+            "training": {"epochs": 2, "learning_rate": {"search": [3e-3, 2e-3, 1e-8]}, "batch_size": 16},
+        },
+        {"kind": "export"},
+        {"kind": "quantize", "modes": ["dynamic"]},
+    ]
+    tree["benchmark"] = {"threads": 1, "warmup": 1, "rounds": 1, "latency_texts": 10, "measure_rss": False}
+    path = recipe(tmp_path, tree)
+    # the study as the search flow names it: after its form filled in the defaults
+    space = SearchSpace(SearchRecipe.model_validate(yaml.safe_load(open(path))).to_tree(), str(path))
+    study = open_study(space.first(), space, "latency")
+    # two students that keep the budget calibrate the screen, then one that cannot is screened out
+    for students, rate in (
+        ('{"num_layers":2}', 3e-3),
+        ('{"num_layers":2}', 2e-3),
+        ('{"hidden_size":8,"num_layers":2}', 1e-8),
+    ):
+        study.enqueue_trial({"distill.students": students, "distill.training.learning_rate": rate})
+    done = squeeze("search", path, "--trials", "3", "--follow-ups", "0", "--screen", "0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second, third = open_study(space.first(), space, "latency").trials
+    for calibrating in (first, second):
+        (record,) = calibrating.user_attrs["screen"]
+        assert record["kept"] and record["best_drop"] is None and record["full"] is not None
+        assert any(v["stage"] == "distill" for v in calibrating.user_attrs["variants"])
+    (record,) = third.user_attrs["screen"]
+    assert not record["kept"] and record["best_drop"] > 0.05 and record["full"] is None
+    # not trained in full; the trial still scored what the rest of its chain made
+    assert third.state.name == "COMPLETE" and third.values is not None
+    assert not any(v["stage"] == "distill" for v in third.user_attrs["variants"])
+    report = next((tmp_path / "artifacts" / "runs").glob("*/search/search.md")).read_text()
+    assert "screened students" in report and "distill[L2-H8] out (cheap drop" in report
