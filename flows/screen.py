@@ -57,7 +57,8 @@ def screen_students(
     reference = _teacher_accuracy[key]
     kept, records = [], []
     for shape in stage.students:
-        if finished(student_record(teacher, shape, stage, ctx, out)):
+        full = student_record(teacher, shape, stage, ctx, out)
+        if finished(full):
             kept.append(shape)
             continue
         cheap = validation_accuracy(distill_task(teacher, shape, cheap_stage, ctx, out), ctx)
@@ -67,7 +68,7 @@ def screen_students(
         records.append(
             {
                 "student": shape.model_dump(exclude_none=True),
-                "token": student_record(teacher, shape, stage, ctx, out).token,
+                "token": full.token,
                 "examples": examples,
                 "teacher": reference,
                 "cheap": cheap,
