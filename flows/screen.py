@@ -34,6 +34,7 @@ def verdict(cheap_drop: float, gains: list[float]) -> float | None:
 
 
 def gains_of(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
+    """What full training added (validation accuracy) to every student the trials screened and then trained."""
     return [r["full"] - r["cheap"] for t in trials for r in t.user_attrs.get("screen", []) if r.get("full") is not None]
 
 
@@ -87,6 +88,8 @@ def calibrate(records: list[dict], cfg: SqueezeConfig, teacher: Variant, ctx: St
     stage, out = cfg.stages[0], cfg.artifacts_dir / "variants"
     for record in records:
         if record["kept"]:
+            # scored as the cheap one was, not read from the trial's benchmark: a gain across two code paths would
+            # carry their difference
             made = finished(student_record(teacher, StudentShape(**record["student"]), stage, ctx, out))
             record["full"] = validation_accuracy(made, ctx) if made else None  # None: its training failed
     return records
